@@ -1,0 +1,150 @@
+"""Public entry points: ``attention`` (whole sequences) and ``attention_decode`` (one step)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .cpu_attention import cpu_attention
+from .layout import Layout
+from .reference import reference_attention
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+HEAD_DIMS = (32, 64, 128)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_operand(name: str, x: object, ndim: int, shape_doc: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor {shape_doc}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{name} has dtype {x.dtype}; supported: float32, bfloat16, float16")
+    return x
+
+
+def _check_common(q: torch.Tensor, others: dict[str, torch.Tensor], layout: object, heads: int,
+                  scale: float | None) -> float:
+    """Checks shared by both entry points; returns the softmax scale."""
+    for name, t in others.items():
+        if t.dtype != q.dtype:
+            raise ValueError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q and {name} must be on the same device, got {q.device} and {t.device}")
+    d = q.shape[-1]
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim D must be one of {HEAD_DIMS}, got {d}")
+    if not isinstance(layout, Layout):
+        raise ValueError(f"layout must be a kernels.Layout from make_layout, got {type(layout).__name__}")
+    if layout.heads not in (1, heads):
+        raise ValueError(f"layout was built for heads={layout.heads}, but the input has H={heads} heads "
+                         "(build it with heads=H, or heads=1 to share it)")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
+def _triton_available(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Causal block-sparse self-attention following ``layout``; differentiable.
+
+    q, k, v: [B, H, N, D], D in {32, 64, 128}, float32/bfloat16/float16, one device.
+    scale: softmax scale, default 1/sqrt(D).
+    backend: "auto" (Triton on CUDA, the CPU path on the CPU), "triton", "cpu", or
+      "reference" (dense N x N masked softmax, for tests).
+    Returns [B, H, N, D] in q's dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    shape_doc = "of shape [B, H, N, D]"
+    q = _check_operand("q", q, 4, shape_doc)
+    k = _check_operand("k", k, 4, shape_doc)
+    v = _check_operand("v", v, 4, shape_doc)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError("q, k and v must have the same shape [B, H, N, D] (causal self-attention: keys are "
+                         f"the queries' own positions); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    scale = _check_common(q, {"k": k, "v": v}, layout, q.shape[1], scale)
+    if layout.seq_len != q.shape[2]:
+        raise ValueError(f"layout was built for seq_len={layout.seq_len}, but the input has N={q.shape[2]}")
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "cpu"
+    if backend == "triton":
+        if not _triton_available(q.device):
+            raise ValueError("backend='triton' needs triton installed and CUDA tensors "
+                             "(or TRITON_INTERPRET=1 to run the kernels on the CPU)")
+        from .triton_attention import triton_attention
+
+        return triton_attention(q, k, v, layout, scale)
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got device {q.device}")
+        return cpu_attention(q, k, v, layout, scale)
+    return reference_attention(q, k, v, layout, scale)
+
+
+def _decode_keys(layout: Layout, pos: int, device: torch.device) -> tuple[slice, torch.Tensor | None]:
+    """Cache positions query ``pos`` may read: a (strided) slice, plus per-head summary positions."""
+    if layout.kind == "all":
+        return slice(0, pos + 1), None
+    if layout.kind == "local":
+        return slice(max(0, pos - layout.window), pos + 1), None
+    ell = layout.stride
+    if layout.kind == "strided":
+        return slice(pos % ell, pos + 1, ell), None
+    before = pos // ell  # l-blocks whose summary columns pos reads
+    ranges = [layout.summary_range(h) for h in range(layout.table_heads)]
+    cols = torch.tensor([list(range(lo, hi)) for lo, hi in ranges], device=device)  # [Ht, c]
+    starts = torch.arange(before, device=device) * ell
+    summary = (starts[None, :, None] + cols[:, None, :]).reshape(len(ranges), -1)
+    return slice(before * ell, pos + 1), summary
+
+
+def attention_decode(q_t: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                     layout: Layout, scale: float | None = None) -> torch.Tensor:
+    """Attention output of one new query at position ``pos`` against a KV cache.
+
+    q_t: [B, H, D]; k_cache, v_cache: [B, H, L, D] holding the keys/values of
+    positions 0..pos (pos included) at their own index, L > pos. Reads only what
+    the pattern allows: the last ``window`` + 1 entries (local), every l-th entry
+    (strided), the own l-block plus the summary columns (fixed), or all (all).
+    Returns [B, H, D] in q_t's dtype; equals row ``pos`` of ``attention``.
+    """
+    q_t = _check_operand("q_t", q_t, 3, "of shape [B, H, D]")
+    k_cache = _check_operand("k_cache", k_cache, 4, "of shape [B, H, L, D]")
+    v_cache = _check_operand("v_cache", v_cache, 4, "of shape [B, H, L, D]")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    B, H, L, D = k_cache.shape
+    if q_t.shape != (B, H, D):
+        raise ValueError(f"q_t must be [B, H, D] = {(B, H, D)} to match the cache, got {tuple(q_t.shape)}")
+    scale = _check_common(q_t, {"k_cache": k_cache, "v_cache": v_cache}, layout, H, scale)
+    if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < layout.seq_len:
+        raise ValueError(f"pos must be an int in [0, {layout.seq_len}) (the layout's seq_len), got {pos!r}")
+    if pos >= L:
+        raise ValueError(f"pos={pos} is past the cache length L={L}: write the new key/value at index pos "
+                         "first (causal decoding reads positions 0..pos)")
+    window, summary = _decode_keys(layout, pos, q_t.device)
+    k, v = k_cache[:, :, window], v_cache[:, :, window]
+    if summary is not None and summary.shape[1] > 0:
+        idx = summary.expand(H, -1)[None, :, :, None].expand(B, H, -1, D)
+        k = torch.cat([torch.gather(k_cache, 2, idx), k], 2)
+        v = torch.cat([torch.gather(v_cache, 2, idx), v], 2)
+    s = torch.einsum("bhd,bhnd->bhn", q_t.float(), k.float()) * scale
+    p = torch.softmax(s, -1)
+    return torch.einsum("bhn,bhnd->bhd", p, v.float()).to(q_t.dtype)

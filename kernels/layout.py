@@ -1,0 +1,321 @@
+"""Block-sparse layouts for the Sparse Transformer attention patterns.
+
+A layout says, per head and per query block, which key blocks attention reads,
+and which of those are *full* (every query may see every key: no mask) or
+*partial* (the element predicate must be applied). It is built in closed form,
+in O(number of listed blocks) time and memory; no N x N mask is ever made.
+
+Coordinates. Each pattern is defined on the original positions i (query) and
+j (key) of a sequence of length N. Blocks live in a *physical* order, which is
+the original order for every kind but ``strided``: there the sequence is
+viewed as a matrix of R = ceil(N / l) rows and l columns and read column by
+column (physical t = c * R + r for original i = r * l + c). In that order the
+strided pattern is a dense causal attention inside each column segment of
+length R, so it is truly block-sparse. The kernels map t back to i themselves;
+callers never see the permutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+KINDS = ("all", "local", "strided", "fixed")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Padded per-row block lists: ``count[h, r]`` entries of ``index[h, r, :]`` are used.
+
+    ``h`` runs over 1 head when every head shares the table, else over all heads.
+    """
+
+    count: torch.Tensor  # [Ht, rows] int32
+    index: torch.Tensor  # [Ht, rows, max(1, max count)] int32, unused slots hold 0
+
+    def to(self, device: torch.device) -> BlockTable:
+        return BlockTable(self.count.to(device), self.index.to(device))
+
+
+@dataclass(eq=False)
+class Layout:
+    """A block-sparse attention layout; build it with :func:`make_layout`.
+
+    Tables (``Ht`` is 1 when all heads share the pattern, else ``heads``):
+      kv_partial / kv_full: for each query block, the key blocks read with / without a mask.
+      q_partial / q_full: the transposed lists: for each key block, the query blocks that
+        read it (used by the backward pass).
+    """
+
+    kind: str
+    seq_len: int
+    block: int
+    heads: int
+    window: int | None
+    stride: int | None
+    summary: int | None
+    distinct_summaries: bool
+    rows: int  # strided: R = ceil(N / l), rows of the [R, l] view; else N
+    kv_partial: BlockTable
+    kv_full: BlockTable
+    q_partial: BlockTable
+    q_full: BlockTable
+    _cache: dict = field(default_factory=dict, repr=False)  # device tables, CPU plan
+
+    @property
+    def permuted(self) -> bool:
+        """True when blocks are laid out in the transposed (column-major) order."""
+        return self.kind == "strided"
+
+    @property
+    def physical_len(self) -> int:
+        """Positions of the physical order (R * l for strided, N otherwise)."""
+        return self.rows * self.stride if self.permuted else self.seq_len
+
+    @property
+    def num_blocks(self) -> int:
+        """Query (= key) blocks along the padded physical sequence."""
+        return -(-self.physical_len // self.block)
+
+    @property
+    def table_heads(self) -> int:
+        return int(self.kv_full.count.shape[0])
+
+    def summary_range(self, head: int) -> tuple[int, int]:
+        """``fixed`` only: the column offsets [lo, hi) within each l-block that ``head`` reads."""
+        if self.kind != "fixed":
+            raise ValueError(f"summary_range is only defined for kind='fixed', not {self.kind!r}")
+        sub = head % (self.stride // self.summary) if self.distinct_summaries else 0
+        hi = self.stride - sub * self.summary
+        return hi - self.summary, hi
+
+    def blocks_per_head(self) -> torch.Tensor:
+        """[heads] number of (query block, key block) pairs computed for each head."""
+        total = self.kv_full.count.sum(1) + self.kv_partial.count.sum(1)
+        return total.expand(self.heads).to(torch.int64)
+
+    def computed_scores(self) -> int:
+        """Score entries computed for one batch element, all heads (for FLOP counts)."""
+        return int(self.blocks_per_head().sum()) * self.block * self.block
+
+    def density(self) -> float:
+        """Computed score entries / N^2 / heads (dense causal is about 0.5)."""
+        return self.computed_scores() / (self.seq_len**2 * self.heads)
+
+    def tables(self, device: torch.device | str) -> tuple[BlockTable, BlockTable, BlockTable, BlockTable]:
+        """The four tables on ``device`` (cached)."""
+        key = ("tables", str(torch.device(device)))
+        if key not in self._cache:
+            self._cache[key] = tuple(
+                t.to(device) for t in (self.kv_full, self.kv_partial, self.q_full, self.q_partial)
+            )
+        return self._cache[key]
+
+    # --- element level -------------------------------------------------------------------
+
+    def original_index(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Physical positions -> (original positions, valid). Invalid ones map to N + t."""
+        if self.permuted:
+            i = (t % self.rows) * self.stride + t // self.rows
+            inside = t < self.physical_len
+        else:
+            i, inside = t, t >= 0
+        valid = inside & (i < self.seq_len)
+        return torch.where(valid, i, self.seq_len + t), valid
+
+    def allowed(self, i: torch.Tensor, j: torch.Tensor, head: int | torch.Tensor = 0) -> torch.Tensor:
+        """The pattern's predicate on original positions (broadcasting): may query i read key j?"""
+        causal = j <= i
+        if self.kind == "all":
+            return causal
+        if self.kind == "local":
+            return causal & (j >= i - self.window)
+        if self.kind == "strided":
+            return causal & ((i - j) % self.stride == 0)
+        lo, hi = self._summary_bounds(head)
+        col = j % self.stride
+        return causal & ((j // self.stride == i // self.stride) | ((col >= lo) & (col < hi)))
+
+    def _summary_bounds(self, head: int | torch.Tensor):
+        if isinstance(head, torch.Tensor):
+            sub = head % (self.stride // self.summary) if self.distinct_summaries else torch.zeros_like(head)
+            hi = self.stride - sub * self.summary
+            return hi - self.summary, hi
+        return self.summary_range(head)
+
+    def dense_mask(self, head: int = 0) -> torch.Tensor:
+        """[N, N] bool: what the block lists plus in-block masks let each query read.
+
+        Expands the tables (for tests and figures; refuses N > 4096).
+        """
+        n, b = self.seq_len, self.block
+        if n > 4096:
+            raise ValueError(f"dense_mask is for small layouts (N <= 4096), got N={n}")
+        h = head if self.table_heads > 1 else 0
+        mask = torch.zeros(n, n, dtype=torch.bool)
+        for table, full in ((self.kv_full, True), (self.kv_partial, False)):
+            for qb in range(self.num_blocks):
+                t_q = qb * b + torch.arange(b)
+                i, valid_q = self.original_index(t_q)
+                for kb in table.index[h, qb, : table.count[h, qb]].tolist():
+                    j, valid_k = self.original_index(kb * b + torch.arange(b))
+                    ok = valid_q[:, None] & valid_k[None, :]
+                    if not full:
+                        ok &= self.allowed(i[:, None], j[None, :], head)
+                    ii, jj = torch.nonzero(ok, as_tuple=True)
+                    mask[i[ii], j[jj]] = True
+        return mask
+
+
+def make_layout(
+    kind: str,
+    seq_len: int,
+    block: int,
+    heads: int = 1,
+    window: int | None = None,
+    stride: int | None = None,
+    summary: int | None = None,
+    distinct_summaries: bool = False,
+) -> Layout:
+    """Build the block-sparse layout of one attention pattern.
+
+    kind: "all" (j <= i), "local" (i - window <= j <= i), "strided" (j <= i and
+    (i - j) % stride == 0), or "fixed" (j <= i and (j // stride == i // stride or
+    j % stride >= stride - summary)). With ``distinct_summaries`` head h reads the
+    summary sub-block k = h % (stride // summary): offsets [l - (k+1) c, l - k c).
+    Any seq_len works; padding to the block is handled inside the kernels.
+    A Sparse Transformer interleaves "local" and "strided" layers (one pattern per call).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    seq_len = _check_int("seq_len", seq_len, 1)
+    heads = _check_int("heads", heads, 1)
+    if isinstance(block, bool) or block not in BLOCK_SIZES:
+        raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
+    needs = {"all": (), "local": ("window",), "strided": ("stride",), "fixed": ("stride", "summary")}[kind]
+    given = {"window": window, "stride": stride, "summary": summary}
+    for name, value in given.items():
+        if name in needs and value is None:
+            raise ValueError(f"kind={kind!r} needs {name}=")
+        if name not in needs and value is not None:
+            raise ValueError(f"{name}= is not used by kind={kind!r} (it takes {needs or 'no parameters'})")
+    if distinct_summaries and kind != "fixed":
+        raise ValueError("distinct_summaries=True is only meaningful for kind='fixed'")
+    if window is not None:
+        window = _check_int("window", window, 1)
+    if stride is not None:
+        stride = _check_int("stride", stride, 1)
+    if summary is not None:
+        summary = _check_int("summary", summary, 1)
+        if summary > stride:
+            raise ValueError(f"summary must be <= stride ({stride}), got {summary}")
+
+    rows = -(-seq_len // stride) if kind == "strided" else seq_len
+    proto = Layout(kind, seq_len, block, heads, window, stride, summary, bool(distinct_summaries), rows,
+                   *([None] * 4))
+    n_blocks = proto.num_blocks
+    head_tables = heads if (kind == "fixed" and distinct_summaries) else 1
+    per_head = [_rows_for_head(proto, h, n_blocks) for h in range(head_tables)]
+    proto.kv_full = _stack([_table(qb, kb, n_blocks, full) for qb, kb, full in per_head])
+    proto.kv_partial = _stack([_table(qb, kb, n_blocks, ~full) for qb, kb, full in per_head])
+    proto.q_full = _stack([_table(kb, qb, n_blocks, full) for qb, kb, full in per_head])
+    proto.q_partial = _stack([_table(kb, qb, n_blocks, ~full) for qb, kb, full in per_head])
+    return proto
+
+
+def _rows_for_head(lay: Layout, head: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All listed (query block, key block, full) triples of one head, sorted by (qb, kb)."""
+    b = lay.block
+    qb = np.arange(n_blocks, dtype=np.int64)
+    t_lo = qb * b
+    if lay.kind == "all":
+        first = np.zeros_like(qb)
+    elif lay.kind == "local":
+        first = np.maximum(t_lo - lay.window, 0) // b
+    elif lay.kind == "strided":
+        first = (t_lo // lay.rows) * lay.rows // b
+    else:
+        first = (t_lo // lay.stride) * lay.stride // b
+    # contiguous part: key blocks first[qb] .. qb
+    counts = qb - first + 1
+    row = np.repeat(qb, counts)
+    kb = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(first, counts)
+    k_lo = kb * b
+    below = kb < row
+    if lay.kind == "all":
+        full = below
+    elif lay.kind == "local":
+        full = below & (k_lo >= row * b + b - 1 - lay.window)
+    elif lay.kind == "strided":
+        full = below & (k_lo // lay.rows == (row * b + b - 1) // lay.rows)
+    else:
+        full = below & (k_lo // lay.stride == (row * b + b - 1) // lay.stride)
+    if lay.kind == "fixed":
+        lo, hi = lay.summary_range(head)
+        summ_kb, summ_full = _summary_prefix(lay, lo, hi, n_blocks)
+        # rows read the summary blocks of l-blocks before their first row's l-block,
+        # excluding blocks already in the contiguous part: a prefix of summ_kb.
+        first_m = _first_l_block(lay, lo, hi, summ_kb)
+        take = np.minimum(np.searchsorted(first_m, t_lo // lay.stride, "left"),
+                          np.searchsorted(summ_kb, first, "left"))
+        s_row = np.repeat(qb, take)
+        s_pos = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+        row = np.concatenate([s_row, row])
+        kb = np.concatenate([summ_kb[s_pos], kb])
+        full = np.concatenate([summ_full[s_pos], full])
+        order = np.lexsort((kb, row))
+        row, kb, full = row[order], kb[order], full[order]
+    return row, kb, full
+
+
+def _summary_prefix(lay: Layout, lo: int, hi: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique key blocks holding summary positions, and whether each is all summary."""
+    l, b = lay.stride, lay.block
+    m = np.arange(-(-lay.seq_len // l), dtype=np.int64)
+    a, e = (m * l + lo) // b, (m * l + hi - 1) // b
+    counts = e - a + 1
+    kb = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(a, counts)
+    kb = np.unique(kb[kb < n_blocks])
+    k_lo, k_end = kb * b, kb * b + b - 1
+    one_l_block = k_lo // l == k_end // l
+    full = one_l_block & (k_lo % l >= lo) & (k_end % l < hi)
+    return kb, full
+
+
+def _first_l_block(lay: Layout, lo: int, hi: int, kb: np.ndarray) -> np.ndarray:
+    """For each summary key block, the first l-block m whose summary range [m l + lo, m l + hi) meets it."""
+    l, b = lay.stride, lay.block
+    # smallest m with m*l + hi - 1 >= kb*b
+    return np.maximum(0, -(-(kb * b - hi + 1) // l))
+
+
+def _table(rows: np.ndarray, cols: np.ndarray, n_rows: int, keep: np.ndarray) -> BlockTable:
+    """Padded CSR of the (row, col) pairs where ``keep``.
+
+    The pairs come sorted by (query block, key block), so a stable sort by ``rows``
+    leaves the cols of each row sorted, for either orientation of the table.
+    """
+    rows, cols = rows[keep], cols[keep]
+    order = np.argsort(rows, kind="stable")
+    rows, cols = rows[order], cols[order]
+    count = np.bincount(rows, minlength=n_rows)
+    width = max(1, int(count.max()) if count.size else 1)
+    index = np.zeros((n_rows, width), dtype=np.int32)
+    slot = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
+    index[rows, slot] = cols
+    return BlockTable(torch.from_numpy(count.astype(np.int32)), torch.from_numpy(index))
+
+
+def _stack(tables: list[BlockTable]) -> BlockTable:
+    width = max(t.index.shape[1] for t in tables)
+    index = [torch.nn.functional.pad(t.index, (0, width - t.index.shape[1])) for t in tables]
+    return BlockTable(torch.stack([t.count for t in tables]), torch.stack(index))
