@@ -15,7 +15,7 @@ import torch
 
 from .layout import Layout
 
-CHUNK_BYTES = 8 << 20  # working set per chunk of query blocks
+CHUNK_BYTES = 2 << 20  # working set per chunk of query blocks (fits L2; big buffers page-fault)
 
 
 @dataclass
@@ -67,7 +67,8 @@ def to_physical(x: torch.Tensor, layout: Layout) -> torch.Tensor:
         x = torch.nn.functional.pad(x, (0, 0, 0, R * ll - N))
         x = x.view(B, H, R, ll, D).transpose(2, 3).reshape(B, H, R * ll, D)
     P = layout.num_blocks * layout.block
-    x = torch.nn.functional.pad(x, (0, 0, 0, P - x.shape[2]))
+    if P != x.shape[2]:
+        x = torch.nn.functional.pad(x, (0, 0, 0, P - x.shape[2]))
     return x.view(B, H, layout.num_blocks, layout.block, D)
 
 
@@ -101,9 +102,15 @@ def _gather(xp: torch.Tensor, plan: _Plan, r0: int, r1: int) -> torch.Tensor:
     return g.reshape(B, H, r1 - r0, -1, D)
 
 
-def _scores(qc, kg, plan: _Plan, layout: Layout, r0: int, r1: int, scale: float) -> torch.Tensor:
-    """Masked scores [B, H, c, block, M * block] of query blocks [r0, r1)."""
-    s = torch.matmul(qc, kg.transpose(-1, -2)).mul_(scale)
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched matmul over all leading dims, as one bmm on views (no copies of a or b)."""
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*a.shape[:-1], b.shape[-1])
+
+
+def _scores(qc, kg, plan: _Plan, r0: int, r1: int) -> torch.Tensor:
+    """Masked scores [B, H, c, block, M * block] of (pre-scaled) query blocks [r0, r1)."""
+    s = _bmm(qc, kg.transpose(-1, -2))
     B, H, c, b, _ = s.shape
     M = plan.index.shape[-1]
     s6 = s.view(B, H, c, b, M, b)
@@ -131,39 +138,41 @@ class CPUAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: Layout, scale: float):
         plan = _plan(layout)
         qp, kp, vp = (to_physical(t, layout) for t in (q, k, v))
+        qs = qp * scale
         B, H, QB, b, D = qp.shape
         op = torch.empty_like(qp)
         lse = torch.empty(B, H, QB, b, 1)
         for r0, r1 in _chunks(layout, plan, B, H, D):
-            s = _scores(qp[:, :, r0:r1], _gather(kp, plan, r0, r1), plan, layout, r0, r1, scale)
-            lse[:, :, r0:r1] = torch.logsumexp(s, -1, keepdim=True)
-            p = s.sub_(lse[:, :, r0:r1]).exp_()
-            op[:, :, r0:r1] = torch.matmul(p, _gather(vp, plan, r0, r1))
-        ctx.save_for_backward(qp, kp, vp, op, lse)
+            s = _scores(qs[:, :, r0:r1], _gather(kp, plan, r0, r1), plan, r0, r1)
+            m = s.amax(-1, keepdim=True)
+            p = s.sub_(m).exp_()
+            total = p.sum(-1, keepdim=True)
+            op[:, :, r0:r1] = _bmm(p, _gather(vp, plan, r0, r1)).div_(total)
+            lse[:, :, r0:r1] = total.log_().add_(m)
+        ctx.save_for_backward(qs, kp, vp, op, lse)
         ctx.layout, ctx.scale, ctx.dtype = layout, scale, q.dtype
         return from_physical(op, layout, q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        qp, kp, vp, op, lse = ctx.saved_tensors
+        qs, kp, vp, op, lse = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         plan = _plan(layout)
         dop = to_physical(do, layout)
-        B, H, QB, b, D = qp.shape
+        B, H, QB, b, D = qs.shape
         delta = (op * dop).sum(-1, keepdim=True)
-        dq = torch.empty_like(qp)
+        dq = torch.empty_like(qs)
         dk = torch.zeros(B, H * QB, b, D)
         dv = torch.zeros(B, H * QB, b, D)
         heads = torch.arange(H)[:, None, None] * QB
         for r0, r1 in _chunks(layout, plan, B, H, D):
             kg, vg = _gather(kp, plan, r0, r1), _gather(vp, plan, r0, r1)
-            p = _scores(qp[:, :, r0:r1], kg, plan, layout, r0, r1, scale)
-            p = p.sub_(lse[:, :, r0:r1]).exp_()  # [B, H, c, b, M b]
+            p = _scores(qs[:, :, r0:r1], kg, plan, r0, r1).sub_(lse[:, :, r0:r1]).exp_()  # [B, H, c, b, M b]
             doc = dop[:, :, r0:r1]
-            dvg = torch.matmul(p.transpose(-1, -2), doc)  # [B, H, c, M b, D]
-            ds = p.mul_(torch.matmul(doc, vg.transpose(-1, -2)).sub_(delta[:, :, r0:r1]))
-            dq[:, :, r0:r1] = torch.matmul(ds, kg).mul_(scale)
-            dkg = torch.matmul(ds.transpose(-1, -2), qp[:, :, r0:r1]).mul_(scale)
+            dvg = _bmm(p.transpose(-1, -2), doc)  # [B, H, c, M b, D]
+            ds = p.mul_(_bmm(doc, vg.transpose(-1, -2)).sub_(delta[:, :, r0:r1]))
+            dq[:, :, r0:r1] = _bmm(ds, kg).mul_(scale)
+            dkg = _bmm(ds.transpose(-1, -2), qs[:, :, r0:r1])  # q was pre-scaled
             flat = (heads + plan.index[:, r0:r1]).reshape(-1)  # [H * c * M] rows of dk/dv
             dk.index_add_(1, flat, dkg.reshape(B, -1, b, D))
             dv.index_add_(1, flat, dvg.reshape(B, -1, b, D))
