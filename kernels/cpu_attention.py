@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import Layout
+from .layout import BlockTable, Layout
 
 CHUNK_BYTES = 2 << 20  # working set per chunk of query blocks (fits L2; big buffers page-fault)
 
@@ -29,6 +29,11 @@ class _Plan:
     part_row_start: torch.Tensor  # [QB + 1] partial entries of query blocks [r0, r1) are part_at[start[r0]:start[r1]]
 
 
+def _listed(table: BlockTable) -> torch.Tensor:
+    """All listed blocks of a CSR table, head by head, row by row."""
+    return table.index[torch.arange(table.index.shape[1]) < table.offsets[:, -1:]].long()
+
+
 def _plan(layout: Layout) -> _Plan:
     """The layout's CPU plan, built once and cached on the layout."""
     if "cpu_plan" in layout._cache:
@@ -41,8 +46,8 @@ def _plan(layout: Layout) -> _Plan:
     index = torch.zeros(ht, qb_n, width, dtype=torch.long)
     is_full = slot < n_full[..., None]
     is_part = (slot >= n_full[..., None]) & (slot < (n_full + n_part)[..., None])
-    index[is_full] = full.index.long()[torch.arange(full.index.shape[-1]) < n_full[..., None]]
-    index[is_part] = part.index.long()[torch.arange(part.index.shape[-1]) < n_part[..., None]]
+    index[is_full] = _listed(full)
+    index[is_part] = _listed(part)
     h, qb, s = torch.nonzero(is_part, as_tuple=True)
     order = torch.argsort(qb, stable=True)
     h, qb, s = h[order], qb[order], s[order]

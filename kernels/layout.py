@@ -34,16 +34,25 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 @dataclass(frozen=True)
 class BlockTable:
-    """Padded per-row block lists: ``count[h, r]`` entries of ``index[h, r, :]`` are used.
+    """Block lists in CSR form: row r of head h lists ``index[h, offsets[h, r]:offsets[h, r + 1]]``.
 
-    ``h`` runs over 1 head when every head shares the table, else over all heads.
+    ``h`` runs over 1 head when every head shares the table, else over all heads; the
+    lists are sorted. Memory is O(listed blocks + rows).
     """
 
-    count: torch.Tensor  # [Ht, rows] int32
-    index: torch.Tensor  # [Ht, rows, max(1, max count)] int32, unused slots hold 0
+    offsets: torch.Tensor  # [Ht, rows + 1] int32
+    index: torch.Tensor  # [Ht, max listed over heads] int32
+
+    @property
+    def count(self) -> torch.Tensor:
+        """[Ht, rows] number of blocks listed per row."""
+        return self.offsets[:, 1:] - self.offsets[:, :-1]
+
+    def row(self, h: int, r: int) -> torch.Tensor:
+        return self.index[h, self.offsets[h, r]: self.offsets[h, r + 1]]
 
     def to(self, device: torch.device) -> BlockTable:
-        return BlockTable(self.count.to(device), self.index.to(device))
+        return BlockTable(self.offsets.to(device), self.index.to(device))
 
 
 @dataclass(eq=False)
@@ -88,7 +97,7 @@ class Layout:
 
     @property
     def table_heads(self) -> int:
-        return int(self.kv_full.count.shape[0])
+        return int(self.kv_full.offsets.shape[0])
 
     def summary_range(self, head: int) -> tuple[int, int]:
         """``fixed`` only: the column offsets [lo, hi) within each l-block that ``head`` reads."""
@@ -166,7 +175,7 @@ class Layout:
             for qb in range(self.num_blocks):
                 t_q = qb * b + torch.arange(b)
                 i, valid_q = self.original_index(t_q)
-                for kb in table.index[h, qb, : table.count[h, qb]].tolist():
+                for kb in table.row(h, qb).tolist():
                     j, valid_k = self.original_index(kb * b + torch.arange(b))
                     ok = valid_q[:, None] & valid_k[None, :]
                     if not full:
@@ -242,7 +251,11 @@ def _rows_for_head(lay: Layout, head: int, n_blocks: int) -> tuple[np.ndarray, n
     elif lay.kind == "local":
         first = np.maximum(t_lo - lay.window, 0) // b
     elif lay.kind == "strided":
-        first = (t_lo // lay.rows) * lay.rows // b
+        seg = t_lo // lay.rows  # column of the block's first row
+        # a block starting on the last row of a column that the sequence does not reach
+        # (padding) needs nothing from that column
+        seg += (t_lo % lay.rows == lay.rows - 1) & (seg >= lay.seq_len - (lay.rows - 1) * lay.stride)
+        first = seg * lay.rows // b
     else:
         first = (t_lo // lay.stride) * lay.stride // b
     # contiguous part: key blocks first[qb] .. qb
@@ -299,23 +312,19 @@ def _first_l_block(lay: Layout, lo: int, hi: int, kb: np.ndarray) -> np.ndarray:
 
 
 def _table(rows: np.ndarray, cols: np.ndarray, n_rows: int, keep: np.ndarray) -> BlockTable:
-    """Padded CSR of the (row, col) pairs where ``keep``.
+    """CSR of the (row, col) pairs where ``keep``.
 
     The pairs come sorted by (query block, key block), so a stable sort by ``rows``
     leaves the cols of each row sorted, for either orientation of the table.
     """
     rows, cols = rows[keep], cols[keep]
     order = np.argsort(rows, kind="stable")
-    rows, cols = rows[order], cols[order]
-    count = np.bincount(rows, minlength=n_rows)
-    width = max(1, int(count.max()) if count.size else 1)
-    index = np.zeros((n_rows, width), dtype=np.int32)
-    slot = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
-    index[rows, slot] = cols
-    return BlockTable(torch.from_numpy(count.astype(np.int32)), torch.from_numpy(index))
+    offsets = np.zeros(n_rows + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=offsets[1:])
+    return BlockTable(torch.from_numpy(offsets)[None], torch.from_numpy(cols[order].astype(np.int32))[None])
 
 
 def _stack(tables: list[BlockTable]) -> BlockTable:
-    width = max(t.index.shape[1] for t in tables)
+    width = max(1, max(t.index.shape[1] for t in tables))
     index = [torch.nn.functional.pad(t.index, (0, width - t.index.shape[1])) for t in tables]
-    return BlockTable(torch.stack([t.count for t in tables]), torch.stack(index))
+    return BlockTable(torch.cat([t.offsets for t in tables]), torch.cat(index))

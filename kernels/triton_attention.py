@@ -65,12 +65,13 @@ def _allowed(i, j, h, WINDOW, L, C, NSUB, KIND: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, cnt_ptr, idx_ptr, s_kn, N, R, L, WINDOW, C, NSUB,
+def _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, off_ptr, idx_ptr, s_kn, N, R, L, WINDOW, C, NSUB,
                     qk_scale, offs_n, offs_d, s_kd,
                     KIND: tl.constexpr, PERMUTED: tl.constexpr, MASKED: tl.constexpr,
                     BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-    count = tl.load(cnt_ptr)
-    for n in range(0, count):
+    start = tl.load(off_ptr)
+    end = tl.load(off_ptr + 1)
+    for n in range(start, end):
         kb = tl.load(idx_ptr + n)
         j, valid_k = _rows(kb * BLOCK + offs_n, N, R, L, PERMUTED)
         k = tl.load(K + j[:, None] * s_kn + offs_d[None, :] * s_kd, mask=valid_k[:, None], other=0.0)
@@ -93,7 +94,7 @@ def _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, cnt_ptr, idx_ptr, s_kn, N, R, 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
-                full_cnt, full_idx, part_cnt, part_idx, s_tab_h, s_full_w, s_part_w,
+                full_off, full_idx, part_off, part_idx, s_off_h, s_full_h, s_part_h,
                 s_b, s_h, s_n, s_d, H, N, R, L, WINDOW, C, NSUB,
                 KIND: tl.constexpr, PERMUTED: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -110,12 +111,12 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D], tl.float32)
-    tab = h * s_tab_h + qb
-    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, full_cnt + tab,
-                                    full_idx + tab * s_full_w, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
+    tab = h * s_off_h + qb
+    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, full_off + tab,
+                                    full_idx + h * s_full_h, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
                                     offs_n, offs_d, s_d, KIND, PERMUTED, False, BLOCK, PRECISION)
-    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, part_cnt + tab,
-                                    part_idx + tab * s_part_w, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
+    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, part_off + tab,
+                                    part_idx + h * s_part_h, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
                                     offs_n, offs_d, s_d, KIND, PERMUTED, True, BLOCK, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
@@ -124,12 +125,13 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 
 
 @triton.jit
-def _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, cnt_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C,
+def _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, off_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C,
                  NSUB, qk_scale, offs_m, offs_d,
                  KIND: tl.constexpr, PERMUTED: tl.constexpr, MASKED: tl.constexpr,
                  BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-    count = tl.load(cnt_ptr)
-    for n in range(0, count):
+    start = tl.load(off_ptr)
+    end = tl.load(off_ptr + 1)
+    for n in range(start, end):
         qb = tl.load(idx_ptr + n)
         i, valid_q = _rows(qb * BLOCK + offs_m, N, R, L, PERMUTED)
         q = tl.load(Q + i[:, None] * s_n + offs_d[None, :] * s_d, mask=valid_q[:, None], other=0.0)
@@ -150,7 +152,7 @@ def _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, cnt_ptr, idx_ptr, s_n, s
 
 @triton.jit
 def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
-                   full_cnt, full_idx, part_cnt, part_idx, s_tab_h, s_full_w, s_part_w,
+                   full_off, full_idx, part_off, part_idx, s_off_h, s_full_h, s_part_h,
                    s_b, s_h, s_n, s_d, H, N, R, L, WINDOW, C, NSUB,
                    KIND: tl.constexpr, PERMUTED: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -167,12 +169,12 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
     v = tl.load(V + j[:, None] * s_n + offs_d[None, :] * s_d, mask=valid_k[:, None], other=0.0)
     dk = tl.zeros([BLOCK, D], tl.float32)
     dv = tl.zeros([BLOCK, D], tl.float32)
-    tab = h * s_tab_h + kb
-    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, full_cnt + tab,
-                          full_idx + tab * s_full_w, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
+    tab = h * s_off_h + kb
+    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, full_off + tab,
+                          full_idx + h * s_full_h, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
                           offs_m, offs_d, KIND, PERMUTED, False, BLOCK, PRECISION)
-    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, part_cnt + tab,
-                          part_idx + tab * s_part_w, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
+    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, part_off + tab,
+                          part_idx + h * s_part_h, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
                           offs_m, offs_d, KIND, PERMUTED, True, BLOCK, PRECISION)
     out = j[:, None] * s_n + offs_d[None, :] * s_d
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=valid_k[:, None])
@@ -180,12 +182,13 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
 
 
 @triton.jit
-def _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, cnt_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C, NSUB,
+def _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, off_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C, NSUB,
                 qk_scale, offs_n, offs_d,
                 KIND: tl.constexpr, PERMUTED: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-    count = tl.load(cnt_ptr)
-    for n in range(0, count):
+    start = tl.load(off_ptr)
+    end = tl.load(off_ptr + 1)
+    for n in range(start, end):
         kb = tl.load(idx_ptr + n)
         j, valid_k = _rows(kb * BLOCK + offs_n, N, R, L, PERMUTED)
         k = tl.load(K + j[:, None] * s_n + offs_d[None, :] * s_d, mask=valid_k[:, None], other=0.0)
@@ -202,7 +205,7 @@ def _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, cnt_ptr, idx_ptr, s_n, s_d, N
 
 @triton.jit
 def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
-                  full_cnt, full_idx, part_cnt, part_idx, s_tab_h, s_full_w, s_part_w,
+                  full_off, full_idx, part_off, part_idx, s_off_h, s_full_h, s_part_h,
                   s_b, s_h, s_n, s_d, H, N, R, L, WINDOW, C, NSUB,
                   KIND: tl.constexpr, PERMUTED: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -221,11 +224,11 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     lse = tl.load(LSE + i, mask=valid_q, other=float("inf"))
     delta = tl.load(DELTA + i, mask=valid_q, other=0.0)
     dq = tl.zeros([BLOCK, D], tl.float32)
-    tab = h * s_tab_h + qb
-    dq = _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, full_cnt + tab, full_idx + tab * s_full_w,
+    tab = h * s_off_h + qb
+    dq = _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, full_off + tab, full_idx + h * s_full_h,
                      s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale, offs_n, offs_d,
                      KIND, PERMUTED, False, BLOCK, PRECISION)
-    dq = _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, part_cnt + tab, part_idx + tab * s_part_w,
+    dq = _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, part_off + tab, part_idx + h * s_part_h,
                      s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale, offs_n, offs_d,
                      KIND, PERMUTED, True, BLOCK, PRECISION)
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid_q[:, None])
@@ -239,8 +242,9 @@ def _launch_args(layout: Layout, full, part, q: torch.Tensor) -> tuple[list, dic
     """Table pointers/strides, shape scalars and constexprs shared by the three kernels."""
     B, H, N, D = q.shape
     nsub = layout.stride // layout.summary if (layout.kind == "fixed" and layout.distinct_summaries) else 1
-    args = [full.count, full.index, part.count, part.index,
-            full.count.stride(0) if layout.table_heads > 1 else 0, full.index.shape[-1], part.index.shape[-1],
+    per_head = layout.table_heads > 1  # else every head reads head 0's lists
+    args = [full.offsets, full.index, part.offsets, part.index,
+            *((full.offsets.stride(0), full.index.stride(0), part.index.stride(0)) if per_head else (0, 0, 0)),
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), H, N, layout.rows,
             layout.stride or 1, layout.window or 0, layout.summary or 1, nsub]
     meta = dict(KIND=_KIND_CODE[layout.kind], PERMUTED=layout.permuted, BLOCK=layout.block, D=D,
