@@ -1,0 +1,147 @@
+"""attention(): the CPU path and the Triton kernels (interpreted on the CPU) match the dense reference."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kernels import attention, make_layout
+
+PATTERNS = [
+    ("all", {}),
+    ("local", {"window": 20}),
+    ("strided", {"stride": 7}),
+    ("fixed", {"stride": 24, "summary": 8}),
+    ("fixed", {"stride": 24, "summary": 4, "distinct_summaries": True}),
+]
+PATTERN_IDS = ["all", "local", "strided", "fixed", "fixed-distinct"]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def inputs(n, dtype, heads=2, d=32, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(batch, heads, n, d, generator=g).to(dtype) for _ in range(4))
+    return q, k, v, do
+
+
+def outputs_and_grads(q, k, v, do, layout, backend):
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    o = attention(q, k, v, layout, backend=backend)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+def assert_close(got, want, dtype):
+    """Max error relative to the largest reference value, per tensor (out, dq, dk, dv)."""
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert a.dtype == b.dtype == dtype
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("kind,kw", PATTERNS, ids=PATTERN_IDS)
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [64, 77, 150])
+def test_cpu_matches_reference(kind, kw, block, dtype, n):
+    q, k, v, do = inputs(n, dtype, heads=3)
+    layout = make_layout(kind, n, block, heads=3, **kw)
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"), want, dtype)
+
+
+@pytest.mark.parametrize("kind,kw", PATTERNS, ids=PATTERN_IDS)
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [64, 77])
+def test_triton_matches_reference(kind, kw, block, dtype, n):
+    """Under TRITON_INTERPRET=1 (set by conftest without a GPU) the same kernels run on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v, do = (t.to(device) for t in inputs(n, dtype, batch=1))
+    layout = make_layout(kind, n, block, heads=2, **kw)
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, "triton"), want, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fp16_and_wide_heads(backend):
+    q, k, v, do = inputs(40, torch.float16, heads=1, d=128, batch=1)
+    layout = make_layout("local", 40, 16, window=10)
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, backend), want, torch.float16)
+
+
+def test_shared_layout_broadcasts_over_heads_and_custom_scale():
+    q, k, v, do = inputs(50, torch.float32, heads=4)
+    layout = make_layout("strided", 50, 16, stride=5)  # heads=1: every head uses it
+    for backend in ("cpu", "triton"):
+        got = attention(q, k, v, layout, scale=0.3, backend=backend)
+        want = attention(q, k, v, layout, scale=0.3, backend="reference")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_input_views_are_read_in_place():
+    """Non-contiguous q/k/v (e.g. split heads of a fused projection) give the same result."""
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(1, 40, 3, 2, 32, generator=g)  # [B, N, 3, H, D]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
+    layout = make_layout("local", 40, 16, heads=2, window=9)
+    want = attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, backend="reference")
+    for backend in ("cpu", "triton"):
+        torch.testing.assert_close(attention(q, k, v, layout, backend=backend), want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_on_cpu_is_the_cpu_path():
+    q, k, v, _ = inputs(33, torch.float32)
+    layout = make_layout("local", 33, 16, window=4)
+    torch.testing.assert_close(attention(q, k, v, layout), attention(q, k, v, layout, backend="cpu"))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind,kw", [("local", {"window": 64}), ("strided", {"stride": 64})])
+def test_cpu_path_never_builds_an_n_by_n_tensor(kind, kw):
+    n = 4096
+    q, k, v, do = inputs(n, torch.float32, heads=1, batch=1)
+    q.requires_grad_(True)
+    layout = make_layout(kind, n, 32, **kw)
+    with LargestTensor() as mode:
+        attention(q, k, v, layout, backend="cpu").backward(do)
+    assert mode.largest < n * n // 16, f"largest tensor has {mode.largest} elements"
+
+
+def test_bad_inputs_name_the_problem(monkeypatch):
+    q, k, v, _ = inputs(32, torch.float32)
+    layout = make_layout("local", 32, 16, window=4)
+    cases = [
+        (dict(q=q[0]), "q must be of shape \\[B, H, N, D\\]"),
+        (dict(k=k[:, :, :16]), "same shape"),
+        (dict(v=v.double()), "dtype torch.float64"),
+        (dict(k=k.bfloat16()), "same dtype"),
+        (dict(v=v.to("meta")), "same device"),
+        (dict(q=q[..., :16], k=k[..., :16], v=v[..., :16]), "head dim D must be one of"),
+        (dict(layout=make_layout("local", 48, 16, window=4)), "built for seq_len=48"),
+        (dict(layout=make_layout("local", 32, 16, heads=3, window=4)), "built for heads=3"),
+        (dict(layout="local"), "layout must be a kernels.Layout"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(scale=-1.0), "scale must be a positive"),
+        (dict(q=[[1.0]]), "q must be a torch.Tensor"),
+    ]
+    for change, message in cases:
+        args = dict(q=q, k=k, v=v, layout=layout) | change
+        with pytest.raises(ValueError, match=message):
+            attention(**args)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs"):
+        attention(q, k, v, layout, backend="triton")
