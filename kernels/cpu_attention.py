@@ -1,10 +1,15 @@
-"""Block-sparse attention on the CPU in plain PyTorch: gather the listed key blocks, batched matmul.
+"""Block-sparse attention on the CPU in plain PyTorch: only the listed key blocks, batched matmuls.
 
-Works in the layout's physical order (the strided pattern is transposed once,
-with a copy, which is cheap next to the matmuls on a CPU). Query blocks are
-processed in chunks sized to stay in cache; the forward saves the log-sum-exp
-and the backward recomputes the probabilities chunk by chunk, so memory stays
-O(computed blocks), never N x N. Computes in float32 whatever the input dtype.
+Works in the layout's physical order (one copy in, one out; the strided pattern is
+transposed in that copy). The forward saves the log-sum-exp; the backward recomputes
+the probabilities, so memory stays O(computed blocks), never N x N. Computes in
+float32 whatever the input dtype. Two schedules, picked per layout:
+
+* band: every query block r reads the key blocks [r - M + 1, r] (all, local, strided
+  when M is small). Slot m of every row is then the contiguous slice of keys shifted
+  by m, so each slot is one bmm on views: no gather, no scatter. Per (batch, head).
+* gather: anything else (fixed, wide bands). The listed key blocks of a chunk of rows
+  are gathered into [rows, M * block] and the gradients scattered back with index_add.
 """
 
 from __future__ import annotations
@@ -15,18 +20,56 @@ import torch
 
 from .layout import BlockTable, Layout
 
-CHUNK_BYTES = 2 << 20  # working set per chunk of query blocks (fits L2; big buffers page-fault)
+CHUNK_BYTES = 4 << 20  # scores of one chunk of query blocks: stays in cache
+MAX_BAND_SLOTS = 16  # wider bands (e.g. "all") use the gather schedule
+NEG_INF = float("-inf")
 
 
-@dataclass
-class _Plan:
-    """One merged key-block list per query block, with the masks its partial entries need."""
+# --- layout -> physical order -----------------------------------------------------------------
 
-    index: torch.Tensor  # [Ht, QB, M] key blocks (full ones, then partial, then padding -> 0)
-    slot_valid: torch.Tensor  # [Ht, QB, M] False on padding slots
-    part_at: torch.Tensor  # [n, 3] (h, qb, slot) of partial entries, sorted by qb
-    part_mask: torch.Tensor  # [n, b, b] element masks of the partial entries
-    part_row_start: torch.Tensor  # [QB + 1] partial entries of query blocks [r0, r1) are part_at[start[r0]:start[r1]]
+
+def to_physical(x: torch.Tensor, layout: Layout, front: int = 0) -> torch.Tensor:
+    """[B, H, N, D] -> [B * H, front + QB, block, D] float32 in block order, zero padded.
+
+    ``front`` zero blocks are put before the first block (the band schedule's slot shift).
+    """
+    B, H, N, D = x.shape
+    b = layout.block
+    out = torch.empty((B * H, front + layout.num_blocks, b, D))
+    flat = out.view(B, H, -1, D)
+    flat[:, :, : front * b].zero_()
+    flat = flat[:, :, front * b:]
+    flat[:, :, layout.physical_len:].zero_()
+    if layout.permuted:
+        full, rest = divmod(N, layout.stride)
+        cols = flat[:, :, : layout.physical_len].view(B, H, layout.stride, layout.rows, D)
+        cols[:, :, :, :full].copy_(x[:, :, : full * layout.stride].view(B, H, full, layout.stride, D).transpose(2, 3))
+        if rest:
+            cols[:, :, :rest, full].copy_(x[:, :, full * layout.stride:])
+            cols[:, :, rest:, full].zero_()
+    else:
+        flat[:, :, :N].copy_(x)
+    return out
+
+
+def from_physical(x: torch.Tensor, layout: Layout, shape: torch.Size, dtype: torch.dtype,
+                  front: int = 0) -> torch.Tensor:
+    """Inverse of :func:`to_physical`: [B * H, front + QB, block, D] -> ``shape`` [B, H, N, D] in ``dtype``."""
+    B, H, N, D = shape
+    flat = x.view(B, H, -1, D)[:, :, front * layout.block:]
+    out = torch.empty(shape, dtype=dtype)
+    if layout.permuted:
+        full, rest = divmod(N, layout.stride)
+        cols = flat[:, :, : layout.physical_len].view(B, H, layout.stride, layout.rows, D)
+        out[:, :, : full * layout.stride].view(B, H, full, layout.stride, D).copy_(cols[:, :, :, :full].transpose(2, 3))
+        if rest:
+            out[:, :, full * layout.stride:].copy_(cols[:, :, :rest, full])
+    else:
+        out.copy_(flat[:, :, :N])
+    return out
+
+
+# --- plans ------------------------------------------------------------------------------------
 
 
 def _listed(table: BlockTable) -> torch.Tensor:
@@ -34,77 +77,189 @@ def _listed(table: BlockTable) -> torch.Tensor:
     return table.index[torch.arange(table.index.shape[1]) < table.offsets[:, -1:]].long()
 
 
-def _plan(layout: Layout) -> _Plan:
-    """The layout's CPU plan, built once and cached on the layout."""
-    if "cpu_plan" in layout._cache:
-        return layout._cache["cpu_plan"]
-    full, part = layout.kv_full, layout.kv_partial
-    ht, qb_n, b = layout.table_heads, layout.num_blocks, layout.block
-    n_full, n_part = full.count.long(), part.count.long()
-    width = int((n_full + n_part).max())
-    slot = torch.arange(width)
-    index = torch.zeros(ht, qb_n, width, dtype=torch.long)
-    is_full = slot < n_full[..., None]
-    is_part = (slot >= n_full[..., None]) & (slot < (n_full + n_part)[..., None])
-    index[is_full] = _listed(full)
-    index[is_part] = _listed(part)
-    h, qb, s = torch.nonzero(is_part, as_tuple=True)
-    order = torch.argsort(qb, stable=True)
-    h, qb, s = h[order], qb[order], s[order]
-    kb = index[h, qb, s]
-    i, valid_q = layout.original_index(qb[:, None] * b + torch.arange(b))  # [n, b]
+def _entry_masks(layout: Layout, h: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """[n, block, block] element masks of (head table, query block, key block) entries."""
+    b = layout.block
+    i, valid_q = layout.original_index(qb[:, None] * b + torch.arange(b))
     j, valid_k = layout.original_index(kb[:, None] * b + torch.arange(b))
     heads = h if layout.table_heads > 1 else torch.zeros_like(h)
     ok = layout.allowed(i[:, :, None], j[:, None, :], heads[:, None, None]) & valid_k[:, None, :]
-    ok |= ~valid_q[:, :, None]  # padding rows read everything listed: keeps them finite
-    row_start = torch.searchsorted(qb, torch.arange(qb_n + 1))
-    plan = _Plan(index, is_full | is_part, torch.stack([h, qb, s], 1), ok, row_start)
-    layout._cache["cpu_plan"] = plan
-    return plan
+    return ok | ~valid_q[:, :, None]  # padding rows read everything listed: keeps them finite
 
 
-def to_physical(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[B, H, N, D] -> [B, H, QB, block, D] float32 in the layout's block order, zero padded."""
-    B, H, N, D = x.shape
-    x = x.float()
-    if layout.permuted:
-        R, ll = layout.rows, layout.stride
-        x = torch.nn.functional.pad(x, (0, 0, 0, R * ll - N))
-        x = x.view(B, H, R, ll, D).transpose(2, 3).reshape(B, H, R * ll, D)
-    P = layout.num_blocks * layout.block
-    if P != x.shape[2]:
-        x = torch.nn.functional.pad(x, (0, 0, 0, P - x.shape[2]))
-    return x.view(B, H, layout.num_blocks, layout.block, D)
+def _slots(layout: Layout, band: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per (head table, query block, slot): key block, kind (0 padding, 1 full, 2 partial), and the row of
+    the returned partial-entry masks [n, block, block] (-1 if none).
 
-
-def from_physical(x: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`to_physical`: [B, H, QB, block, D] -> [B, H, N, D] in ``dtype``."""
-    B, H = x.shape[:2]
-    D = x.shape[-1]
-    x = x.reshape(B, H, -1, D)
-    if layout.permuted:
-        R, ll = layout.rows, layout.stride
-        x = x[:, :, : R * ll].reshape(B, H, ll, R, D).transpose(2, 3).reshape(B, H, R * ll, D)
-    return x[:, :, : layout.seq_len].to(dtype).contiguous()
-
-
-def _chunks(layout: Layout, plan: _Plan, B: int, H: int, D: int):
-    """Yield query-block ranges [r0, r1) whose gathered keys fit CHUNK_BYTES."""
-    per_row = B * H * plan.index.shape[-1] * layout.block * max(D, layout.block) * 4
-    step = max(1, CHUNK_BYTES // per_row)
-    for r0 in range(0, layout.num_blocks, step):
-        yield r0, min(r0 + step, layout.num_blocks)
-
-
-def _gather(xp: torch.Tensor, plan: _Plan, r0: int, r1: int) -> torch.Tensor:
-    """Key blocks listed for query blocks [r0, r1): [B, H, c, M * block, D]."""
-    B, H, _, b, D = xp.shape
-    idx = plan.index[:, r0:r1]
-    if idx.shape[0] == 1:
-        g = xp[:, :, idx[0]]
+    band: slot m of row r holds key block r - (M - 1) + m; else the listed blocks left-packed.
+    """
+    ht, n = layout.table_heads, layout.num_blocks
+    entries = []
+    for table, kind in ((layout.kv_full, 1), (layout.kv_partial, 2)):
+        counts = table.count.long()
+        h = torch.repeat_interleave(torch.arange(ht)[:, None].expand(ht, n).reshape(-1), counts.reshape(-1))
+        r = torch.repeat_interleave(torch.arange(n).repeat(ht), counts.reshape(-1))
+        entries.append((h, r, _listed(table), torch.full_like(h, kind)))
+    h, r, kb, kind = (torch.cat(parts) for parts in zip(*entries, strict=True))
+    if band:
+        width = int((r - kb).max()) + 1
+        slot = kb - r + width - 1
     else:
-        g = xp[:, torch.arange(H)[:, None, None], idx]
-    return g.reshape(B, H, r1 - r0, -1, D)
+        order = torch.argsort((h * n + r) * n + kb)
+        h, r, kb, kind = h[order], r[order], kb[order], kind[order]
+        start = torch.searchsorted(h * n + r, h * n + r, right=False)
+        slot = torch.arange(h.numel()) - start
+        width = int(slot.max()) + 1
+    index = torch.zeros(ht, n, width, dtype=torch.long)
+    kinds = torch.zeros(ht, n, width, dtype=torch.long)
+    mask_row = torch.full((ht, n, width), -1, dtype=torch.long)
+    index[h, r, slot], kinds[h, r, slot] = kb, kind
+    part = kind == 2
+    mask_row[h[part], r[part], slot[part]] = torch.arange(int(part.sum()))
+    return index, kinds, mask_row, _entry_masks(layout, h[part], r[part], kb[part])
+
+
+def _is_band(layout: Layout) -> bool:
+    """True when each row r lists exactly the key blocks [first(r), r] and they fit MAX_BAND_SLOTS."""
+    if layout.table_heads != 1:
+        return False
+    counts = (layout.kv_full.count + layout.kv_partial.count)[0].long()
+    if int(counts.max()) > MAX_BAND_SLOTS:
+        return False
+    rows = torch.arange(layout.num_blocks)
+    lo = torch.full_like(rows, layout.num_blocks)
+    hi = torch.full_like(rows, -1)
+    for table in (layout.kv_full, layout.kv_partial):
+        c = table.count[0].long()
+        r = torch.repeat_interleave(rows, c)
+        kb = _listed(table)
+        lo.scatter_reduce_(0, r, kb, "amin")
+        hi.scatter_reduce_(0, r, kb, "amax")
+    return bool((hi == rows).all() and (hi - lo + 1 == counts).all())
+
+
+@dataclass
+class _Work:
+    """One slot of one chunk: rows [a, e) of the chunk read key blocks row + shift (band) or index (gather)."""
+
+    slot: int
+    a: int
+    e: int
+    mask: torch.Tensor | None  # [e - a, block, block], False -> not read; None: all read
+
+
+@dataclass
+class _BandPlan:
+    width: int  # M
+    chunks: list[tuple[int, int]]
+    work: list[list[_Work]]  # per chunk
+
+
+@dataclass
+class _GatherPlan:
+    index: torch.Tensor  # [Ht, QB, M] key blocks, left-packed (0 on padding slots)
+    valid: torch.Tensor  # [Ht, QB, M]
+    mask_row: torch.Tensor  # [Ht, QB, M] row of ``masks`` for partial entries, else -1
+    masks: torch.Tensor  # [n, block, block]
+
+
+def _chunk_rows(n_rows: int, row_bytes: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // row_bytes)
+    return [(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]
+
+
+def _band_plan(layout: Layout) -> _BandPlan:
+    index, kinds, mask_row, masks = _slots(layout, band=True)
+    kinds, mask_row = kinds[0], mask_row[0]
+    width, b = kinds.shape[1], layout.block
+    chunks = _chunk_rows(layout.num_blocks, width * b * b * 4)
+    work = []
+    for r0, r1 in chunks:
+        items = []
+        for m in range(width):
+            k = kinds[r0:r1, m]
+            used = torch.nonzero(k).flatten()
+            if used.numel() == 0:
+                continue
+            a, e = int(used[0]), int(used[-1]) + 1
+            k, rows = k[a:e], mask_row[r0 + a:r0 + e, m]
+            mask = None
+            if bool((k != 1).any()):
+                mask = torch.ones(e - a, b, b, dtype=torch.bool)
+                mask[k == 0] = False
+                mask[k == 2] = masks[rows[k == 2]]
+            items.append(_Work(m, a, e, mask))
+        work.append(items)
+    return _BandPlan(width, chunks, work)
+
+
+def _plan(layout: Layout) -> _BandPlan | _GatherPlan:
+    """The layout's CPU plan, built once and cached on the layout."""
+    if "cpu_plan" not in layout._cache:
+        if _is_band(layout):
+            plan = _band_plan(layout)
+        else:
+            index, kinds, mask_row, masks = _slots(layout, band=False)
+            plan = _GatherPlan(index, kinds > 0, mask_row, masks)
+        layout._cache["cpu_plan"] = plan
+    return layout._cache["cpu_plan"]
+
+
+# --- band schedule ----------------------------------------------------------------------------
+
+
+def _band_forward(plan: _BandPlan, qs, kp, vp, o, lse):
+    """qs/o: [BH, QB, b, D]; kp/vp: [BH, M - 1 + QB, b, D] (front padded); lse: [BH, QB, b]."""
+    b = qs.shape[2]
+    s = torch.empty(plan.width, max(r1 - r0 for r0, r1 in plan.chunks), b, b)
+    for bh in range(qs.shape[0]):
+        q, k, v = qs[bh], kp[bh], vp[bh]
+        for (r0, r1), items in zip(plan.chunks, plan.work, strict=True):
+            c = r1 - r0
+            sc = s[:, :c]
+            idle = set(range(plan.width))
+            for w in items:
+                idle.discard(w.slot)
+                sc[w.slot, : w.a].fill_(NEG_INF)
+                sc[w.slot, w.e:].fill_(NEG_INF)
+                out = sc[w.slot, w.a:w.e]
+                rows = slice(r0 + w.a, r0 + w.e)
+                keys = slice(r0 + w.a + w.slot, r0 + w.e + w.slot)
+                torch.bmm(q[rows], k[keys].transpose(1, 2), out=out)
+                if w.mask is not None:
+                    out.masked_fill_(~w.mask, NEG_INF)
+            for m in idle:
+                sc[m].fill_(NEG_INF)
+            top = sc.amax(dim=(0, 3))  # [c, b]
+            sc.sub_(top[None, :, :, None]).exp_()
+            total = sc.sum(dim=(0, 3))
+            oc = o[bh, r0:r1].zero_()
+            for w in items:
+                oc[w.a:w.e].baddbmm_(sc[w.slot, w.a:w.e], v[r0 + w.a + w.slot:r0 + w.e + w.slot])
+            oc.div_(total[..., None])
+            lse[bh, r0:r1] = total.log_().add_(top)
+
+
+def _band_backward(plan: _BandPlan, qs, kp, vp, dop, lse, delta, dq, dk, dv):
+    """Streams slot by slot; dk/dv are front padded like kp/vp and accumulate in place."""
+    for bh in range(qs.shape[0]):
+        q, k, v, do = qs[bh], kp[bh], vp[bh], dop[bh]
+        for (r0, r1), items in zip(plan.chunks, plan.work, strict=True):
+            dqc = dq[bh, r0:r1].zero_()
+            for w in items:
+                rows = slice(r0 + w.a, r0 + w.e)
+                keys = slice(r0 + w.a + w.slot, r0 + w.e + w.slot)
+                p = torch.bmm(q[rows], k[keys].transpose(1, 2))
+                if w.mask is not None:
+                    p.masked_fill_(~w.mask, NEG_INF)
+                p.sub_(lse[bh, rows, :, None]).exp_()
+                dv[bh, keys].baddbmm_(p.transpose(1, 2), do[rows])
+                ds = p.mul_(torch.bmm(do[rows], v[keys].transpose(1, 2)).sub_(delta[bh, rows, :, None]))
+                dqc[w.a:w.e].baddbmm_(ds, k[keys])
+                dk[bh, keys].baddbmm_(ds.transpose(1, 2), q[rows])
+
+
+# --- gather schedule --------------------------------------------------------------------------
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -113,76 +268,109 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(*a.shape[:-1], b.shape[-1])
 
 
-def _scores(qc, kg, plan: _Plan, r0: int, r1: int) -> torch.Tensor:
-    """Masked scores [B, H, c, block, M * block] of (pre-scaled) query blocks [r0, r1)."""
+def _gather(xp: torch.Tensor, plan: _GatherPlan, heads: int, r0: int, r1: int) -> torch.Tensor:
+    """Key blocks listed for query blocks [r0, r1): [B * H, c, M * block, D]."""
+    BH, _, b, D = xp.shape
+    idx = plan.index[:, r0:r1]
+    x = xp.view(BH // heads, heads, *xp.shape[1:])
+    g = x[:, :, idx[0]] if idx.shape[0] == 1 else x[:, torch.arange(heads)[:, None, None], idx]
+    return g.reshape(BH, r1 - r0, -1, D)
+
+
+def _gather_scores(qc, kg, plan: _GatherPlan, heads: int, r0: int, r1: int) -> torch.Tensor:
+    """Masked scores [B * H, c, block, M * block] of (pre-scaled) query blocks [r0, r1)."""
     s = _bmm(qc, kg.transpose(-1, -2))
-    B, H, c, b, _ = s.shape
+    BH, c, b, _ = s.shape
     M = plan.index.shape[-1]
-    s6 = s.view(B, H, c, b, M, b)
-    valid = plan.slot_valid[:, r0:r1]
+    s5 = s.view(BH // heads, heads, c, b, M, b)
+    valid = plan.valid[:, r0:r1]
     if not bool(valid.all()):
-        s6.masked_fill_(~valid[None, :, :, None, :, None], float("-inf"))
-    lo, hi = int(plan.part_row_start[r0]), int(plan.part_row_start[r1])
-    if hi > lo:
-        h, qb, slot = plan.part_at[lo:hi].unbind(1)
-        mask = plan.part_mask[lo:hi]
-        view = s6.permute(1, 2, 4, 0, 3, 5)  # [H, c, M, B, b, b]
-        if plan.index.shape[0] == 1 and H > 1:
-            sel = view[:, qb - r0, slot]  # [H, n, B, b, b]
-            view[:, qb - r0, slot] = sel.masked_fill(~mask[None, :, None], float("-inf"))
+        s5.masked_fill_(~valid[None, :, :, None, :, None], NEG_INF)
+    rows = plan.mask_row[:, r0:r1]
+    h, r, m = torch.nonzero(rows >= 0, as_tuple=True)
+    if h.numel():
+        mask = plan.masks[rows[h, r, m]]
+        view = s5.permute(1, 2, 4, 0, 3, 5)  # [H, c, M, B, b, b]
+        if plan.index.shape[0] == 1:
+            view[:, r, m] = view[:, r, m].masked_fill(~mask[None, :, None], NEG_INF)
         else:
-            sel = view[h, qb - r0, slot]  # [n, B, b, b]
-            view[h, qb - r0, slot] = sel.masked_fill(~mask[:, None], float("-inf"))
+            view[h, r, m] = view[h, r, m].masked_fill(~mask[:, None], NEG_INF)
     return s
 
 
+def _gather_chunks(plan: _GatherPlan, qs: torch.Tensor):
+    BH, QB, b, D = qs.shape
+    return _chunk_rows(QB, BH * plan.index.shape[-1] * b * max(D, b) * 4)
+
+
+def _gather_forward(plan: _GatherPlan, heads: int, qs, kp, vp, o, lse):
+    for r0, r1 in _gather_chunks(plan, qs):
+        s = _gather_scores(qs[:, r0:r1], _gather(kp, plan, heads, r0, r1), plan, heads, r0, r1)
+        top = s.amax(-1, keepdim=True)
+        p = s.sub_(top).exp_()
+        total = p.sum(-1, keepdim=True)
+        o[:, r0:r1] = _bmm(p, _gather(vp, plan, heads, r0, r1)).div_(total)
+        lse[:, r0:r1] = total.log_().add_(top).squeeze(-1)
+
+
+def _gather_backward(plan: _GatherPlan, heads: int, qs, kp, vp, dop, lse, delta, dq, dk, dv):
+    BH, QB, b, D = qs.shape
+    table = torch.arange(BH) % plan.index.shape[0]  # head table of each (batch, head)
+    base = (torch.arange(BH) * QB)[:, None, None]
+    for r0, r1 in _gather_chunks(plan, qs):
+        kg, vg = _gather(kp, plan, heads, r0, r1), _gather(vp, plan, heads, r0, r1)
+        p = _gather_scores(qs[:, r0:r1], kg, plan, heads, r0, r1)
+        p = p.sub_(lse[:, r0:r1, :, None]).exp_()  # [BH, c, b, M b]
+        doc = dop[:, r0:r1]
+        dvg = _bmm(p.transpose(-1, -2), doc)  # [BH, c, M b, D]
+        ds = p.mul_(_bmm(doc, vg.transpose(-1, -2)).sub_(delta[:, r0:r1, :, None]))
+        dq[:, r0:r1] = _bmm(ds, kg)
+        dkg = _bmm(ds.transpose(-1, -2), qs[:, r0:r1])
+        flat = (base + plan.index[table, r0:r1]).reshape(-1)  # rows of dk/dv viewed as [BH * QB, b, D]
+        dk.view(-1, b, D).index_add_(0, flat, dkg.reshape(-1, b, D))
+        dv.view(-1, b, D).index_add_(0, flat, dvg.reshape(-1, b, D))
+
+
+# --- autograd ---------------------------------------------------------------------------------
+
+
 class CPUAttention(torch.autograd.Function):
-    """Block-gather attention with a recomputing backward."""
+    """Block-sparse attention with a recomputing backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: Layout, scale: float):
         plan = _plan(layout)
-        qp, kp, vp = (to_physical(t, layout) for t in (q, k, v))
-        qs = qp * scale
-        B, H, QB, b, D = qp.shape
-        op = torch.empty_like(qp)
-        lse = torch.empty(B, H, QB, b, 1)
-        for r0, r1 in _chunks(layout, plan, B, H, D):
-            s = _scores(qs[:, :, r0:r1], _gather(kp, plan, r0, r1), plan, r0, r1)
-            m = s.amax(-1, keepdim=True)
-            p = s.sub_(m).exp_()
-            total = p.sum(-1, keepdim=True)
-            op[:, :, r0:r1] = _bmm(p, _gather(vp, plan, r0, r1)).div_(total)
-            lse[:, :, r0:r1] = total.log_().add_(m)
-        ctx.save_for_backward(qs, kp, vp, op, lse)
-        ctx.layout, ctx.scale, ctx.dtype = layout, scale, q.dtype
-        return from_physical(op, layout, q.dtype)
+        band = isinstance(plan, _BandPlan)
+        front = plan.width - 1 if band else 0
+        qs = to_physical(q, layout).mul_(scale)
+        kp, vp = to_physical(k, layout, front), to_physical(v, layout, front)
+        BH, QB, b, D = qs.shape
+        o = torch.empty_like(qs)
+        lse = torch.empty(BH, QB, b)
+        if band:
+            _band_forward(plan, qs, kp, vp, o, lse)
+        else:
+            _gather_forward(plan, q.shape[1], qs, kp, vp, o, lse)
+        ctx.save_for_backward(qs, kp, vp, o, lse)
+        ctx.layout, ctx.scale, ctx.shape, ctx.dtype, ctx.front = layout, scale, q.shape, q.dtype, front
+        return from_physical(o, layout, q.shape, q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        qs, kp, vp, op, lse = ctx.saved_tensors
-        layout, scale = ctx.layout, ctx.scale
+        qs, kp, vp, o, lse = ctx.saved_tensors
+        layout, front = ctx.layout, ctx.front
         plan = _plan(layout)
         dop = to_physical(do, layout)
-        B, H, QB, b, D = qs.shape
-        delta = (op * dop).sum(-1, keepdim=True)
-        dq = torch.empty_like(qs)
-        dk = torch.zeros(B, H * QB, b, D)
-        dv = torch.zeros(B, H * QB, b, D)
-        heads = torch.arange(H)[:, None, None] * QB
-        for r0, r1 in _chunks(layout, plan, B, H, D):
-            kg, vg = _gather(kp, plan, r0, r1), _gather(vp, plan, r0, r1)
-            p = _scores(qs[:, :, r0:r1], kg, plan, r0, r1).sub_(lse[:, :, r0:r1]).exp_()  # [B, H, c, b, M b]
-            doc = dop[:, :, r0:r1]
-            dvg = _bmm(p.transpose(-1, -2), doc)  # [B, H, c, M b, D]
-            ds = p.mul_(_bmm(doc, vg.transpose(-1, -2)).sub_(delta[:, :, r0:r1]))
-            dq[:, :, r0:r1] = _bmm(ds, kg).mul_(scale)
-            dkg = _bmm(ds.transpose(-1, -2), qs[:, :, r0:r1])  # q was pre-scaled
-            flat = (heads + plan.index[:, r0:r1]).reshape(-1)  # [H * c * M] rows of dk/dv
-            dk.index_add_(1, flat, dkg.reshape(B, -1, b, D))
-            dv.index_add_(1, flat, dvg.reshape(B, -1, b, D))
-        dk, dv = dk.view(B, H, QB, b, D), dv.view(B, H, QB, b, D)
-        return (*(from_physical(g, layout, ctx.dtype) for g in (dq, dk, dv)), None, None)
+        delta = (o * dop).sum(-1)
+        dq = torch.empty_like(qs)  # both schedules write every row
+        dk, dv = torch.zeros_like(kp), torch.zeros_like(vp)
+        if isinstance(plan, _BandPlan):
+            _band_backward(plan, qs, kp, vp, dop, lse, delta, dq, dk, dv)
+        else:
+            _gather_backward(plan, ctx.shape[1], qs, kp, vp, dop, lse, delta, dq, dk, dv)
+        dq.mul_(ctx.scale)  # q was pre-scaled, so dk already carries the scale
+        return (from_physical(dq, layout, ctx.shape, ctx.dtype), from_physical(dk, layout, ctx.shape, ctx.dtype, front),
+                from_physical(dv, layout, ctx.shape, ctx.dtype, front), None, None)
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
