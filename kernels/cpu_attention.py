@@ -21,6 +21,7 @@ import torch
 from .layout import BlockTable, Layout
 
 CHUNK_BYTES = 4 << 20  # scores of one chunk of query blocks: stays in cache
+MASK_CACHE_BYTES = 64 << 20  # gather schedule: keep partial-block masks up to this size, else rebuild per chunk
 MAX_BAND_SLOTS = 16  # wider bands (e.g. "all") use the gather schedule
 NEG_INF = float("-inf")
 
@@ -87,9 +88,8 @@ def _entry_masks(layout: Layout, h: torch.Tensor, qb: torch.Tensor, kb: torch.Te
     return ok | ~valid_q[:, :, None]  # padding rows read everything listed: keeps them finite
 
 
-def _slots(layout: Layout, band: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (head table, query block, slot): key block, kind (0 padding, 1 full, 2 partial), and the row of
-    the returned partial-entry masks [n, block, block] (-1 if none).
+def _slots(layout: Layout, band: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (head table, query block, slot): the key block and its kind (0 padding, 1 full, 2 partial).
 
     band: slot m of row r holds key block r - (M - 1) + m; else the listed blocks left-packed.
     """
@@ -112,11 +112,8 @@ def _slots(layout: Layout, band: bool) -> tuple[torch.Tensor, torch.Tensor, torc
         width = int(slot.max()) + 1
     index = torch.zeros(ht, n, width, dtype=torch.long)
     kinds = torch.zeros(ht, n, width, dtype=torch.long)
-    mask_row = torch.full((ht, n, width), -1, dtype=torch.long)
     index[h, r, slot], kinds[h, r, slot] = kb, kind
-    part = kind == 2
-    mask_row[h[part], r[part], slot[part]] = torch.arange(int(part.sum()))
-    return index, kinds, mask_row, _entry_masks(layout, h[part], r[part], kb[part])
+    return index, kinds
 
 
 def _is_band(layout: Layout) -> bool:
@@ -158,9 +155,9 @@ class _BandPlan:
 @dataclass
 class _GatherPlan:
     index: torch.Tensor  # [Ht, QB, M] key blocks, left-packed (0 on padding slots)
-    valid: torch.Tensor  # [Ht, QB, M]
-    mask_row: torch.Tensor  # [Ht, QB, M] row of ``masks`` for partial entries, else -1
-    masks: torch.Tensor  # [n, block, block]
+    kinds: torch.Tensor  # [Ht, QB, M] 0 padding, 1 full, 2 partial
+    masks: torch.Tensor | None  # [n partial, block, block], kept when they fit MASK_CACHE_BYTES
+    mask_row: torch.Tensor  # [Ht, QB, M] row of ``masks`` of each partial entry
 
 
 def _chunk_rows(n_rows: int, row_bytes: int) -> list[tuple[int, int]]:
@@ -169,8 +166,8 @@ def _chunk_rows(n_rows: int, row_bytes: int) -> list[tuple[int, int]]:
 
 
 def _band_plan(layout: Layout) -> _BandPlan:
-    index, kinds, mask_row, masks = _slots(layout, band=True)
-    kinds, mask_row = kinds[0], mask_row[0]
+    index, kinds = _slots(layout, band=True)
+    index, kinds = index[0], kinds[0]
     width, b = kinds.shape[1], layout.block
     chunks = _chunk_rows(layout.num_blocks, width * b * b * 4)
     work = []
@@ -182,12 +179,13 @@ def _band_plan(layout: Layout) -> _BandPlan:
             if used.numel() == 0:
                 continue
             a, e = int(used[0]), int(used[-1]) + 1
-            k, rows = k[a:e], mask_row[r0 + a:r0 + e, m]
+            k = k[a:e]
             mask = None
             if bool((k != 1).any()):
                 mask = torch.ones(e - a, b, b, dtype=torch.bool)
                 mask[k == 0] = False
-                mask[k == 2] = masks[rows[k == 2]]
+                rows = r0 + a + torch.nonzero(k == 2).flatten()
+                mask[k == 2] = _entry_masks(layout, torch.zeros_like(rows), rows, index[rows, m])
             items.append(_Work(m, a, e, mask))
         work.append(items)
     return _BandPlan(width, chunks, work)
@@ -199,8 +197,13 @@ def _plan(layout: Layout) -> _BandPlan | _GatherPlan:
         if _is_band(layout):
             plan = _band_plan(layout)
         else:
-            index, kinds, mask_row, masks = _slots(layout, band=False)
-            plan = _GatherPlan(index, kinds > 0, mask_row, masks)
+            index, kinds = _slots(layout, band=False)
+            h, r, m = torch.nonzero(kinds == 2, as_tuple=True)
+            cached = h.numel() * layout.block**2 <= MASK_CACHE_BYTES
+            masks = _entry_masks(layout, h, r, index[h, r, m]) if cached else None
+            mask_row = torch.full_like(index, -1)
+            mask_row[h, r, m] = torch.arange(h.numel())
+            plan = _GatherPlan(index, kinds, masks, mask_row)
         layout._cache["cpu_plan"] = plan
     return layout._cache["cpu_plan"]
 
@@ -277,19 +280,21 @@ def _gather(xp: torch.Tensor, plan: _GatherPlan, heads: int, r0: int, r1: int) -
     return g.reshape(BH, r1 - r0, -1, D)
 
 
-def _gather_scores(qc, kg, plan: _GatherPlan, heads: int, r0: int, r1: int) -> torch.Tensor:
+def _gather_scores(qc, kg, plan: _GatherPlan, layout: Layout, heads: int, r0: int, r1: int) -> torch.Tensor:
     """Masked scores [B * H, c, block, M * block] of (pre-scaled) query blocks [r0, r1)."""
     s = _bmm(qc, kg.transpose(-1, -2))
     BH, c, b, _ = s.shape
     M = plan.index.shape[-1]
     s5 = s.view(BH // heads, heads, c, b, M, b)
-    valid = plan.valid[:, r0:r1]
-    if not bool(valid.all()):
-        s5.masked_fill_(~valid[None, :, :, None, :, None], NEG_INF)
-    rows = plan.mask_row[:, r0:r1]
-    h, r, m = torch.nonzero(rows >= 0, as_tuple=True)
+    kinds = plan.kinds[:, r0:r1]
+    if bool((kinds == 0).any()):
+        s5.masked_fill_((kinds == 0)[None, :, :, None, :, None], NEG_INF)
+    h, r, m = torch.nonzero(kinds == 2, as_tuple=True)
     if h.numel():
-        mask = plan.masks[rows[h, r, m]]
+        if plan.masks is None:
+            mask = _entry_masks(layout, h, r0 + r, plan.index[h, r0 + r, m])
+        else:
+            mask = plan.masks[plan.mask_row[h, r0 + r, m]]
         view = s5.permute(1, 2, 4, 0, 3, 5)  # [H, c, M, B, b, b]
         if plan.index.shape[0] == 1:
             view[:, r, m] = view[:, r, m].masked_fill(~mask[None, :, None], NEG_INF)
@@ -303,9 +308,9 @@ def _gather_chunks(plan: _GatherPlan, qs: torch.Tensor):
     return _chunk_rows(QB, BH * plan.index.shape[-1] * b * max(D, b) * 4)
 
 
-def _gather_forward(plan: _GatherPlan, heads: int, qs, kp, vp, o, lse):
+def _gather_forward(plan: _GatherPlan, layout: Layout, heads: int, qs, kp, vp, o, lse):
     for r0, r1 in _gather_chunks(plan, qs):
-        s = _gather_scores(qs[:, r0:r1], _gather(kp, plan, heads, r0, r1), plan, heads, r0, r1)
+        s = _gather_scores(qs[:, r0:r1], _gather(kp, plan, heads, r0, r1), plan, layout, heads, r0, r1)
         top = s.amax(-1, keepdim=True)
         p = s.sub_(top).exp_()
         total = p.sum(-1, keepdim=True)
@@ -313,13 +318,13 @@ def _gather_forward(plan: _GatherPlan, heads: int, qs, kp, vp, o, lse):
         lse[:, r0:r1] = total.log_().add_(top).squeeze(-1)
 
 
-def _gather_backward(plan: _GatherPlan, heads: int, qs, kp, vp, dop, lse, delta, dq, dk, dv):
+def _gather_backward(plan: _GatherPlan, layout: Layout, heads: int, qs, kp, vp, dop, lse, delta, dq, dk, dv):
     BH, QB, b, D = qs.shape
     table = torch.arange(BH) % plan.index.shape[0]  # head table of each (batch, head)
     base = (torch.arange(BH) * QB)[:, None, None]
     for r0, r1 in _gather_chunks(plan, qs):
         kg, vg = _gather(kp, plan, heads, r0, r1), _gather(vp, plan, heads, r0, r1)
-        p = _gather_scores(qs[:, r0:r1], kg, plan, heads, r0, r1)
+        p = _gather_scores(qs[:, r0:r1], kg, plan, layout, heads, r0, r1)
         p = p.sub_(lse[:, r0:r1, :, None]).exp_()  # [BH, c, b, M b]
         doc = dop[:, r0:r1]
         dvg = _bmm(p.transpose(-1, -2), doc)  # [BH, c, M b, D]
@@ -350,7 +355,7 @@ class CPUAttention(torch.autograd.Function):
         if band:
             _band_forward(plan, qs, kp, vp, o, lse)
         else:
-            _gather_forward(plan, q.shape[1], qs, kp, vp, o, lse)
+            _gather_forward(plan, layout, q.shape[1], qs, kp, vp, o, lse)
         ctx.save_for_backward(qs, kp, vp, o, lse)
         ctx.layout, ctx.scale, ctx.shape, ctx.dtype, ctx.front = layout, scale, q.shape, q.dtype, front
         return from_physical(o, layout, q.shape, q.dtype)
@@ -367,7 +372,7 @@ class CPUAttention(torch.autograd.Function):
         if isinstance(plan, _BandPlan):
             _band_backward(plan, qs, kp, vp, dop, lse, delta, dq, dk, dv)
         else:
-            _gather_backward(plan, ctx.shape[1], qs, kp, vp, dop, lse, delta, dq, dk, dv)
+            _gather_backward(plan, layout, ctx.shape[1], qs, kp, vp, dop, lse, delta, dq, dk, dv)
         dq.mul_(ctx.scale)  # q was pre-scaled, so dk already carries the scale
         return (from_physical(dq, layout, ctx.shape, ctx.dtype), from_physical(dk, layout, ctx.shape, ctx.dtype, front),
                 from_physical(dv, layout, ctx.shape, ctx.dtype, front), None, None)

@@ -145,3 +145,15 @@ def test_bad_inputs_name_the_problem(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs"):
         attention(q, k, v, layout, backend="triton")
+
+
+def test_cpu_gather_schedule_rebuilds_masks_when_they_do_not_fit(monkeypatch):
+    """Large fixed layouts keep no mask cache: masks are rebuilt per chunk, same result."""
+    import kernels.cpu_attention as cpu
+
+    monkeypatch.setattr(cpu, "MASK_CACHE_BYTES", 0)
+    q, k, v, do = inputs(100, torch.float32, heads=4)
+    layout = make_layout("fixed", 100, 16, heads=4, stride=24, summary=4, distinct_summaries=True)
+    assert cpu._plan(layout).masks is None
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"), want, torch.float32)
