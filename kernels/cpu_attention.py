@@ -29,17 +29,18 @@ NEG_INF = float("-inf")
 # --- layout -> physical order -----------------------------------------------------------------
 
 
-def to_physical(x: torch.Tensor, layout: Layout, front: int = 0) -> torch.Tensor:
-    """[B, H, N, D] -> [B * H, front + QB, block, D] float32 in block order, zero padded.
+def to_physical(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, H, N, D] -> [B * H, QB, block, D] float32 in block order, zero padded.
 
-    ``front`` zero blocks are put before the first block (the band schedule's slot shift).
+    A view of x (no copy) when the order is the original one, N is a multiple of the
+    block and x is contiguous float32.
     """
     B, H, N, D = x.shape
-    b = layout.block
-    out = torch.empty((B * H, front + layout.num_blocks, b, D))
+    b, n_blocks = layout.block, layout.num_blocks
+    if not layout.permuted and N == n_blocks * b:
+        return x.float().reshape(B * H, n_blocks, b, D)
+    out = torch.empty((B * H, n_blocks, b, D))
     flat = out.view(B, H, -1, D)
-    flat[:, :, : front * b].zero_()
-    flat = flat[:, :, front * b:]
     flat[:, :, layout.physical_len:].zero_()
     if layout.permuted:
         full, rest = divmod(N, layout.stride)
@@ -53,11 +54,12 @@ def to_physical(x: torch.Tensor, layout: Layout, front: int = 0) -> torch.Tensor
     return out
 
 
-def from_physical(x: torch.Tensor, layout: Layout, shape: torch.Size, dtype: torch.dtype,
-                  front: int = 0) -> torch.Tensor:
-    """Inverse of :func:`to_physical`: [B * H, front + QB, block, D] -> ``shape`` [B, H, N, D] in ``dtype``."""
+def from_physical(x: torch.Tensor, layout: Layout, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`to_physical`: [B * H, QB, block, D] -> ``shape`` [B, H, N, D] in ``dtype``."""
     B, H, N, D = shape
-    flat = x.view(B, H, -1, D)[:, :, front * layout.block:]
+    if not layout.permuted and N == layout.num_blocks * layout.block:
+        return x.view(shape).to(dtype)
+    flat = x.view(B, H, -1, D)
     out = torch.empty(shape, dtype=dtype)
     if layout.permuted:
         full, rest = divmod(N, layout.stride)
@@ -211,12 +213,13 @@ def _plan(layout: Layout) -> _BandPlan | _GatherPlan:
 # --- band schedule ----------------------------------------------------------------------------
 
 
-def _band_forward(plan: _BandPlan, qs, kp, vp, o, lse):
-    """qs/o: [BH, QB, b, D]; kp/vp: [BH, M - 1 + QB, b, D] (front padded); lse: [BH, QB, b]."""
-    b = qs.shape[2]
+def _band_forward(plan: _BandPlan, qp, kp, vp, o, lse, scale: float):
+    """qp/kp/vp/o: [BH, QB, b, D]; lse: [BH, QB, b]. Slot m of row r reads key block r + m - (M - 1);
+    work items never cover rows where that is negative (those slots are padding)."""
+    b, lag = qp.shape[2], plan.width - 1
     s = torch.empty(plan.width, max(r1 - r0 for r0, r1 in plan.chunks), b, b)
-    for bh in range(qs.shape[0]):
-        q, k, v = qs[bh], kp[bh], vp[bh]
+    for bh in range(qp.shape[0]):
+        q, k, v = qp[bh], kp[bh], vp[bh]
         for (r0, r1), items in zip(plan.chunks, plan.work, strict=True):
             c = r1 - r0
             sc = s[:, :c]
@@ -227,8 +230,8 @@ def _band_forward(plan: _BandPlan, qs, kp, vp, o, lse):
                 sc[w.slot, w.e:].fill_(NEG_INF)
                 out = sc[w.slot, w.a:w.e]
                 rows = slice(r0 + w.a, r0 + w.e)
-                keys = slice(r0 + w.a + w.slot, r0 + w.e + w.slot)
-                torch.bmm(q[rows], k[keys].transpose(1, 2), out=out)
+                keys = slice(r0 + w.a + w.slot - lag, r0 + w.e + w.slot - lag)
+                torch.baddbmm(out, q[rows], k[keys].transpose(1, 2), beta=0.0, alpha=scale, out=out)
                 if w.mask is not None:
                     out.masked_fill_(~w.mask, NEG_INF)
             for m in idle:
@@ -238,36 +241,40 @@ def _band_forward(plan: _BandPlan, qs, kp, vp, o, lse):
             total = sc.sum(dim=(0, 3))
             oc = o[bh, r0:r1].zero_()
             for w in items:
-                oc[w.a:w.e].baddbmm_(sc[w.slot, w.a:w.e], v[r0 + w.a + w.slot:r0 + w.e + w.slot])
+                oc[w.a:w.e].baddbmm_(sc[w.slot, w.a:w.e], v[r0 + w.a + w.slot - lag:r0 + w.e + w.slot - lag])
             oc.div_(total[..., None])
             lse[bh, r0:r1] = total.log_().add_(top)
 
 
-def _band_backward(plan: _BandPlan, qs, kp, vp, dop, lse, delta, dq, dk, dv):
-    """Streams slot by slot; dk/dv are front padded like kp/vp and accumulate in place."""
-    for bh in range(qs.shape[0]):
-        q, k, v, do = qs[bh], kp[bh], vp[bh], dop[bh]
+def _band_backward(plan: _BandPlan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale: float):
+    """Streams slot by slot; dk/dv accumulate in place."""
+    b, lag = qp.shape[2], plan.width - 1
+    for bh in range(qp.shape[0]):
+        q, k, v, do = qp[bh], kp[bh], vp[bh], dop[bh]
         for (r0, r1), items in zip(plan.chunks, plan.work, strict=True):
             dqc = dq[bh, r0:r1].zero_()
             for w in items:
                 rows = slice(r0 + w.a, r0 + w.e)
-                keys = slice(r0 + w.a + w.slot, r0 + w.e + w.slot)
-                p = torch.bmm(q[rows], k[keys].transpose(1, 2))
+                keys = slice(r0 + w.a + w.slot - lag, r0 + w.e + w.slot - lag)
+                p = torch.empty(w.e - w.a, b, b)
+                torch.baddbmm(p, q[rows], k[keys].transpose(1, 2), beta=0.0, alpha=scale, out=p)
                 if w.mask is not None:
                     p.masked_fill_(~w.mask, NEG_INF)
                 p.sub_(lse[bh, rows, :, None]).exp_()
                 dv[bh, keys].baddbmm_(p.transpose(1, 2), do[rows])
                 ds = p.mul_(torch.bmm(do[rows], v[keys].transpose(1, 2)).sub_(delta[bh, rows, :, None]))
-                dqc[w.a:w.e].baddbmm_(ds, k[keys])
-                dk[bh, keys].baddbmm_(ds.transpose(1, 2), q[rows])
+                dqc[w.a:w.e].baddbmm_(ds, k[keys], alpha=scale)
+                dk[bh, keys].baddbmm_(ds.transpose(1, 2), q[rows], alpha=scale)
 
 
 # --- gather schedule --------------------------------------------------------------------------
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched matmul over all leading dims, as one bmm on views (no copies of a or b)."""
-    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+def _bmm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """alpha * a @ b over all leading dims, as one bmm on views (no copies of a or b)."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2])
+    torch.baddbmm(out, a3, b3, beta=0.0, alpha=alpha, out=out)
     return out.view(*a.shape[:-1], b.shape[-1])
 
 
@@ -280,9 +287,10 @@ def _gather(xp: torch.Tensor, plan: _GatherPlan, heads: int, r0: int, r1: int) -
     return g.reshape(BH, r1 - r0, -1, D)
 
 
-def _gather_scores(qc, kg, plan: _GatherPlan, layout: Layout, heads: int, r0: int, r1: int) -> torch.Tensor:
-    """Masked scores [B * H, c, block, M * block] of (pre-scaled) query blocks [r0, r1)."""
-    s = _bmm(qc, kg.transpose(-1, -2))
+def _gather_scores(qc, kg, plan: _GatherPlan, layout: Layout, heads: int, r0: int, r1: int,
+                   scale: float) -> torch.Tensor:
+    """Masked scores [B * H, c, block, M * block] of query blocks [r0, r1)."""
+    s = _bmm(qc, kg.transpose(-1, -2), scale)
     BH, c, b, _ = s.shape
     M = plan.index.shape[-1]
     s5 = s.view(BH // heads, heads, c, b, M, b)
@@ -303,14 +311,14 @@ def _gather_scores(qc, kg, plan: _GatherPlan, layout: Layout, heads: int, r0: in
     return s
 
 
-def _gather_chunks(plan: _GatherPlan, qs: torch.Tensor):
-    BH, QB, b, D = qs.shape
+def _gather_chunks(plan: _GatherPlan, qp: torch.Tensor):
+    BH, QB, b, D = qp.shape
     return _chunk_rows(QB, BH * plan.index.shape[-1] * b * max(D, b) * 4)
 
 
-def _gather_forward(plan: _GatherPlan, layout: Layout, heads: int, qs, kp, vp, o, lse):
-    for r0, r1 in _gather_chunks(plan, qs):
-        s = _gather_scores(qs[:, r0:r1], _gather(kp, plan, heads, r0, r1), plan, layout, heads, r0, r1)
+def _gather_forward(plan: _GatherPlan, layout: Layout, heads: int, qp, kp, vp, o, lse, scale: float):
+    for r0, r1 in _gather_chunks(plan, qp):
+        s = _gather_scores(qp[:, r0:r1], _gather(kp, plan, heads, r0, r1), plan, layout, heads, r0, r1, scale)
         top = s.amax(-1, keepdim=True)
         p = s.sub_(top).exp_()
         total = p.sum(-1, keepdim=True)
@@ -318,19 +326,20 @@ def _gather_forward(plan: _GatherPlan, layout: Layout, heads: int, qs, kp, vp, o
         lse[:, r0:r1] = total.log_().add_(top).squeeze(-1)
 
 
-def _gather_backward(plan: _GatherPlan, layout: Layout, heads: int, qs, kp, vp, dop, lse, delta, dq, dk, dv):
-    BH, QB, b, D = qs.shape
+def _gather_backward(plan: _GatherPlan, layout: Layout, heads: int, qp, kp, vp, dop, lse, delta, dq, dk, dv,
+                     scale: float):
+    BH, QB, b, D = qp.shape
     table = torch.arange(BH) % plan.index.shape[0]  # head table of each (batch, head)
     base = (torch.arange(BH) * QB)[:, None, None]
-    for r0, r1 in _gather_chunks(plan, qs):
+    for r0, r1 in _gather_chunks(plan, qp):
         kg, vg = _gather(kp, plan, heads, r0, r1), _gather(vp, plan, heads, r0, r1)
-        p = _gather_scores(qs[:, r0:r1], kg, plan, layout, heads, r0, r1)
+        p = _gather_scores(qp[:, r0:r1], kg, plan, layout, heads, r0, r1, scale)
         p = p.sub_(lse[:, r0:r1, :, None]).exp_()  # [BH, c, b, M b]
         doc = dop[:, r0:r1]
         dvg = _bmm(p.transpose(-1, -2), doc)  # [BH, c, M b, D]
         ds = p.mul_(_bmm(doc, vg.transpose(-1, -2)).sub_(delta[:, r0:r1, :, None]))
-        dq[:, r0:r1] = _bmm(ds, kg)
-        dkg = _bmm(ds.transpose(-1, -2), qs[:, r0:r1])
+        dq[:, r0:r1] = _bmm(ds, kg, scale)
+        dkg = _bmm(ds.transpose(-1, -2), qp[:, r0:r1], scale)
         flat = (base + plan.index[table, r0:r1]).reshape(-1)  # rows of dk/dv viewed as [BH * QB, b, D]
         dk.view(-1, b, D).index_add_(0, flat, dkg.reshape(-1, b, D))
         dv.view(-1, b, D).index_add_(0, flat, dvg.reshape(-1, b, D))
@@ -340,45 +349,119 @@ def _gather_backward(plan: _GatherPlan, layout: Layout, heads: int, qs, kp, vp, 
 
 
 class CPUAttention(torch.autograd.Function):
-    """Block-sparse attention with a recomputing backward."""
+    """Block-sparse attention in block order, with a recomputing backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: Layout, scale: float):
         plan = _plan(layout)
-        band = isinstance(plan, _BandPlan)
-        front = plan.width - 1 if band else 0
-        qs = to_physical(q, layout).mul_(scale)
-        kp, vp = to_physical(k, layout, front), to_physical(v, layout, front)
-        BH, QB, b, D = qs.shape
-        o = torch.empty_like(qs)
-        lse = torch.empty(BH, QB, b)
-        if band:
-            _band_forward(plan, qs, kp, vp, o, lse)
+        qp, kp, vp = (to_physical(t, layout) for t in (q, k, v))
+        o = torch.empty_like(qp)
+        lse = torch.empty(qp.shape[:3])
+        if isinstance(plan, _BandPlan):
+            _band_forward(plan, qp, kp, vp, o, lse, scale)
         else:
-            _gather_forward(plan, layout, q.shape[1], qs, kp, vp, o, lse)
-        ctx.save_for_backward(qs, kp, vp, o, lse)
-        ctx.layout, ctx.scale, ctx.shape, ctx.dtype, ctx.front = layout, scale, q.shape, q.dtype, front
+            _gather_forward(plan, layout, q.shape[1], qp, kp, vp, o, lse, scale)
+        ctx.save_for_backward(qp, kp, vp, o, lse)
+        ctx.layout, ctx.scale, ctx.shape, ctx.dtype = layout, scale, q.shape, q.dtype
         return from_physical(o, layout, q.shape, q.dtype)
 
     @staticmethod
     def backward(ctx, do):
-        qs, kp, vp, o, lse = ctx.saved_tensors
-        layout, front = ctx.layout, ctx.front
+        qp, kp, vp, o, lse = ctx.saved_tensors
+        layout, scale, shape, dtype = ctx.layout, ctx.scale, ctx.shape, ctx.dtype
         plan = _plan(layout)
-        dop = to_physical(do, layout)
+        dop = to_physical(do.contiguous(), layout)
         delta = (o * dop).sum(-1)
-        dq = torch.empty_like(qs)  # both schedules write every row
+        dq = torch.empty_like(qp)  # both schedules write every row
         dk, dv = torch.zeros_like(kp), torch.zeros_like(vp)
         if isinstance(plan, _BandPlan):
-            _band_backward(plan, qs, kp, vp, dop, lse, delta, dq, dk, dv)
+            _band_backward(plan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
         else:
-            _gather_backward(plan, layout, ctx.shape[1], qs, kp, vp, dop, lse, delta, dq, dk, dv)
-        dq.mul_(ctx.scale)  # q was pre-scaled, so dk already carries the scale
-        return (from_physical(dq, layout, ctx.shape, ctx.dtype), from_physical(dk, layout, ctx.shape, ctx.dtype, front),
-                from_physical(dv, layout, ctx.shape, ctx.dtype, front), None, None)
+            _gather_backward(plan, layout, shape[1], qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
+        return (*(from_physical(g, layout, shape, dtype) for g in (dq, dk, dv)), None, None)
+
+
+# --- strided layouts read in place -----------------------------------------------------------
+
+
+def _reads_columns_in_place(layout: Layout) -> bool:
+    """Strided layouts whose [R, l] view is whole (N = R l) and whose columns split into whole blocks."""
+    return layout.permuted and layout.physical_len == layout.seq_len and layout.rows % layout.block == 0
+
+
+def _column_blocks(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """[B, H, N, D] -> float32 view [B * H, U, b, l, D]: block-row u of every column (U = R / b)."""
+    B, H, N, D = x.shape
+    return x.float().reshape(B * H, layout.rows // layout.block, layout.block, layout.stride, D)
+
+
+class ColumnAttention(torch.autograd.Function):
+    """The strided pattern without a copy into block order: for block-row u of the [R, l] view, all l
+    columns are one batch of [b, D] matrices read with row stride l * D, attending to block-rows 0..u of
+    their own column (causal mask on the diagonal block only). No padding slots, no transposes of q/k/v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: Layout, scale: float):
+        qv, kv, vv = (_column_blocks(t, layout) for t in (q, k, v))
+        BH, U, b, ll, D = qv.shape
+        causal = torch.ones(b, b, dtype=torch.bool).tril_()
+        o = torch.empty(BH, U, b, ll, D)
+        lse = torch.empty(BH, U, ll, b)
+        for bh in range(BH):
+            for u in range(U):
+                qu = qv[bh, u].transpose(0, 1)  # [l, b, D]
+                s = torch.empty(u + 1, ll, b, b)
+                for w in range(u + 1):
+                    torch.baddbmm(s[w], qu, kv[bh, w].permute(1, 2, 0), beta=0.0, alpha=scale, out=s[w])
+                s[u].masked_fill_(~causal, NEG_INF)
+                top = s.amax(dim=(0, 3))  # [l, b]
+                s.sub_(top[None, :, :, None]).exp_()
+                total = s.sum(dim=(0, 3))
+                acc = torch.bmm(s[0], vv[bh, 0].transpose(0, 1))
+                for w in range(1, u + 1):
+                    acc.baddbmm_(s[w], vv[bh, w].transpose(0, 1))
+                o[bh, u].copy_(acc.div_(total[..., None]).transpose(0, 1))
+                lse[bh, u] = total.log_().add_(top)
+        out = o.view(q.shape)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        qv, kv, vv, dov = (_column_blocks(t, layout) for t in (q, k, v, do))
+        BH, U, b, ll, D = qv.shape
+        causal = torch.ones(b, b, dtype=torch.bool).tril_()
+        delta = (_column_blocks(out, layout) * dov).sum(-1)  # [BH, U, b, l]
+        dq = torch.empty(BH, U, b, ll, D)
+        dk = torch.zeros(BH, U, ll, b, D)  # accumulated column-major, transposed once at the end
+        dv = torch.zeros(BH, U, ll, b, D)
+        for bh in range(BH):
+            for u in range(U):
+                qu, dou = qv[bh, u].transpose(0, 1), dov[bh, u].transpose(0, 1)  # [l, b, D]
+                lse_u, delta_u = lse[bh, u, :, :, None], delta[bh, u].t()[:, :, None]
+                dqu = torch.zeros(ll, b, D)
+                for w in range(u + 1):
+                    kw, vw = kv[bh, w].transpose(0, 1), vv[bh, w].transpose(0, 1)
+                    p = torch.baddbmm(torch.empty(ll, b, b), qu, kw.transpose(1, 2), beta=0.0, alpha=scale)
+                    if w == u:
+                        p.masked_fill_(~causal, NEG_INF)
+                    p.sub_(lse_u).exp_()
+                    dv[bh, w].baddbmm_(p.transpose(1, 2), dou)
+                    ds = p.mul_(torch.bmm(dou, vw.transpose(1, 2)).sub_(delta_u))
+                    dqu.baddbmm_(ds, kw, alpha=scale)
+                    dk[bh, w].baddbmm_(ds.transpose(1, 2), qu, alpha=scale)
+                dq[bh, u].copy_(dqu.transpose(0, 1))
+        dtype = q.dtype
+        return (dq.view(q.shape).to(dtype), dk.transpose(2, 3).reshape(q.shape).to(dtype),
+                dv.transpose(2, 3).reshape(q.shape).to(dtype), None, None)
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                   scale: float) -> torch.Tensor:
     """[B, H, N, D] -> [B, H, N, D]; inputs already validated by ``kernels.attention``."""
+    if _reads_columns_in_place(layout):
+        return ColumnAttention.apply(q, k, v, layout, scale)
     return CPUAttention.apply(q, k, v, layout, scale)

@@ -157,3 +157,17 @@ def test_cpu_gather_schedule_rebuilds_masks_when_they_do_not_fit(monkeypatch):
     assert cpu._plan(layout).masks is None
     want = outputs_and_grads(q, k, v, do, layout, "reference")
     assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"), want, torch.float32)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_strided_read_in_place_matches_reference(block, dtype):
+    """N = R * l with R a multiple of the block: the CPU path reads the [R, l] view in place."""
+    from kernels.cpu_attention import _reads_columns_in_place
+
+    n, stride = 128, 4  # R = 32 rows
+    layout = make_layout("strided", n, block, heads=3, stride=stride)
+    assert _reads_columns_in_place(layout)
+    q, k, v, do = inputs(n, dtype, heads=3)
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"), want, dtype)
