@@ -99,11 +99,12 @@ class Layout:
     def table_heads(self) -> int:
         return int(self.kv_full.offsets.shape[0])
 
-    def summary_range(self, head: int) -> tuple[int, int]:
-        """``fixed`` only: the column offsets [lo, hi) within each l-block that ``head`` reads."""
+    def summary_range(self, head: int | torch.Tensor):
+        """``fixed`` only: the column offsets [lo, hi) within each l-block that ``head`` reads
+        (ints, or tensors shaped like ``head``)."""
         if self.kind != "fixed":
             raise ValueError(f"summary_range is only defined for kind='fixed', not {self.kind!r}")
-        sub = head % (self.stride // self.summary) if self.distinct_summaries else 0
+        sub = head % (self.stride // self.summary) if self.distinct_summaries else head * 0
         hi = self.stride - sub * self.summary
         return hi - self.summary, hi
 
@@ -150,16 +151,9 @@ class Layout:
             return causal & (j >= i - self.window)
         if self.kind == "strided":
             return causal & ((i - j) % self.stride == 0)
-        lo, hi = self._summary_bounds(head)
+        lo, hi = self.summary_range(head)
         col = j % self.stride
         return causal & ((j // self.stride == i // self.stride) | ((col >= lo) & (col < hi)))
-
-    def _summary_bounds(self, head: int | torch.Tensor):
-        if isinstance(head, torch.Tensor):
-            sub = head % (self.stride // self.summary) if self.distinct_summaries else torch.zeros_like(head)
-            hi = self.stride - sub * self.summary
-            return hi - self.summary, hi
-        return self.summary_range(head)
 
     def dense_mask(self, head: int = 0) -> torch.Tensor:
         """[N, N] bool: what the block lists plus in-block masks let each query read.
@@ -277,7 +271,7 @@ def _rows_for_head(lay: Layout, head: int, n_blocks: int) -> tuple[np.ndarray, n
         summ_kb, summ_full = _summary_prefix(lay, lo, hi, n_blocks)
         # rows read the summary blocks of l-blocks before their first row's l-block,
         # excluding blocks already in the contiguous part: a prefix of summ_kb.
-        first_m = _first_l_block(lay, lo, hi, summ_kb)
+        first_m = _first_l_block(lay, hi, summ_kb)
         take = np.minimum(np.searchsorted(first_m, t_lo // lay.stride, "left"),
                           np.searchsorted(summ_kb, first, "left"))
         s_row = np.repeat(qb, take)
@@ -304,7 +298,7 @@ def _summary_prefix(lay: Layout, lo: int, hi: int, n_blocks: int) -> tuple[np.nd
     return kb, full
 
 
-def _first_l_block(lay: Layout, lo: int, hi: int, kb: np.ndarray) -> np.ndarray:
+def _first_l_block(lay: Layout, hi: int, kb: np.ndarray) -> np.ndarray:
     """For each summary key block, the first l-block m whose summary range [m l + lo, m l + hi) meets it."""
     l, b = lay.stride, lay.block
     # smallest m with m*l + hi - 1 >= kb*b
