@@ -1,15 +1,19 @@
 """Block-sparse attention on the CPU in plain PyTorch: only the listed key blocks, batched matmuls.
 
-Works in the layout's physical order (one copy in, one out; the strided pattern is
-transposed in that copy). The forward saves the log-sum-exp; the backward recomputes
-the probabilities, so memory stays O(computed blocks), never N x N. Computes in
-float32 whatever the input dtype. Two schedules, picked per layout:
+The forward saves the log-sum-exp; the backward recomputes the probabilities, so
+memory stays O(computed blocks), never N x N. Computes in float32 whatever the input
+dtype. Three schedules, picked per layout:
 
-* band: every query block r reads the key blocks [r - M + 1, r] (all, local, strided
-  when M is small). Slot m of every row is then the contiguous slice of keys shifted
-  by m, so each slot is one bmm on views: no gather, no scatter. Per (batch, head).
-* gather: anything else (fixed, wide bands). The listed key blocks of a chunk of rows
-  are gathered into [rows, M * block] and the gradients scattered back with index_add.
+* columns: strided layouts whose [R, l] view is whole and splits into whole blocks per
+  column. Block-row u of all l columns is one bmm on a strided view of q/k/v: no copies.
+* band: every query block r reads the key blocks [r - M + 1, r] (local, other strided).
+  Slot m of every row is the contiguous key slice shifted by m, one bmm on views: no
+  gather, no scatter. Per (batch, head), in the layout's physical (block) order.
+* gather: anything else (fixed, all). The listed key blocks of a chunk of rows are
+  gathered into [rows, M * block] and the gradients scattered back with index_add.
+
+Band and gather work in block order: a view of the input when that is the original
+order and N is a multiple of the block, else one copy in and one out.
 """
 
 from __future__ import annotations
@@ -90,19 +94,25 @@ def _entry_masks(layout: Layout, h: torch.Tensor, qb: torch.Tensor, kb: torch.Te
     return ok | ~valid_q[:, :, None]  # padding rows read everything listed: keeps them finite
 
 
+def _entries(layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every listed (head table, query block, key block, kind) entry; kind 1 full, 2 partial."""
+    ht, n = layout.table_heads, layout.num_blocks
+    entries = []
+    for table, kind in ((layout.kv_full, 1), (layout.kv_partial, 2)):
+        counts = table.count.long().reshape(-1)
+        h = torch.repeat_interleave(torch.arange(ht).repeat_interleave(n), counts)
+        r = torch.repeat_interleave(torch.arange(n).repeat(ht), counts)
+        entries.append((h, r, _listed(table), torch.full_like(h, kind)))
+    return tuple(torch.cat(parts) for parts in zip(*entries, strict=True))
+
+
 def _slots(layout: Layout, band: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (head table, query block, slot): the key block and its kind (0 padding, 1 full, 2 partial).
 
     band: slot m of row r holds key block r - (M - 1) + m; else the listed blocks left-packed.
     """
     ht, n = layout.table_heads, layout.num_blocks
-    entries = []
-    for table, kind in ((layout.kv_full, 1), (layout.kv_partial, 2)):
-        counts = table.count.long()
-        h = torch.repeat_interleave(torch.arange(ht)[:, None].expand(ht, n).reshape(-1), counts.reshape(-1))
-        r = torch.repeat_interleave(torch.arange(n).repeat(ht), counts.reshape(-1))
-        entries.append((h, r, _listed(table), torch.full_like(h, kind)))
-    h, r, kb, kind = (torch.cat(parts) for parts in zip(*entries, strict=True))
+    h, r, kb, kind = _entries(layout)
     if band:
         width = int((r - kb).max()) + 1
         slot = kb - r + width - 1
@@ -125,21 +135,16 @@ def _is_band(layout: Layout) -> bool:
     counts = (layout.kv_full.count + layout.kv_partial.count)[0].long()
     if int(counts.max()) > MAX_BAND_SLOTS:
         return False
+    _, r, kb, _ = _entries(layout)
     rows = torch.arange(layout.num_blocks)
-    lo = torch.full_like(rows, layout.num_blocks)
-    hi = torch.full_like(rows, -1)
-    for table in (layout.kv_full, layout.kv_partial):
-        c = table.count[0].long()
-        r = torch.repeat_interleave(rows, c)
-        kb = _listed(table)
-        lo.scatter_reduce_(0, r, kb, "amin")
-        hi.scatter_reduce_(0, r, kb, "amax")
+    lo = torch.full_like(rows, layout.num_blocks).scatter_reduce_(0, r, kb, "amin")
+    hi = torch.full_like(rows, -1).scatter_reduce_(0, r, kb, "amax")
     return bool((hi == rows).all() and (hi - lo + 1 == counts).all())
 
 
 @dataclass
 class _Work:
-    """One slot of one chunk: rows [a, e) of the chunk read key blocks row + shift (band) or index (gather)."""
+    """Band schedule, one slot of one chunk: rows [a, e) of the chunk read key block row + slot - (M - 1)."""
 
     slot: int
     a: int
