@@ -83,6 +83,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
         raise ValueError(f"layout was built for seq_len={layout.seq_len}, but the input has N={q.shape[2]}")
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "cpu"
+    # The kernels choose their own compute precision (fp32 accumulation): autocast must not recast inside.
+    with torch.autocast(q.device.type, enabled=False):
+        return _dispatch(q, k, v, layout, scale, backend)
+
+
+def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
+              backend: str) -> torch.Tensor:
     if backend == "triton":
         if not _triton_available(q.device):
             raise ValueError("backend='triton' needs triton installed and CUDA tensors "
@@ -145,6 +152,7 @@ def attention_decode(q_t: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         idx = summary.expand(H, -1)[None, :, :, None].expand(B, H, -1, D)
         k = torch.cat([torch.gather(k_cache, 2, idx), k], 2)
         v = torch.cat([torch.gather(v_cache, 2, idx), v], 2)
-    s = torch.einsum("bhd,bhnd->bhn", q_t.float(), k.float()) * scale
-    p = torch.softmax(s, -1)
-    return torch.einsum("bhn,bhnd->bhd", p, v.float()).to(q_t.dtype)
+    with torch.autocast(q_t.device.type, enabled=False):
+        s = torch.einsum("bhd,bhnd->bhn", q_t.float(), k.float()) * scale
+        p = torch.softmax(s, -1)
+        return torch.einsum("bhn,bhnd->bhd", p, v.float()).to(q_t.dtype)

@@ -1,0 +1,151 @@
+"""Shipped-model I/O: ``NAME.safetensors`` (weights, never pickle) + ``NAME.json`` (the card).
+
+The card holds the model config, the codec, the training data, steps, tokens seen,
+compute (PF-days), held-out bits/dim and the date, plus the weights' size and SHA-256,
+so a corrupt or truncated file, or weights of another config, fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model import ModelConfig, SparseTransformer
+
+FORMAT = "sparse-transformer-studio/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, truncated, or does not match its card."""
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """"checkpoints/NAME" (with or without .safetensors/.json) -> (weights path, card path)."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _replace_atomically(tmp: Path, dst: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | None = None) -> Path:
+    """Write ``path``.safetensors and ``path``.json; returns the card's path.
+
+    card: what to record besides the config (codec, data, steps, tokens_seen,
+    compute_pf_days, held_out_bits_per_dim, ...); must be JSON-serialisable.
+    Each file is written to a temporary name and renamed, so a crash never leaves
+    a half-written checkpoint under the final name.
+    """
+    if not isinstance(model, SparseTransformer):
+        raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
+    if card is not None and not isinstance(card, dict):
+        raise ValueError(f"card must be a dict, got {type(card).__name__}")
+    card = dict(card or {})
+    try:
+        json.dumps(card)
+    except TypeError as e:
+        raise ValueError(f"card must be JSON-serialisable: {e}") from None
+    weights, card_path = checkpoint_paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    config = model.cfg.to_dict()
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
+    _replace_atomically(tmp, weights)
+    os.chmod(weights, 0o644)
+    card.update(
+        format=FORMAT,
+        config=config,
+        parameters=model.num_parameters(),
+        weights={"file": weights.name, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+    )
+    card.setdefault("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    tmp = card_path.with_name(card_path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    _replace_atomically(tmp, card_path)
+    return card_path
+
+
+def load_card(path: str | os.PathLike) -> dict:
+    """Read and check the card of checkpoint ``path`` (no weights are read)."""
+    weights, card_path = checkpoint_paths(path)
+    if not card_path.is_file():
+        folder = card_path.parent
+        found = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        hint = f"; checkpoints in {folder}: {found}" if found else f"; no checkpoints in {folder}"
+        raise CheckpointError(f"no model card {card_path}{hint}")
+    try:
+        card = json.loads(card_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"model card {card_path} is not valid JSON ({e}): the file is corrupt") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT or "config" not in card or "weights" not in card:
+        raise CheckpointError(f"{card_path} is not a model card of this project (format {FORMAT!r} expected)")
+    try:
+        ModelConfig.from_dict(card["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"model card {card_path} holds an invalid config: {e}") from None
+    return card
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> SparseTransformer:
+    """Load checkpoint ``path`` ("checkpoints/NAME"): the model in eval mode, its card in ``.card``."""
+    card = load_card(path)
+    weights, card_path = checkpoint_paths(path)
+    if not weights.is_file():
+        raise CheckpointError(f"weights {weights} are missing (the card {card_path} exists)")
+    expected = card["weights"]
+    size = weights.stat().st_size
+    if size != expected.get("bytes"):
+        raise CheckpointError(f"weights {weights} are {size} bytes but the card says {expected.get('bytes')}: "
+                              "the file is truncated or was replaced")
+    if _sha256(weights) != expected.get("sha256"):
+        raise CheckpointError(f"weights {weights} do not match the SHA-256 in {card_path}: the file is corrupt")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"weights {weights} cannot be read: {e}") from None
+    cfg = ModelConfig.from_dict(card["config"])
+    try:
+        saved = ModelConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError):
+        saved = None
+    if saved != cfg:
+        raise CheckpointError(f"weights {weights} were saved for another config than the card {card_path}")
+    model = SparseTransformer(cfg)
+    _load_strict(model, tensors, weights)
+    model.card = card
+    return model.to(device).eval()
+
+
+def _load_strict(model: SparseTransformer, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"weights {source} do not fit the config: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
+    model.load_state_dict(tensors)

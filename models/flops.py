@@ -1,0 +1,82 @@
+"""Compute accounting: model FLOPs per sequence, PF-days, and the device's peak for MFU.
+
+Model FLOPs follow the paper's method: 6 x (parameters in matrix multiplies) x tokens
+for a training step (forward 2, backward 4), plus the attention FLOPs of the blocks
+the kernels compute (forward 4 x d x computed scores per head: QK^T and PV; training
+3x that). Embedding tables are lookups and cost no FLOPs. Recompute is not counted
+(it is overhead, not model work), so MFU is comparable across recompute settings.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .model import ModelConfig
+
+PF_DAY = 1e15 * 86400
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, from the vendors' data sheets.
+GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12,
+             "4090": 165e12, "3090": 71e12}
+
+
+def matmul_parameters(cfg: ModelConfig) -> int:
+    """Parameters that take part in matrix multiplies (all linear weights)."""
+    d = cfg.d_model
+    return cfg.n_layers * (4 + 2 * cfg.ff_mult) * d * d + d * cfg.vocab
+
+
+def attention_scores(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Score entries the kernels compute for one sequence, summed over layers, per head."""
+    total = 0
+    for layer in range(cfg.n_layers):
+        lay = cfg.layout(layer, seq_len)
+        total += lay.computed_scores() // lay.heads
+    return total
+
+
+def training_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Model FLOPs of one training step on one sequence (forward + backward)."""
+    n = cfg.seq_len if seq_len is None else seq_len
+    return 6.0 * matmul_parameters(cfg) * n + 12.0 * cfg.d_model * attention_scores(cfg, n)
+
+
+def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Model FLOPs of one forward pass (e.g. evaluation) on one sequence."""
+    return training_flops_per_sequence(cfg, seq_len) / 3.0
+
+
+def pf_days(flops: float) -> float:
+    return flops / PF_DAY
+
+
+def device_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained) for MFU.
+
+    CUDA: the data-sheet dense peak of a known GPU, else a measured large matmul.
+    CPU: no portable data sheet exists, so the best of a few large matmuls in ``dtype``
+    on the threads torch uses (an attainable peak; MFU against it is an upper bound
+    of the true hardware utilisation).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAKS.items():
+            if key in name:
+                return peak, f"data sheet ({name}, dense bf16)"
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / 4)
+    return 2 * n**3 / best, f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmul on {device.type}"

@@ -1,0 +1,244 @@
+"""The Sparse Transformer (Child et al. 2019) in one file: config, blocks, model.
+
+``model(tokens)`` with tokens [B, N] int64 in [0, vocab) returns logits [B, N, vocab]
+where ``logits[:, t]`` is the distribution of token t given tokens < t: the model
+shifts its input right by one internally and feeds a learned start embedding at
+position 0, so every token is scored and the loss is ``cross_entropy(logits, tokens)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels import BLOCK_SIZES, Layout, attention, make_layout
+
+PATTERNS = ("strided", "fixed", "all")
+HEAD_DIMS = (32, 64, 128)
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the model's shapes and maths (stored in every checkpoint card).
+
+    pattern: "strided" interleaves a local layer (the previous ``stride`` positions)
+      with a strided layer (every ``stride``-th position back), layer r using r mod 2;
+      "fixed" uses the fixed pattern (own ``stride``-block plus the last ``summary``
+      positions of every block) in every layer; "all" is dense causal attention.
+    pos_factors: the learned position embedding is a sum of one table per factor of
+      the position's mixed-radix digits, e.g. (64, 64, 3) = (row, column, channel) for
+      images and (rows, stride) for audio; their product must cover ``seq_len``.
+    """
+
+    n_layers: int = 8
+    d_model: int = 256
+    n_heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.0
+    pattern: str = "strided"
+    stride: int = 192
+    block: int = 32
+    summary: int = 16
+    distinct_summaries: bool = False
+    seq_len: int = 12288
+    pos_factors: tuple[int, ...] = (64, 64, 3)
+    vocab: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pos_factors", tuple(self.pos_factors))
+        for name in ("n_layers", "d_model", "n_heads", "ff_mult", "stride", "seq_len", "vocab", "summary"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.block not in BLOCK_SIZES:
+            raise ValueError(f"block must be one of {BLOCK_SIZES}, got {self.block!r}")
+        if self.d_model % self.n_heads or self.d_model // self.n_heads not in HEAD_DIMS:
+            raise ValueError(f"d_model / n_heads must be a head dim in {HEAD_DIMS}, got "
+                             f"{self.d_model} / {self.n_heads}")
+        if self.pattern == "fixed" and self.summary > self.stride:
+            raise ValueError(f"summary ({self.summary}) must be <= stride ({self.stride})")
+        if not self.pos_factors or any(not isinstance(f, int) or f < 1 for f in self.pos_factors):
+            raise ValueError(f"pos_factors must be positive integers, got {self.pos_factors!r}")
+        if math.prod(self.pos_factors) < self.seq_len:
+            raise ValueError(f"pos_factors {self.pos_factors} cover {math.prod(self.pos_factors)} positions, "
+                             f"fewer than seq_len={self.seq_len}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def layer_kind(self, layer: int) -> str:
+        """The kernels' layout kind of ``layer``."""
+        if self.pattern == "strided":
+            return ("local", "strided")[layer % 2]
+        return self.pattern
+
+    def layout(self, layer: int, seq_len: int | None = None) -> Layout:
+        """The attention layout of ``layer`` for sequences of ``seq_len`` (default: the model's)."""
+        n = self.seq_len if seq_len is None else seq_len
+        kind = self.layer_kind(layer)
+        heads = self.n_heads if kind == "fixed" and self.distinct_summaries else 1
+        return _layout(kind, n, self.block, heads, self.stride, self.summary, self.distinct_summaries)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (tuples as lists)."""
+        return {**dataclasses.asdict(self), "pos_factors": list(self.pos_factors)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@lru_cache(maxsize=64)
+def _layout(kind: str, n: int, block: int, heads: int, stride: int, summary: int, distinct: bool) -> Layout:
+    """Layouts are cached: they also cache the kernels' per-device tables and plans."""
+    if kind == "local":
+        return make_layout("local", n, block, window=stride)
+    if kind == "strided":
+        return make_layout("strided", n, block, stride=stride)
+    if kind == "fixed":
+        return make_layout("fixed", n, block, heads=heads, stride=stride, summary=summary,
+                           distinct_summaries=distinct)
+    return make_layout("all", n, block)
+
+
+class Attention(nn.Module):
+    """Multi-head causal attention over one block-sparse pattern. [B, N, d] -> [B, N, d]."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        B, N, d = x.shape
+        H, D = self.cfg.n_heads, self.cfg.head_dim
+        q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
+        y = attention(q, k, v, self.cfg.layout(self.layer, N), backend=backend)
+        return self.proj(y.transpose(1, 2).reshape(B, N, d))
+
+
+class FeedForward(nn.Module):
+    """Linear, GeLU, linear. [B, N, d] -> [B, N, d]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model)
+        self.proj = nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-activation residual block: x + drop(attn(norm(x))), then x + drop(ff(norm(x)))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), backend))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class SparseTransformer(nn.Module):
+    """Autoregressive Sparse Transformer over a vocabulary of ``cfg.vocab`` tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.recompute = False  # recompute each block in the backward pass (torch.utils.checkpoint)
+        self.backend = "auto"  # attention backend, see kernels.attention
+        self.tok_emb = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.start = nn.Parameter(torch.zeros(cfg.d_model))
+        self.pos_emb = nn.ModuleList(nn.Embedding(f, cfg.d_model) for f in cfg.pos_factors)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's initialisation."""
+        cfg = self.cfg
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for block in self.blocks:  # residual output projections
+            block.attn.proj.weight.data.mul_(1.0 / math.sqrt(2 * cfg.n_layers))
+            block.ff.proj.weight.data.mul_(1.0 / math.sqrt(2 * cfg.n_layers))
+        nn.init.normal_(self.tok_emb.weight, std=0.125 / math.sqrt(cfg.d_model))
+        nn.init.normal_(self.start, std=0.125 / math.sqrt(cfg.d_model))
+        for emb in self.pos_emb:
+            nn.init.normal_(emb.weight, std=0.125 / math.sqrt(cfg.d_model * len(cfg.pos_factors)))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def position_embedding(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [N] int64 -> [N, d]: the sum of one table per mixed-radix digit."""
+        out, rest = 0, positions
+        for emb, f in zip(reversed(self.pos_emb), reversed(self.cfg.pos_factors), strict=True):
+            out = out + emb(rest % f)
+            rest = rest // f
+        return out
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N] -> block input [B, N, d]: start + shifted token embeddings + positions."""
+        B, N = tokens.shape
+        x = self.tok_emb(tokens[:, :-1])
+        x = torch.cat([self.start.to(x.dtype).expand(B, 1, -1), x], 1)
+        return x + self.position_embedding(torch.arange(N, device=tokens.device))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N] int64 (N <= cfg.seq_len) -> logits [B, N, vocab] (logits[:, t] predicts tokens[:, t])."""
+        self._check_tokens(tokens)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            if self.recompute and torch.is_grad_enabled():
+                x = checkpoint(block, x, self.backend, use_reentrant=False)
+            else:
+                x = block(x, self.backend)
+        return self.head(self.norm(x))
+
+    def _check_tokens(self, tokens: object) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
+            desc = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens)
+            raise ValueError(f"tokens must be an int64 tensor [B, N], got {desc}")
+        n = tokens.shape[1]
+        if not 1 <= n <= self.cfg.seq_len:
+            raise ValueError(f"tokens has {n} positions; this model takes 1 to {self.cfg.seq_len}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab):
+            raise ValueError(f"token values must be in [0, {self.cfg.vocab}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

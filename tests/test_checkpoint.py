@@ -1,0 +1,117 @@
+"""Checkpoint I/O: safetensors + JSON card, and clear errors for anything wrong with them."""
+
+import json
+
+import pytest
+import torch
+
+from models import CheckpointError, SparseTransformer, codec_card, config_for, load_card, load_model, save_model
+
+
+def make_model(**kw) -> SparseTransformer:
+    torch.manual_seed(0)
+    model = SparseTransformer(config_for("audio", "tiny", seq_len=512, **kw))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+CARD = {"codec": codec_card("audio"), "data": {"path": "x"}, "steps": 3, "tokens_seen": 1536,
+        "compute_pf_days": 1e-9, "held_out_bits_per_dim": 7.9}
+
+
+def test_round_trip_gives_the_same_model_and_card(tmp_path):
+    model = make_model()
+    card_path = save_model(model, tmp_path / "ck" / "m", CARD)
+    assert card_path == tmp_path / "ck" / "m.json"
+    loaded = load_model(tmp_path / "ck" / "m")
+    assert not loaded.training
+    tokens = torch.randint(0, 256, (1, 300))
+    assert torch.equal(loaded(tokens), model.eval()(tokens))
+    card = loaded.card
+    assert card["config"] == model.cfg.to_dict() and card["steps"] == 3 and card["held_out_bits_per_dim"] == 7.9
+    assert card["parameters"] == model.num_parameters() and "date" in card
+    assert card["codec"]["sample_rate"] == 12000
+    assert load_card(tmp_path / "ck" / "m.safetensors") == card  # either suffix names the checkpoint
+    assert not list((tmp_path / "ck").glob("*.tmp"))
+
+
+def test_weights_are_safetensors_not_pickle(tmp_path):
+    save_model(make_model(), tmp_path / "m", CARD)
+    head = (tmp_path / "m.safetensors").read_bytes()[:8]
+    header_len = int.from_bytes(head, "little")
+    header = json.loads((tmp_path / "m.safetensors").read_bytes()[8: 8 + header_len])
+    assert "__metadata__" in header and "config" in header["__metadata__"]
+
+
+def test_missing_checkpoint_names_what_exists(tmp_path):
+    save_model(make_model(), tmp_path / "real", CARD)
+    with pytest.raises(CheckpointError, match=r"no model card .*nope\.json.*\['real'\]"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "real.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="weights .* are missing"):
+        load_model(tmp_path / "real")
+
+
+def test_truncated_weights_fail_clearly(tmp_path):
+    save_model(make_model(), tmp_path / "m", CARD)
+    w = tmp_path / "m.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_weights_fail_clearly(tmp_path):
+    save_model(make_model(), tmp_path / "m", CARD)
+    w = tmp_path / "m.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "m")
+
+
+def test_unreadable_weights_matching_their_card_fail_clearly(tmp_path):
+    save_model(make_model(), tmp_path / "m", CARD)
+    w = tmp_path / "m.safetensors"
+    w.write_bytes(b"\xff" * w.stat().st_size)
+    card = json.loads((tmp_path / "m.json").read_text())
+    import hashlib
+
+    card["weights"]["sha256"] = hashlib.sha256(w.read_bytes()).hexdigest()
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_model(tmp_path / "m")
+
+
+def test_corrupt_card_fails_clearly(tmp_path):
+    save_model(make_model(), tmp_path / "m", CARD)
+    (tmp_path / "m.json").write_text('{"format": "sparse-trans')
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m.json").write_text('{"hello": 1}')
+    with pytest.raises(CheckpointError, match="not a model card"):
+        load_card(tmp_path / "m")
+
+
+def test_weights_of_another_config_fail_clearly(tmp_path):
+    save_model(make_model(), tmp_path / "a", CARD)
+    save_model(make_model(n_layers=3), tmp_path / "b", CARD)
+    card_b = json.loads((tmp_path / "b.json").read_text())
+    card_a = json.loads((tmp_path / "a.json").read_text())
+    card_a["config"] = card_b["config"]  # card says 3 layers, weights hold 2
+    (tmp_path / "a.json").write_text(json.dumps(card_a))
+    with pytest.raises(CheckpointError, match="another config"):
+        load_model(tmp_path / "a")
+    card_a["config"]["n_heads"] = 3
+    (tmp_path / "a.json").write_text(json.dumps(card_a))
+    with pytest.raises(CheckpointError, match="invalid config"):
+        load_model(tmp_path / "a")
+
+
+def test_save_model_validates_its_arguments(tmp_path):
+    with pytest.raises(ValueError, match="SparseTransformer"):
+        save_model(torch.nn.Linear(2, 2), tmp_path / "m")
+    with pytest.raises(ValueError, match="JSON"):
+        save_model(make_model(), tmp_path / "m", {"when": object()})
+    with pytest.raises(ValueError, match="card must be a dict"):
+        save_model(make_model(), tmp_path / "m", ["x"])

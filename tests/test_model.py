@@ -1,0 +1,184 @@
+"""The Sparse Transformer: calling convention, causality per pattern, init, configs, overfitting."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import CONFIGS, ModelConfig, SparseTransformer, config_for
+from models.flops import attention_scores, matmul_parameters, training_flops_per_sequence
+
+PATTERNS = [dict(pattern="strided"), dict(pattern="fixed", summary=4),
+            dict(pattern="fixed", summary=4, distinct_summaries=True), dict(pattern="all")]
+
+
+def small_config(**kw) -> ModelConfig:
+    base = dict(n_layers=2, d_model=64, n_heads=2, block=16, stride=16, seq_len=160, pos_factors=(10, 16))
+    return ModelConfig(**{**base, **kw})
+
+
+def random_head(model: SparseTransformer) -> SparseTransformer:
+    """The paper's init zeroes the logits layer; give it weights so logits depend on the input."""
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("kw", PATTERNS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_changing_token_t_never_changes_logits_up_to_t(kw):
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config(**kw))).eval()
+    tokens = torch.randint(0, 256, (2, 160))
+    base = model(tokens)
+    for t in (0, 17, 95, 159):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 101) % 256
+        out = model(changed)
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1]), t
+        if t + 1 < 160:
+            assert (out[:, t + 1:] - base[:, t + 1:]).abs().amax() > 0, t  # the next token sees it
+
+
+def test_first_token_is_scored_from_the_start_embedding_and_loss_is_plain_cross_entropy():
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config())).eval()
+    a, b = torch.randint(0, 256, (1, 40)), torch.randint(0, 256, (1, 40))
+    assert torch.equal(model(a)[:, 0], model(b)[:, 0])  # position 0 depends on nothing
+    logits = model(a)
+    assert logits.shape == (1, 40, 256)
+    loss = F.cross_entropy(logits.flatten(0, 1), a.flatten())
+    assert torch.isfinite(loss)
+
+
+def test_paper_initialisation():
+    torch.manual_seed(0)
+    cfg = small_config(n_layers=8, d_model=128)
+    model = SparseTransformer(cfg)
+    tokens = torch.randint(0, 256, (2, 64))
+    assert torch.equal(model(tokens), torch.zeros(2, 64, 256))  # zero logits: loss = log 256
+    expected = 0.02 / math.sqrt(2 * cfg.n_layers)
+    assert model.blocks[3].attn.proj.weight.std().item() == pytest.approx(expected, rel=0.1)
+    assert model.blocks[3].ff.proj.weight.std().item() == pytest.approx(expected, rel=0.1)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.125 / math.sqrt(128), rel=0.1)
+    assert model.pos_emb[0].weight.std().item() == pytest.approx(0.125 / math.sqrt(128 * 2), rel=0.2)
+
+
+def test_position_embedding_sums_one_table_per_digit():
+    model = SparseTransformer(config_for("image", "tiny"))
+    r, c, ch = 5, 17, 2
+    t = (r * 64 + c) * 3 + ch
+    want = model.pos_emb[0].weight[r] + model.pos_emb[1].weight[c] + model.pos_emb[2].weight[ch]
+    got = model.position_embedding(torch.tensor([t]))[0]
+    assert torch.allclose(got, want)
+
+
+def test_layers_interleave_local_and_strided():
+    cfg = config_for("image", "small")
+    assert [cfg.layer_kind(i) for i in range(4)] == ["local", "strided", "local", "strided"]
+    assert cfg.layout(0).window == 192 and cfg.layout(1).stride == 192
+    assert config_for("audio", "tiny", pattern="fixed").layer_kind(1) == "fixed"
+
+
+@pytest.mark.parametrize("kw", PATTERNS[:2], ids=["strided", "fixed"])
+def test_cpu_kernels_match_the_dense_reference_in_the_model(kw):
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config(**kw)))
+    tokens = torch.randint(0, 256, (2, 150))  # shorter than seq_len: layouts for any N
+    out = model(tokens)
+    model.backend = "reference"
+    ref = model(tokens)
+    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_recompute_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config(dropout=0.1)))
+    tokens = torch.randint(0, 256, (2, 160))
+    grads = []
+    for recompute in (False, True):
+        model.recompute = recompute
+        model.zero_grad()
+        torch.manual_seed(1)  # same dropout masks
+        F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config()))
+    tokens = torch.randint(0, 256, (1, 160))
+    ref = model(tokens)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(tokens).float()
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_a_tiny_model_overfits_a_few_sequences():
+    torch.manual_seed(0)
+    model = SparseTransformer(small_config(seq_len=128, pos_factors=(8, 16)))
+    data = torch.randint(0, 256, (2, 128))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = F.cross_entropy(model(data).flatten(0, 1), data.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 < math.log(256)  # random tokens: only memorising gets here
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(pattern="dense"), "pattern"), (dict(d_model=96, n_heads=2), "head dim"), (dict(block=48), "block"),
+    (dict(dropout=1.0), "dropout"), (dict(n_layers=0), "n_layers"), (dict(seq_len=200), "pos_factors"),
+    (dict(pattern="fixed", summary=32), "summary"),
+])
+def test_bad_configs_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**bad)
+
+
+def test_config_round_trips_through_a_dict_and_refuses_unknown_fields():
+    cfg = small_config(pattern="fixed", summary=4)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown model config fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_layer": 3})
+
+
+def test_named_configs():
+    assert set(CONFIGS) >= {"tiny", "image-cpu", "audio-cpu", "imagenet64-paper", "audio-paper"}
+    img = config_for("image", "image-cpu")
+    assert img.seq_len == 12288 and img.pos_factors == (64, 64, 3) and img.stride == 192
+    aud = config_for("audio", "audio-cpu")
+    assert aud.seq_len == 65536 and aud.pos_factors == (256, 256) and aud.stride == 256
+    assert config_for("audio", "tiny", seq_len=1000).pos_factors == (4, 256)
+    paper = config_for("image", "imagenet64-paper")
+    assert 145e6 < matmul_parameters(paper) < 160e6  # the paper's 152M
+    with pytest.raises(ValueError, match="unknown config"):
+        config_for("image", "huge")
+    with pytest.raises(ValueError, match="kind"):
+        config_for("video", "tiny")
+    with pytest.raises(ValueError, match="12288"):
+        config_for("image", "tiny", seq_len=100)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(2, 10), torch.zeros(10, dtype=torch.int64), torch.full((1, 10), 256),
+                                 torch.full((1, 10), -1), torch.zeros(1, 161, dtype=torch.long), [[1, 2]]])
+def test_bad_tokens_are_refused(bad):
+    model = SparseTransformer(small_config())
+    with pytest.raises(ValueError, match="token"):
+        model(bad)
+
+
+def test_flops_count_matmuls_and_computed_attention_blocks():
+    cfg = config_for("image", "small")
+    p = matmul_parameters(cfg)
+    model = SparseTransformer(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert p == linear
+    scores = attention_scores(cfg)
+    dense_causal = cfg.n_layers * cfg.seq_len * (cfg.seq_len + 1) / 2
+    assert scores < 0.05 * dense_causal  # sparse: a few percent of dense
+    assert training_flops_per_sequence(cfg) == 6 * p * 12288 + 12 * cfg.d_model * scores
+    assert dataclasses.replace(cfg, pattern="all").layer_kind(0) == "all"
