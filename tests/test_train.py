@@ -1,0 +1,259 @@
+"""train.py: a tiny run end to end, exact resume, DDP/FSDP equivalence, non-finite steps, errors."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import train
+from data import write_imagenet64_npz
+from models import SparseTransformer, config_for, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--config", "tiny", "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """A tiny dataset in the official ImageNet-64 npz layout: smooth synthetic pictures."""
+    root = tmp_path_factory.mktemp("imagenet64")
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:64, 0:64]
+    imgs = np.stack([
+        np.stack([127 + 120 * np.sin(a * x / 20 + b * y / 20 + ch) for ch in range(3)], -1)
+        for a, b in rng.uniform(0, 4, (12, 2))
+    ]).astype(np.uint8)
+    write_imagenet64_npz(root / "Imagenet64_train_part1.npz", imgs[:10], list(range(10)))
+    write_imagenet64_npz(root / "val_data.npz", imgs[10:], [0, 1])
+    return root
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def steps_of(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_log(run) if "event" not in r or r["event"] == "nonfinite"}
+
+
+def saved_params(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "state.pt", weights_only=False)["model"]
+
+
+def test_a_tiny_run_logs_checkpoints_and_exports(images, tmp_path):
+    ck = tmp_path / "checkpoints"
+    argv = ["image", "--data", str(images), "--out", str(tmp_path / "run"), *FAST, "--steps", "3",
+            "--eval-every", "3", "--export", "tiny-img", "--checkpoints", str(ck)]
+    assert train.main(argv) == 0
+    log = read_log(tmp_path / "run")
+    steps = [r for r in log if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert {"loss", "bits_per_dim", "tokens_per_s", "lr", "mfu", "pf_days"} <= set(r)
+        assert r["bits_per_dim"] == pytest.approx(r["loss"] / math.log(2))
+    assert steps[-1]["tokens_seen"] == 3 * 2 * 12288
+    assert any(r.get("event") == "eval" and r["step"] == 3 for r in log)
+    model = load_model(ck / "tiny-img")
+    card = model.card
+    assert card["steps"] == 3 and card["tokens_seen"] == 3 * 2 * 12288 and card["codec"]["kind"] == "image"
+    assert card["compute_pf_days"] > 0 and 0 < card["held_out_bits_per_dim"] <= 8.01
+    assert card["data"]["train_items"] == 10 and card["data"]["val_items"] == 2
+
+
+def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path):
+    common = ["image", "--data", str(images), *FAST, "--steps", "4", "--dropout", "0.1", "--ema", "0.9",
+              "--lr", "3e-3", "--warmup", "1", "--micro-batch", "1", "--eval-every", "0"]
+    assert train.main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "split"), "--stop-after", "2"]) == 0
+    assert max(steps_of(tmp_path / "split")) == 2
+    assert train.main(["image", "--data", str(images), "--out", str(tmp_path / "split"), "--resume", "--quiet",
+                       "--peak-tflops", "1"]) == 0
+    whole, split = steps_of(tmp_path / "whole"), steps_of(tmp_path / "split")
+    assert sorted(split) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert split[step]["loss"] == whole[step]["loss"], step
+        assert split[step]["lr"] == whole[step]["lr"], step
+    a, b = saved_params(tmp_path / "whole"), saved_params(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = torch.load(tmp_path / "whole" / "state.pt", weights_only=False)["ema"]["params"]
+    ema_b = torch.load(tmp_path / "split" / "state.pt", weights_only=False)["ema"]["params"]
+    assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b, strict=True))
+
+
+def test_the_log_drops_lines_past_the_checkpoint_on_resume(images, tmp_path):
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *FAST, "--steps", "3", "--eval-every", "0"]
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    with open(run / "log.jsonl", "a") as f:  # as if killed after logging step 2 but before its checkpoint
+        f.write(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    assert train.main(["image", "--data", str(images), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert [r["step"] for r in read_log(run) if "event" not in r] == [1, 2, 3]
+
+
+def torchrun(args: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shard", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(images, tmp_path, shard):
+    common = ["image", "--data", str(images), *FAST, "--steps", "2", "--precision", "fp32", "--lr", "1e-2",
+              "--warmup", "1", "--eval-every", "0"]
+    assert train.main([*common, "--out", str(tmp_path / "one"), "--micro-batch", "2"]) == 0
+    torchrun([*common, "--out", str(tmp_path / "two"), "--micro-batch", "1", *shard], tmp_path)
+    one, two = saved_params(tmp_path / "one"), saved_params(tmp_path / "two")
+    assert one.keys() == two.keys()
+    torch.manual_seed(0)
+    initial = SparseTransformer(config_for("image", "tiny")).state_dict()
+    moved = (one["head.weight"] - initial["head.weight"]).abs().max()
+    assert moved > 1e-4  # the steps did change the weights
+    for k in one:  # Adam normalises by |grad|: summation-order noise of tiny gradients shows as ~1e-5 (lr 1e-2)
+        assert torch.allclose(one[k], two[k], atol=2e-5, rtol=1e-5), k
+    log_one, log_two = steps_of(tmp_path / "one"), steps_of(tmp_path / "two")
+    assert log_one[2]["loss"] == pytest.approx(log_two[2]["loss"], rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(images, tmp_path):
+    common = ["image", "--data", str(images), *FAST, "--steps", "2", "--precision", "fp32", "--lr", "1e-2",
+              "--warmup", "1", "--eval-every", "0"]
+    assert train.main([*common, "--out", str(tmp_path / "big"), "--micro-batch", "2"]) == 0
+    assert train.main([*common, "--out", str(tmp_path / "acc"), "--micro-batch", "1"]) == 0
+    big, acc = saved_params(tmp_path / "big"), saved_params(tmp_path / "acc")
+    for k in big:
+        assert torch.allclose(big[k], acc[k], atol=2e-5, rtol=1e-5), k
+
+
+def nan_forward_on(calls: set[int]):
+    original = SparseTransformer.forward
+    count = {"n": 0}
+
+    def forward(self, tokens):
+        count["n"] += 1
+        out = original(self, tokens)
+        return out * float("nan") if count["n"] in calls and self.training else out
+
+    return forward
+
+
+def test_a_non_finite_loss_skips_the_step_and_is_logged(images, tmp_path, monkeypatch):
+    monkeypatch.setattr(SparseTransformer, "forward", nan_forward_on({3}))  # step 2 (2 micro-batches per step)
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *FAST, "--steps", "3", "--eval-every", "0"]
+    assert train.main(argv) == 0
+    steps = steps_of(run)
+    assert steps[2].get("event") == "nonfinite" and steps[1].get("event") is None and steps[3].get("event") is None
+    assert math.isfinite(steps[3]["loss"])
+    assert all(torch.isfinite(v).all() for v in saved_params(run).values())
+
+
+def test_repeated_non_finite_losses_stop_the_run_with_a_clear_message(images, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(SparseTransformer, "forward", nan_forward_on(set(range(1, 100))))
+    argv = ["image", "--data", str(images), "--out", str(tmp_path / "run"), *FAST, "--steps", "10",
+            "--max-nonfinite", "3", "--eval-every", "0"]
+    assert train.main(argv) == 2
+    assert "3 non-finite losses in a row" in capsys.readouterr().err
+    assert sum(r.get("event") == "nonfinite" for r in read_log(tmp_path / "run")) == 3
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(images, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "image", "--data", str(images), "--out", str(run), *FAST,
+           "--steps", "200", "--eval-every", "0", "--save-every", "1000"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not ((run / "log.jsonl").exists() and len(read_log(run)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved_step = torch.load(run / "state.pt", weights_only=False)["step"]
+    assert 1 <= saved_step < 200 and "resume with --resume" in err
+    assert train.main(["image", "--data", str(images), "--out", str(run), "--resume", "--quiet", "--steps",
+                       str(saved_step + 1)]) == 0
+    assert max(steps_of(run)) == saved_step + 1
+
+
+def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    train.atomic_torch_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.atomic_torch_save({"step": 2}, path)
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_audio_training_from_a_folder_of_clips(tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    t = np.arange(22050 * 2) / 22050
+    for i in range(4):
+        stereo = np.stack([np.sin(2 * np.pi * (220 + 50 * i) * t), np.sin(2 * np.pi * 330 * t)], 1) * 0.5
+        sf.write(clips / f"clip{i}.wav", stereo.astype(np.float32), 22050)
+    sf.write(clips / "extra.flac", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22050)
+    (clips / "broken.wav").write_bytes(b"RIFF....not audio")
+    argv = ["audio", "--data", str(clips), "--out", str(tmp_path / "run"), *FAST, "--seq-len", "2048",
+            "--steps", "2", "--eval-every", "2", "--export", "tiny-audio", "--checkpoints", str(tmp_path / "ck")]
+    assert train.main(argv) == 0
+    model = load_model(tmp_path / "ck" / "tiny-audio")
+    assert model.cfg.seq_len == 2048 and model.card["codec"]["sample_rate"] == 12000
+    start = read_log(tmp_path / "run")[0]
+    assert start["event"] == "start" and start["skipped_files"] >= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seq-len", "100"], "--seq-len is for audio"),
+    (["--batch-size", "3", "--micro-batch", "2"], "multiple of --micro-batch"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--heads", "3"], "invalid model settings"),
+    (["--resume"], "no run to resume"),
+])
+def test_bad_settings_exit_with_one_clear_line(images, tmp_path, capsys, extra, message):
+    argv = ["image", "--data", str(images), "--out", str(tmp_path / "run"), *FAST, *extra]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("train.py: error:")
+
+
+def test_an_existing_run_is_never_overwritten(images, tmp_path, capsys):
+    argv = ["image", "--data", str(images), "--out", str(tmp_path / "run"), *FAST, "--steps", "1",
+            "--eval-every", "0"]
+    assert train.main(argv) == 0
+    before = (tmp_path / "run" / "state.pt").read_bytes()
+    assert train.main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "state.pt").read_bytes() == before
+    assert train.main([*argv, "--resume", "--width", "128"]) == 2
+    assert "cannot change" in capsys.readouterr().err
+
+
+def test_missing_or_empty_data_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for data in (tmp_path / "nowhere", tmp_path / "empty"):
+        assert train.main(["image", "--data", str(data), "--out", str(tmp_path / "run"), *FAST]) == 2
+        assert "cannot read --data" in capsys.readouterr().err
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
+    f = [train.lr_factor(s, 10, 100, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert train.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert f[55] == pytest.approx(0.55, abs=0.01)  # half way through the decay
