@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -580,6 +581,8 @@ def export(model, ema, s, cfg, d: Dist, train_set, val_set, step, tokens_seen, f
 
 
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("RANK", "0") == "0":  # data readers report skipped files through logging
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         train(argv)
     except TrainingError as e:

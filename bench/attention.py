@@ -32,10 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.common import (  # noqa: E402
+    CpuContention,
+    cpu_name,
+    error_text,
+    fmt,
+    median_time,
+    print_table,
+    ratio,
+    sig,
+)
 from kernels import attention, make_layout  # noqa: E402
 
 B, H, D = 1, 4, 64  # CPU problem: batch, heads, head dim
@@ -68,80 +75,6 @@ Attn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def ell_for(n: int) -> int:
     """The pattern's period l: an image row (192) when it divides N, else 256 (audio-like lengths)."""
     return 192 if n % 192 == 0 else 256
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time (s) of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def sig(x: float | None, digits: int = 4) -> float | None:
-    """Round to ``digits`` significant digits for the JSON line (None passes through)."""
-    return None if x is None else float(f"{x:.{digits}g}")
-
-
-def fmt(x: float | None, spec: str = ".4g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def ratio(num: float | None, den: float | None) -> float | None:
-    return None if num is None or den is None or den == 0 else num / den
-
-
-def print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join("-" * w for w in widths)
-    print(f"\n{title}")
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
-    print(line)
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-
-
-def error_text(exc: BaseException, limit: int = 200) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"[:limit]
-
-
-class CpuContention:
-    """CPU time other processes used while the benchmark ran, in cores (Linux /proc/stat; None elsewhere)."""
-
-    def __init__(self) -> None:
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float] | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return busy, usage.ru_utime + usage.ru_stime, time.perf_counter()
-
-    def other_cores(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        (busy0, own0, t0), (busy1, own1, t1) = self.start, end
-        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def inputs(n: int, heads: int, d: int, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):

@@ -194,6 +194,7 @@ def write_imagenet64_npz(path: str | Path, images_hwc: np.ndarray, labels: np.nd
     if labels.shape != (len(images_hwc),) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be {len(images_hwc)} integers, got {labels.dtype} {labels.shape}")
     data = np.ascontiguousarray(images_hwc.transpose(0, 3, 1, 2)).reshape(len(images_hwc), IMAGE_TOKENS)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
