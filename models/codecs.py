@@ -129,7 +129,7 @@ def _square_resize(im: Image.Image, size: int) -> np.ndarray:
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     out = _to_rgb(im).resize((size, size), Image.Resampling.BOX, box=(left, top, left + s, top + s))
-    a = np.asarray(out, dtype=np.uint8)
+    a = np.array(out, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     return np.ascontiguousarray(a.reshape(size, size, 3))
 
 
