@@ -36,15 +36,16 @@ from models.flops import device_peak_flops, pf_days, training_flops_per_sequence
 
 # Settings a resumed run takes from its checkpoint; changing them would not continue the same run.
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
-                    stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4, warmup=100,
-                    min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="bf16", recompute=True, ema=0.0,
-                    seed=0, fsdp=False, steps=1000)
+                    layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
+                    warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="bf16", recompute=True,
+                    ema=0.0, seed=0, fsdp=False, steps=1000)
 # Settings of this invocation only.
 CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
                eval_every=100, eval_items=64, save_every=100, save_minutes=10.0, device="auto", threads=None,
                max_nonfinite=5, peak_tflops=None, quiet=False)
 MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult="ff_mult", dropout="dropout",
-                   pattern="pattern", stride="stride", block="block", seq_len="seq_len")
+                   pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
+                   seq_len="seq_len")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--ff-mult", type=int)
     m.add_argument("--dropout", type=float)
     m.add_argument("--pattern", choices=("strided", "fixed", "all"))
+    m.add_argument("--layer-patterns", help="comma-separated kind per layer (local, strided, fixed, all), "
+                   "e.g. local,strided,local,all; overrides --pattern")
     m.add_argument("--stride", type=int)
     m.add_argument("--block", type=int)
     m.add_argument("--seq-len", type=int, help="audio only: samples per training window (default 65,536)")
@@ -186,6 +189,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
 def model_config(s: dict):
     overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
+    if "layer_patterns" in overrides:
+        overrides["layer_patterns"] = tuple(k.strip() for k in overrides["layer_patterns"].split(","))
     if s["kind"] == "image" and "seq_len" in overrides:
         raise TrainingError("--seq-len is for audio; image models see whole 64x64x3 images (12,288 tokens)")
     try:

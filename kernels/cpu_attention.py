@@ -360,7 +360,7 @@ class CPUAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: Layout, scale: float):
         plan = _plan(layout)
         qp, kp, vp = (to_physical(t, layout) for t in (q, k, v))
-        o = torch.empty_like(qp)
+        o = torch.empty(qp.shape)  # contiguous even when qp is a view of a strided input
         lse = torch.empty(qp.shape[:3])
         if isinstance(plan, _BandPlan):
             _band_forward(plan, qp, kp, vp, o, lse, scale)
@@ -377,8 +377,8 @@ class CPUAttention(torch.autograd.Function):
         plan = _plan(layout)
         dop = to_physical(do.contiguous(), layout)
         delta = (o * dop).sum(-1)
-        dq = torch.empty_like(qp)  # both schedules write every row
-        dk, dv = torch.zeros_like(kp), torch.zeros_like(vp)
+        dq = torch.empty(qp.shape)  # both schedules write every row; contiguous whatever qp's strides
+        dk, dv = torch.zeros(kp.shape), torch.zeros(vp.shape)
         if isinstance(plan, _BandPlan):
             _band_backward(plan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
         else:

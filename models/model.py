@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import BLOCK_SIZES, Layout, attention, make_layout
 
 PATTERNS = ("strided", "fixed", "all")
+LAYER_KINDS = ("local", "strided", "fixed", "all")
 HEAD_DIMS = (32, 64, 128)
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -33,6 +34,8 @@ class ModelConfig:
       with a strided layer (every ``stride``-th position back), layer r using r mod 2;
       "fixed" uses the fixed pattern (own ``stride``-block plus the last ``summary``
       positions of every block) in every layer; "all" is dense causal attention.
+    layer_patterns: optional explicit kind per layer ("local", "strided", "fixed", "all"),
+      overriding ``pattern``'s schedule; must list ``n_layers`` kinds.
     pos_factors: the learned position embedding is a sum of one table per factor of
       the position's mixed-radix digits, e.g. (64, 64, 3) = (row, column, channel) for
       images and (rows, stride) for audio; their product must cover ``seq_len``.
@@ -44,6 +47,7 @@ class ModelConfig:
     ff_mult: int = 4
     dropout: float = 0.0
     pattern: str = "strided"
+    layer_patterns: tuple[str, ...] = ()
     stride: int = 192
     block: int = 32
     summary: int = 16
@@ -54,6 +58,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pos_factors", tuple(self.pos_factors))
+        object.__setattr__(self, "layer_patterns", tuple(self.layer_patterns))
         for name in ("n_layers", "d_model", "n_heads", "ff_mult", "stride", "seq_len", "vocab", "summary"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -62,12 +67,16 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.pattern not in PATTERNS:
             raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.layer_patterns and (len(self.layer_patterns) != self.n_layers
+                                    or any(k not in LAYER_KINDS for k in self.layer_patterns)):
+            raise ValueError(f"layer_patterns must list {self.n_layers} kinds from {LAYER_KINDS}, "
+                             f"got {self.layer_patterns!r}")
         if self.block not in BLOCK_SIZES:
             raise ValueError(f"block must be one of {BLOCK_SIZES}, got {self.block!r}")
         if self.d_model % self.n_heads or self.d_model // self.n_heads not in HEAD_DIMS:
             raise ValueError(f"d_model / n_heads must be a head dim in {HEAD_DIMS}, got "
                              f"{self.d_model} / {self.n_heads}")
-        if self.pattern == "fixed" and self.summary > self.stride:
+        if "fixed" in (self.pattern, *self.layer_patterns) and self.summary > self.stride:
             raise ValueError(f"summary ({self.summary}) must be <= stride ({self.stride})")
         if not self.pos_factors or any(not isinstance(f, int) or f < 1 for f in self.pos_factors):
             raise ValueError(f"pos_factors must be positive integers, got {self.pos_factors!r}")
@@ -81,6 +90,8 @@ class ModelConfig:
 
     def layer_kind(self, layer: int) -> str:
         """The kernels' layout kind of ``layer``."""
+        if self.layer_patterns:
+            return self.layer_patterns[layer]
         if self.pattern == "strided":
             return ("local", "strided")[layer % 2]
         return self.pattern
@@ -94,7 +105,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         """JSON-ready fields (tuples as lists)."""
-        return {**dataclasses.asdict(self), "pos_factors": list(self.pos_factors)}
+        return {**dataclasses.asdict(self), "pos_factors": list(self.pos_factors),
+                "layer_patterns": list(self.layer_patterns)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:

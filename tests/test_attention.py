@@ -78,15 +78,31 @@ def test_shared_layout_broadcasts_over_heads_and_custom_scale():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_strided_input_views_are_read_in_place():
-    """Non-contiguous q/k/v (e.g. split heads of a fused projection) give the same result."""
+# local/all: band schedule; strided: in-place columns (N = 96) or band (N = 90); fixed: gather schedule.
+LAYOUT_KW = {"all": {}, "local": {"window": 9}, "strided": {"stride": 8}, "fixed": {"stride": 32, "summary": 4}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [90, 96], ids=["padded", "whole-blocks"])
+@pytest.mark.parametrize("kind", sorted(LAYOUT_KW))
+def test_strided_input_views_give_the_same_values_and_grads(kind, n, dtype):
+    """Non-contiguous q/k/v (split heads of a fused projection, as in the model) give the same values and grads."""
     g = torch.Generator().manual_seed(1)
-    qkv = torch.randn(1, 40, 3, 2, 32, generator=g)  # [B, N, 3, H, D]
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
-    layout = make_layout("local", 40, 16, heads=2, window=9)
-    want = attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, backend="reference")
+    qkv = torch.randn(1, n, 3, 2, 32, generator=g).to(dtype).requires_grad_()  # [B, N, 3, H, D]
+    dout = torch.randn(1, 2, n, 32, generator=g).to(dtype)
+    layout = make_layout(kind, n, 16, heads=2, **LAYOUT_KW[kind])
+
+    def run(backend):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
+        out = attention(q, k, v, layout, backend=backend)
+        (grad,) = torch.autograd.grad(out, qkv, dout)
+        return out, grad
+
+    want = run("reference")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     for backend in ("cpu", "triton"):
-        torch.testing.assert_close(attention(q, k, v, layout, backend=backend), want, rtol=1e-5, atol=1e-5)
+        for got, ref in zip(run(backend), want, strict=True):
+            torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
 
 
 def test_auto_backend_on_cpu_is_the_cpu_path():

@@ -11,7 +11,8 @@ from models import CONFIGS, ModelConfig, SparseTransformer, config_for
 from models.flops import attention_scores, matmul_parameters, training_flops_per_sequence
 
 PATTERNS = [dict(pattern="strided"), dict(pattern="fixed", summary=4),
-            dict(pattern="fixed", summary=4, distinct_summaries=True), dict(pattern="all")]
+            dict(pattern="fixed", summary=4, distinct_summaries=True), dict(pattern="all"),
+            dict(layer_patterns=("strided", "fixed"), summary=4)]
 
 
 def small_config(**kw) -> ModelConfig:
@@ -78,6 +79,8 @@ def test_layers_interleave_local_and_strided():
     assert [cfg.layer_kind(i) for i in range(4)] == ["local", "strided", "local", "strided"]
     assert cfg.layout(0).window == 192 and cfg.layout(1).stride == 192
     assert config_for("audio", "tiny", pattern="fixed").layer_kind(1) == "fixed"
+    mixed = config_for("audio", "tiny", layer_patterns=("all", "local"))
+    assert [mixed.layer_kind(i) for i in range(2)] == ["all", "local"]
 
 
 @pytest.mark.parametrize("kw", PATTERNS[:2], ids=["strided", "fixed"])
@@ -132,7 +135,8 @@ def test_a_tiny_model_overfits_a_few_sequences():
 @pytest.mark.parametrize("bad, message", [
     (dict(pattern="dense"), "pattern"), (dict(d_model=96, n_heads=2), "head dim"), (dict(block=48), "block"),
     (dict(dropout=1.0), "dropout"), (dict(n_layers=0), "n_layers"), (dict(seq_len=200), "pos_factors"),
-    (dict(pattern="fixed", summary=32), "summary"),
+    (dict(pattern="fixed", summary=32), "summary"), (dict(layer_patterns=("local",)), "layer_patterns"),
+    (dict(layer_patterns=("local", "dense")), "layer_patterns"),
 ])
 def test_bad_configs_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):

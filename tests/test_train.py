@@ -125,6 +125,15 @@ def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(images
     assert log_one[2]["loss"] == pytest.approx(log_two[2]["loss"], rel=1e-5)
 
 
+def test_fp16_with_dynamic_loss_scaling_trains(images, tmp_path):
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *FAST, "--steps", "2", "--precision", "fp16",
+            "--eval-every", "2"]
+    assert train.main(argv) == 0
+    assert all(math.isfinite(r["loss"]) for r in steps_of(run).values())
+    assert torch.load(run / "state.pt", weights_only=False)["scaler"]["scale"] > 0
+
+
 def test_gradient_accumulation_equals_one_big_batch(images, tmp_path):
     common = ["image", "--data", str(images), *FAST, "--steps", "2", "--precision", "fp32", "--lr", "1e-2",
               "--warmup", "1", "--eval-every", "0"]
