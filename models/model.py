@@ -141,10 +141,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str = "auto", cache=None) -> torch.Tensor:
+        """x [B, N, d] -> [B, N, d]; keys/values also go into ``cache`` (a models.kv_cache.LayerCache) if given."""
         B, N, d = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
+        if cache is not None:
+            cache.fill(k, v)
         y = attention(q, k, v, self.cfg.layout(self.layer, N), backend=backend)
         return self.proj(y.transpose(1, 2).reshape(B, N, d))
 
@@ -172,8 +175,8 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), backend))
+    def forward(self, x: torch.Tensor, backend: str = "auto", cache=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), backend, cache))
         return x + self.drop(self.ff(self.norm2(x)))
 
 
@@ -240,6 +243,14 @@ class SparseTransformer(nn.Module):
             else:
                 x = block(x, self.backend)
         return self.head(self.norm(x))
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, caches: list) -> None:
+        """Run positions 0..P-1 of ``tokens`` [B, P] in one parallel pass, storing keys/values in ``caches``."""
+        self._check_tokens(tokens)
+        x = self.embed(tokens)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block(x, self.backend, cache)
 
     def _check_tokens(self, tokens: object) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:

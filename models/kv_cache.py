@@ -1,0 +1,179 @@
+"""Static KV caches for decoding, one per layer, holding only what the layer's pattern can still read.
+
+Each cache is preallocated for a batch and a sequence length, so a decoding step allocates
+nothing that grows. ``fill(k, v)`` stores the keys/values of a prompt (positions 0..P-1,
+from one parallel forward pass); ``step(pos, q, kv)`` stores position ``pos`` and returns
+the attention output of its query over what the pattern lets ``pos`` read:
+
+  local (window w):  a ring of the last w + 1 positions                 [B, 2, H, w + 1, D]
+  strided (stride l): every position, as a [rows, l] matrix; a query reads its column
+                     above it (a strided view)                          [B, 2, H, ceil(N/l), l, D]
+  fixed (l, c):      a ring of the current l-block plus the c summary positions of each
+                     block (per head when heads use distinct summaries) [B, 2, H, l + ceil(N/l) c, D]
+  all:               every position                                     [B, 2, H, N, D]
+(2: keys and values side by side.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .model import ModelConfig
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, H, D] over keys/values [B, H, n, D] -> [B, H, D] (SDPA: one fused call, default scale)."""
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v).squeeze(2)
+
+
+class LayerCache:
+    """Keys and values side by side in one tensor ``kv`` [B, 2, H, *slots, D], so a step writes both at once."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.batch, self.seq_len = cfg, batch, seq_len
+        self.shape = (batch, cfg.n_heads, cfg.head_dim)
+        self.device, self.dtype = device, dtype
+
+    def _empty(self, *slots: int) -> torch.Tensor:
+        B, H, D = self.shape
+        return torch.zeros(B, 2, H, *slots, D, device=self.device, dtype=self.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.kv]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store positions 0..P-1 (k, v [B, H, P, D])."""
+        raise NotImplementedError
+
+    def step(self, pos: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """Store position ``pos`` (kv [B, 2, H, D]) and attend with q [B, H, D] -> [B, H, D]."""
+        raise NotImplementedError
+
+
+class LocalCache(LayerCache):
+    def __init__(self, cfg, batch, seq_len, device, dtype, window: int):
+        super().__init__(cfg, batch, seq_len, device, dtype)
+        self.slots = min(window + 1, seq_len)
+        self.kv = self._empty(self.slots)
+
+    def fill(self, k, v):
+        P = k.shape[2]
+        first = max(0, P - self.slots)
+        slots = torch.arange(first, P, device=self.device) % self.slots
+        self.kv[:, 0, :, slots], self.kv[:, 1, :, slots] = k[:, :, first:], v[:, :, first:]
+
+    def step(self, pos, q, kv):
+        self.kv[:, :, :, pos % self.slots] = kv
+        n = min(pos + 1, self.slots)  # ring slot p holds position p until the ring wraps
+        return _attend(q, self.kv[:, 0, :, :n], self.kv[:, 1, :, :n])
+
+
+class StridedCache(LayerCache):
+    def __init__(self, cfg, batch, seq_len, device, dtype, stride: int):
+        super().__init__(cfg, batch, seq_len, device, dtype)
+        self.stride, self.rows = stride, -(-seq_len // stride)
+        self.kv = self._empty(self.rows, stride)
+
+    def fill(self, k, v):
+        B, H, P, D = k.shape
+        flat = self.kv.view(B, 2, H, -1, D)
+        flat[:, 0, :, :P], flat[:, 1, :, :P] = k, v
+
+    def step(self, pos, q, kv):
+        r, c = divmod(pos, self.stride)
+        self.kv[:, :, :, r, c] = kv
+        return _attend(q, self.kv[:, 0, :, : r + 1, c], self.kv[:, 1, :, : r + 1, c])
+
+
+class FixedCache(LayerCache):
+    def __init__(self, cfg, batch, seq_len, device, dtype, stride: int, summary: int, distinct: bool):
+        super().__init__(cfg, batch, seq_len, device, dtype)
+        self.stride, self.summary, self.rows = stride, summary, -(-seq_len // stride)
+        H = cfg.n_heads
+        sub = torch.arange(H) % (stride // summary) if distinct else torch.zeros(H, dtype=torch.long)
+        self.lo = (stride - (sub + 1) * summary).tolist()  # first summary column of each head
+        self.shared = len(set(self.lo)) == 1
+        self.kv = self._empty(stride)  # ring of the current l-block
+        self.summaries = self._empty(self.rows, summary)
+
+    def tensors(self):
+        return [self.kv, self.summaries]
+
+    def fill(self, k, v):
+        P = k.shape[2]
+        for h, lo in enumerate(self.lo):
+            hs = slice(None) if self.shared else slice(h, h + 1)
+            for r in range(-(-P // self.stride)):
+                cols = range(r * self.stride + lo, min(P, r * self.stride + lo + self.summary))
+                if len(cols):
+                    self.summaries[:, 0, hs, r, : len(cols)] = k[:, hs, cols.start: cols.stop]
+                    self.summaries[:, 1, hs, r, : len(cols)] = v[:, hs, cols.start: cols.stop]
+            if self.shared:
+                break
+        start = (P // self.stride) * self.stride  # the l-block the next position belongs to
+        if start < P:
+            self.kv[:, 0, :, : P - start], self.kv[:, 1, :, : P - start] = k[:, :, start:], v[:, :, start:]
+
+    def step(self, pos, q, kv):
+        r, c = divmod(pos, self.stride)
+        self.kv[:, :, :, c] = kv
+        for h, lo in enumerate(self.lo):
+            if 0 <= c - lo < self.summary:
+                hs = slice(None) if self.shared else h
+                self.summaries[:, :, hs, r, c - lo] = kv[:, :, hs]
+            if self.shared:
+                break
+        if not r:
+            return _attend(q, self.kv[:, 0, :, : c + 1], self.kv[:, 1, :, : c + 1])
+        B, H, D = self.shape
+        k = torch.cat([self.summaries[:, 0, :, :r].reshape(B, H, -1, D), self.kv[:, 0, :, : c + 1]], 2)
+        v = torch.cat([self.summaries[:, 1, :, :r].reshape(B, H, -1, D), self.kv[:, 1, :, : c + 1]], 2)
+        return _attend(q, k, v)
+
+
+class FullCache(LayerCache):
+    """Every past position (the ``all`` pattern; also the dense-cache baseline of bench/sample.py)."""
+
+    def __init__(self, cfg, batch, seq_len, device, dtype):
+        super().__init__(cfg, batch, seq_len, device, dtype)
+        self.kv = self._empty(seq_len)
+
+    def fill(self, k, v):
+        P = k.shape[2]
+        self.kv[:, 0, :, :P], self.kv[:, 1, :, :P] = k, v
+
+    def step(self, pos, q, kv):
+        self.kv[:, :, :, pos] = kv
+        return _attend(q, self.kv[:, 0, :, : pos + 1], self.kv[:, 1, :, : pos + 1])
+
+
+def make_caches(cfg: ModelConfig, batch: int, seq_len: int | None = None, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, dense: bool = False) -> list[LayerCache]:
+    """One cache per layer of ``cfg`` for ``batch`` sequences of up to ``seq_len`` tokens.
+
+    dense: every layer keeps and reads every past position (a baseline for benchmarks;
+    not the model's pattern, so its samples differ).
+    """
+    n = cfg.seq_len if seq_len is None else seq_len
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.seq_len:
+        raise ValueError(f"seq_len must be an integer in [1, {cfg.seq_len}], got {n!r}")
+    device = torch.device(device)
+    caches: list[LayerCache] = []
+    for layer in range(cfg.n_layers):
+        kind = "all" if dense else cfg.layer_kind(layer)
+        if kind == "local":
+            caches.append(LocalCache(cfg, batch, n, device, dtype, window=cfg.stride))
+        elif kind == "strided":
+            caches.append(StridedCache(cfg, batch, n, device, dtype, stride=cfg.stride))
+        elif kind == "fixed":
+            caches.append(FixedCache(cfg, batch, n, device, dtype, cfg.stride, cfg.summary, cfg.distinct_summaries))
+        else:
+            caches.append(FullCache(cfg, batch, n, device, dtype))
+    return caches

@@ -1,0 +1,209 @@
+"""Sampling: KV-cached incremental decoding, temperature / top-k / top-p, a seed per sample, progress.
+
+The prompt is prefilled with one parallel forward pass (the block-sparse kernels), then one
+token per step: each layer reads only what its pattern allows from a static cache
+(models.kv_cache). A decoding step is written with plain functional ops on the model's
+own weights (no module dispatch, pre-transposed matrices): at batch 1 on a CPU the step is
+bound by per-op overhead, so fewer, leaner ops are what make it fast. A test checks that
+step-by-step logits equal the full forward's at every position.
+
+Randomness: sample b draws its uniforms from its own generator seeded with ``seeds[b]``
+(one uniform per position, inverse-CDF sampling), so a sample depends on its seed and
+prompt only, not on the batch it ran in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import LayerCache, make_caches
+from .model import SparseTransformer
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """temperature 0 = greedy; top_k keeps the k likeliest tokens; top_p the smallest set with mass >= p."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None (off), got {self.top_k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None (off), got {p!r}")
+
+
+def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+    """logits [B, V], uniforms [B] in [0, 1) -> tokens [B] int64 (inverse CDF of the filtered distribution)."""
+    if options.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / options.temperature
+    if options.top_k is not None and options.top_k < logits.shape[-1]:
+        kth = logits.topk(options.top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, -1)
+    if options.top_p is not None and options.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the likelier tokens
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < options.top_p)
+        probs = probs * keep
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.double()[:, None] * cdf[:, -1:]
+    return (cdf <= target).sum(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+class Decoder:
+    """Prefill and single-token steps of one model for a batch, with static KV caches.
+
+    dense: keep and read every past position in every layer (a baseline for benchmarks; it
+    is not the model's pattern, so its samples differ).
+    """
+
+    def __init__(self, model: SparseTransformer, batch: int, seq_len: int | None = None, dense: bool = False):
+        if not isinstance(model, SparseTransformer):
+            raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.caches: list[LayerCache] = make_caches(cfg, batch, seq_len, self.device, self.dtype, dense)
+        self.seq_len = self.caches[0].seq_len
+        with torch.no_grad():
+            self.pos_emb = model.position_embedding(torch.arange(self.seq_len, device=self.device)).detach()
+        d = lambda t: t.detach()  # noqa: E731
+        t = lambda t: t.detach().t().contiguous()  # noqa: E731  [out, in] -> [in, out] for addmm
+        self.blocks = [(d(b.norm1.weight), d(b.norm1.bias), t(b.attn.qkv.weight), d(b.attn.qkv.bias),
+                        t(b.attn.proj.weight), d(b.attn.proj.bias), d(b.norm2.weight), d(b.norm2.bias),
+                        t(b.ff.fc.weight), d(b.ff.fc.bias), t(b.ff.proj.weight), d(b.ff.proj.bias))
+                       for b in model.blocks]
+        self.final = (d(model.norm.weight), d(model.norm.bias), t(model.head.weight), d(model.head.bias))
+        self.tok_emb, self.start = d(model.tok_emb.weight), d(model.start)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """Fill the caches with positions 0..P-1 of tokens [B, P] in one parallel forward pass."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model.prefill(tokens.to(self.device), self.caches)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def step(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
+        """Logits [B, V] (float32) of token ``pos``; prev [B] are the tokens at pos - 1 (None at pos 0)."""
+        cfg, B = self.cfg, self.caches[0].batch
+        d, H, D = cfg.d_model, cfg.n_heads, cfg.head_dim
+        x = self.start.expand(B, d) if prev is None else self.tok_emb[prev]
+        x = x + self.pos_emb[pos]
+        for (n1w, n1b, qkv_w, qkv_b, pw, pb, n2w, n2b, fw, fb, f2w, f2b), cache in zip(self.blocks, self.caches,
+                                                                                           strict=True):
+            qkv = torch.addmm(qkv_b, F.layer_norm(x, (d,), n1w, n1b), qkv_w).view(B, 3, H, D)
+            x = x + torch.addmm(pb, cache.step(pos, qkv[:, 0], qkv[:, 1:]).reshape(B, d), pw)
+            h = F.gelu(torch.addmm(fb, F.layer_norm(x, (d,), n2w, n2b), fw), approximate="tanh")
+            x = x + torch.addmm(f2b, h, f2w)
+        nw, nb, hw, hb = self.final
+        return torch.addmm(hb, F.layer_norm(x, (d,), nw, nb), hw).float()
+
+
+@dataclass
+class Progress:
+    """A report from :func:`generate`: ``tokens`` [B, done] so far (prompt included)."""
+
+    done: int
+    total: int
+    tokens: torch.Tensor
+    seconds: float
+    finished: bool
+
+
+@contextlib.contextmanager
+def decode_threads(batch: int):
+    """One thread for batch 1 on a CPU (each op is too small to split; waking a second thread costs more)."""
+    before = torch.get_num_threads()
+    if batch == 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
+             options: SamplingOptions | None = None, report_every: int = 256, dense_cache: bool = False
+             ) -> Iterator[Progress]:
+    """Sample ``length`` tokens per sequence, continuing ``prompt`` [B, P] (P may be 0).
+
+    Yields a Progress every ``report_every`` sampled tokens and once at the end
+    (``finished``). Stop iterating (or close the generator) to cancel between steps.
+    The prompt's tokens are copied unchanged into the result.
+    """
+    options = options or SamplingOptions()
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.int64:
+        raise ValueError("prompt must be an int64 tensor [B, P] (P may be 0)")
+    B, P = prompt.shape
+    length = _check_int("length", length, max(1, P), model.cfg.seq_len)
+    _check_int("batch (prompt rows)", B, 1)
+    _check_int("report_every", report_every, 1)
+    if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds must be {B} non-negative integers (one per sample), got {seeds!r}")
+    if P and (int(prompt.min()) < 0 or int(prompt.max()) >= model.cfg.vocab):
+        raise ValueError(f"prompt tokens must be in [0, {model.cfg.vocab})")
+    uniforms = torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                            for s in seeds])
+    t0 = time.perf_counter()
+    with decode_threads(B):
+        decoder = Decoder(model, B, length, dense=dense_cache)
+        tokens = torch.empty(B, length, dtype=torch.int64, device=decoder.device)
+        tokens[:, :P] = prompt
+        if P:
+            decoder.prefill(prompt)
+        uniforms = uniforms.to(decoder.device)
+        for pos in range(P, length):
+            logits = decoder.step(tokens[:, pos - 1] if pos else None, pos)
+            tokens[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
+            if (pos + 1 - P) % report_every == 0 and pos + 1 < length:
+                yield Progress(pos + 1, length, tokens[:, : pos + 1], time.perf_counter() - t0, False)
+    yield Progress(length, length, tokens, time.perf_counter() - t0, True)
+
+
+class SamplingCancelled(Exception):
+    """The progress callback asked to stop."""
+
+
+def sample(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
+           options: SamplingOptions | None = None, callback: Callable[[Progress], bool | None] | None = None,
+           report_every: int = 256) -> torch.Tensor:
+    """:func:`generate` to the end; returns tokens [B, length]. ``callback`` returning False cancels
+    (raises SamplingCancelled)."""
+    for progress in generate(model, prompt, length, seeds, options, report_every):
+        if callback is not None and callback(progress) is False:
+            raise SamplingCancelled(f"cancelled at {progress.done} of {progress.total} tokens")
+        if progress.finished:
+            return progress.tokens
+    raise AssertionError("generate ended without a final report")
