@@ -1,0 +1,176 @@
+"""Benchmark sampling: tokens/s at batch 1 and 8, a half-image completion, a 65,536-sample clip.
+
+Run: ``python bench/sample.py [--quick] [--checkpoints DIR]``. Prints a table per model; the LAST
+line printed is one line of JSON.
+
+Models: every checkpoint in --checkpoints; when there is none of a kind, the named config the
+shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, labelled so
+(decoding speed does not depend on the weights' values).
+Rows (fp32 on the CPU, temperature 1):
+  * ours: KV-cached decoding (models.sampler.generate): steady tokens/s over 512 steps at a
+    position past the first half, batch 1 and 8 (per-sample seeds), and the wall time of a
+    half-image completion (6,144 tokens after a 32-row prompt: prefill included) and of a
+    65,536-sample clip from scratch (--quick: 4,096 samples, scaled up and marked "est.").
+  * dense cache: the same decoder with every layer caching and reading every past token.
+  * naive: the full forward over the whole prefix for every new token (batch 1, 8 steps).
+  * limit: per step, weight bytes + cache bytes read, and model FLOPs, against this machine's
+    memory bandwidth (a 256 MB copy) and fp32 matmul peak; tokens/s = 1 / max(bytes/bw, flops/peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import CpuContention, cpu_name, fmt, print_table, sig  # noqa: E402
+from models import SparseTransformer, config_for, load_card, load_model  # noqa: E402
+from models.completion import model_kind  # noqa: E402
+from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
+from models.sampler import Decoder, SamplingOptions, choose_tokens, decode_threads, generate  # noqa: E402
+
+STEPS = 512
+
+
+def memory_bandwidth() -> float:
+    """Bytes/s of a 256 MB copy (read + write), best of 3."""
+    a, b = torch.randn(32 * 1024 * 1024), torch.empty(32 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best
+
+
+def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = False, start: int | None = None) -> dict:
+    """Decode STEPS tokens from position ``start`` (caches pre-filled with zeros there) with sampling."""
+    n = model.cfg.seq_len
+    start = n // 2 if start is None else start
+    with decode_threads(batch):
+        decoder = Decoder(model, batch, dense=dense)
+        prev = torch.zeros(batch, dtype=torch.long)
+        uniforms = torch.rand(batch, dtype=torch.float64)
+        options = SamplingOptions()
+        for pos in range(start - 16, start):
+            decoder.step(prev, pos)
+        t0 = time.perf_counter()
+        for pos in range(start, start + STEPS):
+            prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
+        seconds = time.perf_counter() - t0
+    return {"tokens_per_s": batch * STEPS / seconds, "cache_bytes": decoder.cache_bytes}
+
+
+def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) -> float:
+    """Full forward over the prefix for each new token (what a cache-less sampler does)."""
+    tokens = torch.zeros(1, prefix + steps, dtype=torch.long)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for pos in range(prefix, prefix + steps):
+            logits = model(tokens[:, : pos + 1])[:, -1]
+            tokens[0, pos] = logits.argmax(-1)
+    return steps / (time.perf_counter() - t0)
+
+
+def timed_generate(model: SparseTransformer, prompt_len: int, length: int) -> float:
+    prompt = torch.zeros(1, prompt_len, dtype=torch.long)
+    t0 = time.perf_counter()
+    for _ in generate(model, prompt, length, [0], report_every=length):
+        pass
+    return time.perf_counter() - t0
+
+
+def step_cost(model: SparseTransformer, cache_read_per_token: float) -> tuple[float, float]:
+    """(bytes moved, FLOPs) of one batch-1 step: every weight once plus the cache entries read."""
+    cfg = model.cfg
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
+    kv_bytes = cache_read_per_token * 2 * cfg.d_model * 4
+    flops = 2 * matmul_parameters(cfg) + 4 * cfg.d_model * cache_read_per_token
+    return weight_bytes + kv_bytes, flops
+
+
+def keys_read_per_step(model: SparseTransformer, pos: int) -> float:
+    """Cache entries (per head) all layers read at position ``pos``."""
+    cfg, total = model.cfg, 0
+    for layer in range(cfg.n_layers):
+        kind = cfg.layer_kind(layer)
+        total += {"local": min(pos, cfg.stride) + 1, "strided": pos // cfg.stride + 1, "all": pos + 1,
+                  "fixed": (pos // cfg.stride) * cfg.summary + pos % cfg.stride + 1}[kind]
+    return total
+
+
+def models_to_time(folder: Path) -> list[tuple[str, SparseTransformer]]:
+    found = []
+    for card in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            load_card(card)
+        except ValueError:
+            continue
+        found.append((card.stem, load_model(card.with_suffix(""))))
+    kinds = {model_kind(m) for _, m in found}
+    for kind in ("image", "audio"):
+        if kind not in kinds:
+            model = SparseTransformer(config_for(kind, f"{kind}-cpu")).eval()
+            found.append((f"{kind}-cpu (untrained)", model))
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="estimate the 65,536-sample clip from 4,096 samples")
+    p.add_argument("--checkpoints", default="checkpoints")
+    args = p.parse_args()
+    bandwidth = memory_bandwidth()
+    peak, _ = device_peak_flops("cpu", torch.float32)
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; memory "
+          f"{bandwidth / 1e9:.1f} GB/s (copy), fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    contention = CpuContention()
+    results = []
+    for name, model in models_to_time(Path(args.checkpoints)):
+        kind, n = model_kind(model), model.cfg.seq_len
+        torch.manual_seed(0)
+        r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6}
+        b1, b8 = steady_tokens_per_s(model, 1), steady_tokens_per_s(model, 8)
+        r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
+                 cache_bytes_b1=b1["cache_bytes"])
+        r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, dense=True)["tokens_per_s"]
+        r["naive_tokens_per_s_b1"] = naive_tokens_per_s(model, n // 2)
+        if kind == "image":
+            r["half_image_s"] = timed_generate(model, n // 2, n)
+        if kind == "audio":
+            clip = min(n, 65536)
+            if args.quick:
+                r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, 4096) * clip / 4096, True
+            else:
+                r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, clip), False
+        bytes_step, flops_step = step_cost(model, keys_read_per_step(model, n // 2))
+        r.update(step_bytes=bytes_step, step_flops=flops_step,
+                 limit_tokens_per_s=1 / max(bytes_step / bandwidth, flops_step / peak))
+        results.append(r)
+    busy = contention.other_cores()
+    print_table("Sampling on the CPU (fp32; tokens/s at a position past the middle of the sequence)",
+                ["model", "params", "b=1 tok/s", "b=8 tok/s", "b8/b1", "dense cache b=1", "naive b=1",
+                 "half image", "65,536 clip", "cache (b=1)", "limit b=1"],
+                [[r["model"], f"{r['params_m']:.1f}M", fmt(r["tokens_per_s_b1"], ",.0f"),
+                  fmt(r["tokens_per_s_b8"], ",.0f"), fmt(r["tokens_per_s_b8"] / r["tokens_per_s_b1"], ".1f"),
+                  fmt(r["dense_tokens_per_s_b1"], ",.0f"), fmt(r["naive_tokens_per_s_b1"], ",.1f"),
+                  fmt(r.get("half_image_s"), ".1f") + (" s" if "half_image_s" in r else ""),
+                  "-" if "clip_s" not in r else fmt(r["clip_s"], ".1f") + (" s est." if r["clip_estimated"] else " s"),
+                  f"{r['cache_bytes_b1'] / 1e6:.1f} MB", fmt(r["limit_tokens_per_s"], ",.0f")] for r in results])
+    for r in results:
+        print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved, {r['step_flops'] / 1e6:.1f} MFLOP")
+    if busy is not None:
+        print(f"(other processes used {busy:.2f} cores on average while this ran)")
+    print("GPU: " + ("not timed by this script yet" if torch.cuda.is_available() else "none here"))
+    print(json.dumps({"cpu": cpu_name(), "bandwidth_gbs": sig(bandwidth / 1e9), "other_cores_busy": sig(busy, 2),
+                      "rows": [{k: sig(v) if isinstance(v, float) else v for k, v in r.items()} for r in results]}))
+
+
+if __name__ == "__main__":
+    main()
