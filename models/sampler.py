@@ -51,7 +51,8 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: Samplin
     """logits [B, V], uniforms [B] in [0, 1) -> tokens [B] int64 (inverse CDF of the filtered distribution)."""
     if options.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / options.temperature
+    if options.temperature != 1:
+        logits = logits / options.temperature
     if options.top_k is not None and options.top_k < logits.shape[-1]:
         kth = logits.topk(options.top_k, -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -61,9 +62,9 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: Samplin
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the likelier tokens
         keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < options.top_p)
         probs = probs * keep
-    cdf = probs.double().cumsum(-1)
-    target = uniforms.double()[:, None] * cdf[:, -1:]
-    return (cdf <= target).sum(-1).clamp_(max=logits.shape[-1] - 1)
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
 class Decoder:
@@ -183,7 +184,7 @@ def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds:
         tokens[:, :P] = prompt
         if P:
             decoder.prefill(prompt)
-        uniforms = uniforms.to(decoder.device)
+        uniforms = uniforms.to(decoder.device, torch.float32).clamp_(max=1 - 2**-24)  # stays below 1 in fp32
         for pos in range(P, length):
             logits = decoder.step(tokens[:, pos - 1] if pos else None, pos)
             tokens[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
