@@ -1,0 +1,324 @@
+"""Batch sampling: complete 64x64 images from their top rows, or generate / continue 12 kHz audio.
+
+Images: python sample.py image --prompt cat.jpg --prompt-rows 32 --num-samples 4
+Audio:  python sample.py audio [--prompt clip.wav --prompt-seconds 2] --samples 24000
+
+Everything goes into --out-dir (default out/<kind>-<timestamp>): sample_000.png ... (lossless), prompt.png,
+original.png and grid.png for images; sample_000.wav ... (16-bit PCM, 12 kHz, prompt + continuation) and
+prompt.wav for audio; metadata.json (arguments, seeds, checkpoint and its SHA-256, device, versions,
+timings, files). The folder is written under a temporary name and renamed into place when complete, so
+an error or Ctrl-C leaves nothing half-written; an earlier output folder is replaced only with --overwrite.
+Sample i uses seed --seed + i, whatever batch it lands in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from models import CheckpointError, load_card, load_model
+from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, load_audio, load_image, save_wav
+from models.completion import MediaProgress, complete_image, generate_audio, model_kind
+from models.sampler import SamplingOptions
+
+DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
+GRID_SCALE, GRID_GAP = 4, 4  # grid.png: tiles enlarged 4x (nearest neighbour), 4 white pixels between them
+LINE_COLOR = (255, 0, 0)  # the line drawn where the prompt ends
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage + message
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="kind", required=True, metavar="{image,audio}")
+    image = sub.add_parser("image", help="complete 64x64 images from their top rows")
+    image.add_argument("--prompt", type=Path, metavar="IMG",
+                       help="image file (any format; centre crop to 64x64); without it, sample from scratch")
+    image.add_argument("--prompt-rows", type=int, metavar="K", help="rows of the prompt kept, 0..63 (default 32)")
+    audio = sub.add_parser("audio", help="generate 12 kHz audio, or continue a clip")
+    audio.add_argument("--prompt", type=Path, metavar="WAV", help="audio file to continue (any rate and channels)")
+    audio.add_argument("--prompt-seconds", type=float, metavar="S", help="use its first S seconds (default all)")
+    audio.add_argument("--samples", type=int, metavar="N", help="samples to generate after the prompt "
+                       "(default 65,536, or what the model's context leaves)")
+    for kind, s in (("image", image), ("audio", audio)):
+        s.add_argument("--checkpoint", type=Path, metavar="PATH",
+                       help=f"checkpoint without extension (default: {DEFAULT_CHECKPOINTS[kind]} next to sample.py)")
+        s.add_argument("--num-samples", type=int, default=4 if kind == "image" else 1, metavar="N",
+                       help=f"how many samples (default {4 if kind == 'image' else 1})")
+        s.add_argument("--batch-size", type=int, default=8, metavar="B", help="samples decoded together (default 8)")
+        s.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default 1.0)")
+        s.add_argument("--top-k", type=int, metavar="K", help="keep the k likeliest tokens (default off)")
+        s.add_argument("--top-p", type=float, metavar="P", help="keep the likeliest tokens up to mass P, in (0, 1]")
+        s.add_argument("--seed", type=int, default=0, metavar="S", help="sample i uses seed S + i (default 0)")
+        s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+        s.add_argument("--out-dir", type=Path, metavar="DIR", help="output folder (default out/<kind>-<timestamp>)")
+        s.add_argument("--overwrite", action="store_true", help="replace an earlier output in --out-dir")
+        s.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p.parse_args(argv)
+
+
+def check_args(a: argparse.Namespace) -> SamplingOptions:
+    """Range checks that need no files; returns the sampling options."""
+    for name in ("num_samples", "batch_size"):
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {a.seed}")
+    if a.kind == "image":
+        if a.prompt_rows is None:
+            a.prompt_rows = 32 if a.prompt else 0
+        if not 0 <= a.prompt_rows <= 63:
+            raise UsageError(f"--prompt-rows must be in 0..63 (rows of a 64-row image), got {a.prompt_rows}")
+        if a.prompt_rows and a.prompt is None:
+            raise UsageError("--prompt-rows needs --prompt (an image to take the rows from)")
+    elif a.prompt_seconds is not None and (a.prompt is None or not a.prompt_seconds > 0):
+        raise UsageError(f"--prompt-seconds needs --prompt and must be > 0, got {a.prompt_seconds}")
+    try:
+        return SamplingOptions(a.temperature, a.top_k, a.top_p)
+    except ValueError as e:  # "top_p must be in (0, 1] or None (off), got 1.5" -> "--top-p must be in (0, 1], ..."
+        name, rest = str(e).replace(" or None (off)", "").split(" ", 1)
+        raise UsageError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def output_dir(a: argparse.Namespace) -> Path:
+    """--out-dir, refused if it exists and is not empty (unless --overwrite); default out/<kind>-<timestamp>."""
+    if a.out_dir is None:
+        base = Path("out") / f"{a.kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        out, n = base, 1
+        while out.exists():
+            out, n = base.with_name(f"{base.name}-{n}"), n + 1
+        return out
+    out = Path(os.path.abspath(a.out_dir))  # "." and ".." resolved: the folder has a name and a parent
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {a.out_dir} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not a.overwrite:
+            raise UsageError(f"--out-dir {a.out_dir} exists and is not empty; pass --overwrite to replace it")
+        if not (out / "metadata.json").is_file():  # a typo must not delete someone's folder
+            raise UsageError(f"--out-dir {a.out_dir} was not written by sample.py (no metadata.json); "
+                             "--overwrite replaces only earlier sample.py outputs")
+    return out
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but CUDA is not available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def read_checkpoint(a: argparse.Namespace, device: torch.device):
+    """The card first (cheap: checks the kind), then the weights."""
+    hint = ""
+    if a.checkpoint is None:
+        a.checkpoint = Path(__file__).resolve().parent / DEFAULT_CHECKPOINTS[a.kind]
+        hint = "; pass --checkpoint PATH (e.g. a model exported by train.py --export)"
+    try:
+        card = load_card(a.checkpoint)
+        kind = card.get("codec", {}).get("kind")
+        if kind in ("image", "audio") and kind != a.kind:
+            raise UsageError(f"checkpoint {a.checkpoint} is an {kind} model; 'sample.py {a.kind}' needs an "
+                             f"{a.kind} model")
+        model = load_model(a.checkpoint, device)
+    except CheckpointError as e:
+        raise UsageError(f"checkpoint: {e}{hint}") from None
+    if model_kind(model) != a.kind:
+        raise UsageError(f"checkpoint {a.checkpoint} is not an {a.kind} model")
+    return model
+
+
+def drive(reports, total: int, quiet: bool) -> MediaProgress:
+    """Run a progress generator to its end with a tqdm bar over sampled tokens; returns the last report."""
+    with tqdm(total=total, unit="tok", unit_scale=True, disable=quiet, dynamic_ncols=True, file=sys.stderr) as bar:
+        for report in reports:
+            bar.update(report.done - bar.n)
+            if report.finished:
+                return report
+    raise RuntimeError("sampling ended without a final report")
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    Image.fromarray(image).save(path, format="PNG")
+
+
+def make_grid(tiles: list[np.ndarray], prompt_rows: int) -> np.ndarray:
+    """Tiles side by side, enlarged GRID_SCALE x, with a line over the last enlarged row of the prompt."""
+    size = 64 * GRID_SCALE
+    grid = np.full((size, len(tiles) * (size + GRID_GAP) - GRID_GAP, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        x = i * (size + GRID_GAP)
+        grid[:, x: x + size] = tile.repeat(GRID_SCALE, 0).repeat(GRID_SCALE, 1)
+    if prompt_rows:
+        grid[prompt_rows * GRID_SCALE - 1] = LINE_COLOR
+    return grid
+
+
+def sample_images(a: argparse.Namespace, model, options: SamplingOptions, original: np.ndarray,
+                  tmp: Path) -> MediaProgress:
+    """Sample completions of ``original`` (the 64x64 prompt crop), write the PNGs and the grid."""
+    seeds = [a.seed + i for i in range(a.num_samples)]
+    total = a.num_samples * (64 - a.prompt_rows) * 64 * 3
+    report = drive(complete_image(model, original, a.prompt_rows, seeds, options, a.batch_size), total, a.quiet)
+    for i, image in enumerate(report.media):
+        save_png(tmp / f"sample_{i:03d}.png", image)
+    tiles = list(report.media)
+    if a.prompt is not None:
+        prompt = original.copy()
+        prompt[a.prompt_rows:] = 0
+        save_png(tmp / "prompt.png", prompt)
+        save_png(tmp / "original.png", original)
+        tiles = [prompt, *tiles, original]
+    save_png(tmp / "grid.png", make_grid(tiles, a.prompt_rows))
+    return report
+
+
+def fit_audio_prompt(a: argparse.Namespace, prompt: np.ndarray | None, context: int) -> np.ndarray | None:
+    """The first --prompt-seconds of the prompt; checks that it and --samples fit the context (default --samples)."""
+    if prompt is not None and a.prompt_seconds is not None:
+        prompt = prompt[: max(1, round(a.prompt_seconds * SAMPLE_RATE))]
+    used = 0 if prompt is None else len(prompt)
+    if used >= context:
+        raise UsageError(f"the prompt ({used} samples) fills the model's context of {context} samples; "
+                         "use --prompt-seconds to shorten it")
+    if a.samples is None:
+        a.samples = min(AUDIO_TOKENS, context - used)
+    if not 1 <= a.samples <= context - used:
+        room = f" after a {used}-sample prompt" if used else ""
+        raise UsageError(f"--samples must be in 1..{context - used} (the model's context is {context} "
+                         f"samples{room}), got {a.samples}")
+    return prompt
+
+
+def sample_audio(a: argparse.Namespace, model, options: SamplingOptions, prompt: np.ndarray | None,
+                 tmp: Path) -> MediaProgress:
+    seeds = [a.seed + i for i in range(a.num_samples)]
+    reports = generate_audio(model, a.samples, seeds, prompt, options, a.batch_size)
+    report = drive(reports, a.num_samples * a.samples, a.quiet)
+    for i, tokens in enumerate(report.media):
+        save_wav(tmp / f"sample_{i:03d}.wav", tokens, SAMPLE_RATE)
+    if prompt is not None:  # the prompt as the model saw it (mu-law): equal to the start of every sample
+        save_wav(tmp / "prompt.wav", report.media[0, : report.media.shape[1] - a.samples], SAMPLE_RATE)
+    return report
+
+
+def metadata(a: argparse.Namespace, argv: list[str], model, device: torch.device, report: MediaProgress,
+             t_start: float, t_loaded: float, tmp: Path, out: Path) -> dict:
+    card = model.card
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    settings["out_dir"] = str(out)
+    return {
+        "command": ["sample.py", *argv],
+        "arguments": settings,
+        "seeds": [a.seed + i for i in range(a.num_samples)],
+        "outputs": [{"file": f"sample_{i:03d}.{'png' if a.kind == 'image' else 'wav'}", "seed": a.seed + i}
+                    for i in range(a.num_samples)],
+        "checkpoint": {"path": str(a.checkpoint), "weights_sha256": card.get("weights", {}).get("sha256"),
+                       "codec": card.get("codec"), "steps": card.get("steps"),
+                       "held_out_bits_per_dim": card.get("held_out_bits_per_dim"),
+                       "tokens_seen": card.get("tokens_seen"), "parameters": card.get("parameters"),
+                       "date": card.get("date")},
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "timings": {"load_seconds": round(t_loaded - t_start, 3), "sampling_seconds": round(report.seconds, 3),
+                    "total_seconds": round(time.perf_counter() - t_start, 3), "tokens_sampled": report.total,
+                    "tokens_per_second": round(report.total / max(report.seconds, 1e-9), 1)},
+        "files": sorted({p.name for p in tmp.iterdir()} | {"metadata.json"}),
+    }
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an existing one is moved aside first and removed after."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.replace(out, old / "d")
+        os.replace(tmp, out)
+    except BaseException:  # an error or Ctrl-C between the two renames: put the old folder back
+        if (old / "d").exists():
+            os.replace(old / "d", out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
+
+
+def run(argv: list[str]) -> Path:
+    t_start = time.perf_counter()
+    a = parse_args(argv)
+    options = check_args(a)
+    out = output_dir(a)
+    device = pick_device(a.device)
+    try:  # the prompt first: a bad file fails before the model loads
+        if a.kind == "image":
+            prompt = load_image(a.prompt) if a.prompt is not None else np.zeros((64, 64, 3), np.uint8)
+        else:
+            prompt = load_audio(a.prompt, SAMPLE_RATE) if a.prompt is not None else None
+    except ValueError as e:  # unreadable or missing files, named in the message
+        raise UsageError(str(e)) from None
+    model = read_checkpoint(a, device)
+    if a.kind == "audio":
+        prompt = fit_audio_prompt(a, prompt, model.cfg.seq_len)
+    t_loaded = time.perf_counter()
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if a.kind == "image":
+            report = sample_images(a, model, options, prompt, tmp)
+        else:
+            report = sample_audio(a, model, options, prompt, tmp)
+        meta = metadata(a, argv, model, device, report, t_start, t_loaded, tmp, out)
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        publish(tmp, out)
+        made = []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # folders created for --out-dir, removed again if the run failed
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    if not a.quiet:
+        print(f"wrote {a.num_samples} {a.kind} sample(s) to {out} ({meta['timings']['sampling_seconds']:.1f} s, "
+              f"{meta['timings']['tokens_per_second']:.0f} tokens/s)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(argv)
+    except UsageError as e:
+        print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sample.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"sample.py: error: cannot write the output: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
