@@ -12,7 +12,7 @@ import numpy as np
 
 from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, audio_to_tokens, load_audio
 
-from .loader import check_fraction, check_split, hash_split, list_files
+from .loader import check_fraction, check_split, hash_split, list_files, locate
 
 logger = logging.getLogger(__name__)
 
@@ -139,14 +139,7 @@ class AudioFolder:
 
     def window_start(self, i: int) -> tuple[int, int]:
         """(file index, start sample) of window i in the current epoch."""
-        n = len(self)
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(i).__name__}")
-        i = int(i) + n if i < 0 else int(i)
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} windows")
-        k = int(np.searchsorted(self._ends, i, side="right"))
-        w = i - (int(self._ends[k - 1]) if k else 0)
+        k, w, i = locate(self._ends, i, "windows")
         start = w * self.seq_len
         if self.jitter:
             half = self.seq_len // 2

@@ -20,6 +20,8 @@ import numpy as np
 
 from models.codecs import IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_TOKENS
 
+from .loader import locate
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
@@ -151,25 +153,15 @@ class ImageNet64:
     def __len__(self) -> int:
         return int(self._ends[-1])
 
-    def _locate(self, i: int) -> tuple[int, int]:
-        n = len(self)
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(i).__name__}")
-        i = int(i) + n if i < 0 else int(i)
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} images")
-        k = int(np.searchsorted(self._ends, i, side="right"))
-        return k, i - (int(self._ends[k - 1]) if k else 0)
-
     def __getitem__(self, i: int) -> np.ndarray:
         """Image i as tokens uint8 [12288] (raster order, channel innermost)."""
-        k, j = self._locate(i)
+        k, j, _ = locate(self._ends, i, "images")
         row = np.asarray(self._arrays[k][j])
         return np.ascontiguousarray(row.reshape(IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_SIZE).transpose(1, 2, 0)).ravel()
 
     def label(self, i: int) -> int:
         """Class label of image i as stored in the file (the official release counts from 1)."""
-        k, j = self._locate(i)
+        k, j, _ = locate(self._ends, i, "images")
         if self._labels is None:
             self._labels = [_memmap_member(p, "labels", self.cache_dir) for p in self.parts]
         return int(self._labels[k][j])

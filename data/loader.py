@@ -67,6 +67,19 @@ def list_files(root: str | Path) -> list[str]:
     return sorted(out)
 
 
+def locate(ends: np.ndarray, i: int, what: str) -> tuple[int, int, int]:
+    """Item ``i`` of a concatenation whose parts end at cumulative counts ``ends`` ->
+    (part, offset inside it, i made non-negative). Negative i counts from the end."""
+    n = int(ends[-1]) if len(ends) else 0
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"index must be an int, got {type(i).__name__}")
+    i = int(i) + n if i < 0 else int(i)
+    if not 0 <= i < n:
+        raise IndexError(f"index {i} out of range for {n} {what}")
+    k = int(np.searchsorted(ends, i, side="right"))
+    return k, i - (int(ends[k - 1]) if k else 0), i
+
+
 def _check_int(name: str, v: object, lo: int) -> int:
     """An int >= lo (numpy and 0-d torch integers accepted, bool not)."""
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .codecs import IMAGE_SIZE, IMAGE_TOKENS, SAMPLE_RATE, image_to_tokens, mu_law_encode, tokens_to_image
-from .model import SparseTransformer
+from .model import SparseTransformer, check_int
 from .sampler import SamplingOptions, generate
 
 ROW_TOKENS = IMAGE_SIZE * 3  # tokens per image row
@@ -49,8 +49,7 @@ def _check(model: SparseTransformer, kind: str, seeds: list[int], batch_size: in
         raise ValueError(f"this is an {model_kind(model)} model; {kind} sampling needs an {kind} model")
     if not seeds:
         raise ValueError("at least one sample (one seed) is needed")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
 
 
 def _batched(model, prompt: np.ndarray, length: int, seeds: list[int], options: SamplingOptions, batch_size: int,
@@ -77,10 +76,8 @@ def complete_image(model: SparseTransformer, image: np.ndarray, prompt_rows: int
     _check(model, "image", seeds, batch_size)
     if not isinstance(image, np.ndarray) or image.shape != (64, 64, 3) or image.dtype != np.uint8:
         raise ValueError("image must be uint8 [64, 64, 3] (use models.codecs.load_image)")
-    if isinstance(prompt_rows, bool) or not isinstance(prompt_rows, int) or not 0 <= prompt_rows <= 63:
-        raise ValueError(f"prompt_rows must be an integer in [0, 63], got {prompt_rows!r}")
-    if isinstance(report_rows, bool) or not isinstance(report_rows, int) or report_rows < 1:
-        raise ValueError(f"report_rows must be a positive integer, got {report_rows!r}")
+    check_int("prompt_rows", prompt_rows, 0, IMAGE_SIZE - 1)
+    check_int("report_rows", report_rows, 1)
     prompt = image_to_tokens(image)[: prompt_rows * ROW_TOKENS]
     images = np.zeros((len(seeds), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     images[:, :prompt_rows] = image[:prompt_rows]
@@ -103,8 +100,7 @@ def generate_audio(model: SparseTransformer, length: int, seeds: list[int], prom
     ``media`` holds the prompt followed by the continuation, uint8 [n, T] (not yet sampled: 0)."""
     _check(model, "audio", seeds, batch_size)
     context = model.cfg.seq_len
-    if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= context:
-        raise ValueError(f"length must be an integer in [1, {context}] samples, got {length!r}")
+    check_int("length (samples)", length, 1, context)
     tokens = np.zeros(0, np.uint8)
     if prompt is not None:
         prompt = np.asarray(prompt, dtype=np.float32)

@@ -43,11 +43,6 @@ def training_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) ->
     return 6.0 * matmul_parameters(cfg) * n + 12.0 * cfg.d_model * attention_scores(cfg, n)
 
 
-def forward_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Model FLOPs of one forward pass (e.g. evaluation) on one sequence."""
-    return training_flops_per_sequence(cfg, seq_len) / 3.0
-
-
 def pf_days(flops: float) -> float:
     return flops / PF_DAY
 

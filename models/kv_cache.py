@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import ModelConfig
+from .model import ModelConfig, check_int
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -159,11 +159,8 @@ def make_caches(cfg: ModelConfig, batch: int, seq_len: int | None = None, device
     dense: every layer keeps and reads every past position (a baseline for benchmarks;
     not the model's pattern, so its samples differ).
     """
-    n = cfg.seq_len if seq_len is None else seq_len
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.seq_len:
-        raise ValueError(f"seq_len must be an integer in [1, {cfg.seq_len}], got {n!r}")
+    check_int("batch", batch, 1)
+    n = check_int("seq_len", cfg.seq_len if seq_len is None else seq_len, 1, cfg.seq_len)
     device = torch.device(device)
     caches: list[LayerCache] = []
     for layer in range(cfg.n_layers):

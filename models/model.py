@@ -26,6 +26,14 @@ HEAD_DIMS = (32, 64, 128)
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
+def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in [lo, hi] (hi None: unbounded), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that fixes the model's shapes and maths (stored in every checkpoint card).

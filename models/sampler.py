@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import LayerCache, make_caches
-from .model import SparseTransformer
+from .model import SparseTransformer, check_int
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,6 @@ def decode_threads(batch: int):
         torch.set_num_threads(before)
 
 
-def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
-    return value
-
-
 def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
              options: SamplingOptions | None = None, report_every: int = 256, dense_cache: bool = False
              ) -> Iterator[Progress]:
@@ -168,9 +161,9 @@ def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds:
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.int64:
         raise ValueError("prompt must be an int64 tensor [B, P] (P may be 0)")
     B, P = prompt.shape
-    length = _check_int("length", length, max(1, P), model.cfg.seq_len)
-    _check_int("batch (prompt rows)", B, 1)
-    _check_int("report_every", report_every, 1)
+    length = check_int("length", length, max(1, P), model.cfg.seq_len)
+    check_int("batch (prompt rows)", B, 1)
+    check_int("report_every", report_every, 1)
     if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise ValueError(f"seeds must be {B} non-negative integers (one per sample), got {seeds!r}")
     if P and (int(prompt.min()) < 0 or int(prompt.max()) >= model.cfg.vocab):
