@@ -32,11 +32,10 @@ from tqdm import tqdm
 from models import CheckpointError, load_card, load_model
 from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, load_audio, load_image, save_wav
 from models.completion import MediaProgress, complete_image, generate_audio, model_kind
+from models.figures import make_grid, masked_prompt
 from models.sampler import SamplingOptions
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
-GRID_SCALE, GRID_GAP = 4, 4  # grid.png: tiles enlarged 4x (nearest neighbour), 4 white pixels between them
-LINE_COLOR = (255, 0, 0)  # the line drawn where the prompt ends
 
 
 class UsageError(Exception):
@@ -160,18 +159,6 @@ def save_png(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path, format="PNG")
 
 
-def make_grid(tiles: list[np.ndarray], prompt_rows: int) -> np.ndarray:
-    """Tiles side by side, enlarged GRID_SCALE x, with a line over the last enlarged row of the prompt."""
-    size = 64 * GRID_SCALE
-    grid = np.full((size, len(tiles) * (size + GRID_GAP) - GRID_GAP, 3), 255, np.uint8)
-    for i, tile in enumerate(tiles):
-        x = i * (size + GRID_GAP)
-        grid[:, x: x + size] = tile.repeat(GRID_SCALE, 0).repeat(GRID_SCALE, 1)
-    if prompt_rows:
-        grid[prompt_rows * GRID_SCALE - 1] = LINE_COLOR
-    return grid
-
-
 def sample_images(a: argparse.Namespace, model, options: SamplingOptions, original: np.ndarray,
                   tmp: Path) -> MediaProgress:
     """Sample completions of ``original`` (the 64x64 prompt crop), write the PNGs and the grid."""
@@ -182,8 +169,7 @@ def sample_images(a: argparse.Namespace, model, options: SamplingOptions, origin
         save_png(tmp / f"sample_{i:03d}.png", image)
     tiles = list(report.media)
     if a.prompt is not None:
-        prompt = original.copy()
-        prompt[a.prompt_rows:] = 0
+        prompt = masked_prompt(original, a.prompt_rows)
         save_png(tmp / "prompt.png", prompt)
         save_png(tmp / "original.png", original)
         tiles = [prompt, *tiles, original]

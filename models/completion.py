@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .codecs import IMAGE_SIZE, IMAGE_TOKENS, SAMPLE_RATE, image_to_tokens, mu_law_encode, tokens_to_image
-from .model import SparseTransformer, check_int
+from .model import ModelConfig, SparseTransformer, check_int
 from .sampler import SamplingOptions, generate
 
 ROW_TOKENS = IMAGE_SIZE * 3  # tokens per image row
@@ -33,13 +33,17 @@ class MediaProgress:
     finished: bool
 
 
-def model_kind(model: SparseTransformer) -> str:
-    """"image" or "audio", from the card when the model has one, else from its shape."""
-    card = getattr(model, "card", None) or {}
-    kind = card.get("codec", {}).get("kind")
+def card_kind(card: dict, cfg: ModelConfig) -> str:
+    """"image" or "audio": the card's codec kind when it names one, else from the config's shape."""
+    kind = (card.get("codec") or {}).get("kind")
     if kind in ("image", "audio"):
         return kind
-    return "image" if model.cfg.seq_len == IMAGE_TOKENS and model.cfg.pos_factors == (64, 64, 3) else "audio"
+    return "image" if cfg.seq_len == IMAGE_TOKENS and cfg.pos_factors == (64, 64, 3) else "audio"
+
+
+def model_kind(model: SparseTransformer) -> str:
+    """"image" or "audio", from the card when the model has one, else from its shape."""
+    return card_kind(getattr(model, "card", None) or {}, model.cfg)
 
 
 def _check(model: SparseTransformer, kind: str, seeds: list[int], batch_size: int) -> None:

@@ -12,27 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
+from helpers import tiny_checkpoint
 from PIL import Image
 
 import sample
-from models import SparseTransformer, codec_card, config_for, save_model
 from models.checkpoint import checkpoint_paths
 from models.codecs import load_image
+from models.figures import LINE_COLOR
 
 ROWS = 60  # prompt rows: 4 rows (768 tokens) to sample per image keeps the image runs well under a second
-
-
-def tiny_checkpoint(path: Path, kind: str, **card) -> Path:
-    """A tiny model with perturbed weights (a fresh one predicts uniform logits, whatever the context)."""
-    torch.manual_seed(0)
-    cfg = config_for("image", "tiny") if kind == "image" else config_for("audio", "tiny", seq_len=4096)
-    model = SparseTransformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_model(model, path, card={"codec": codec_card(kind), **card})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +71,7 @@ def test_image_completion_writes_pngs_grid_and_metadata(files, tmp_path):
     grid = pixels(out / "grid.png")  # prompt | 2 samples | original, 4x, 4-pixel gaps
     assert grid.shape == (256, 4 * 256 + 3 * 4, 3)
     assert np.array_equal(grid[::4, 260:516:4], samples[0]) and np.array_equal(grid[::4, 780::4], original)
-    assert (grid[ROWS * 4 - 1] == sample.LINE_COLOR).all()  # the line where the prompt ends
+    assert (grid[ROWS * 4 - 1] == LINE_COLOR).all()  # the line where the prompt ends
     meta = json.loads((out / "metadata.json").read_text())
     card = json.loads(checkpoint_paths(files["image"])[1].read_text())
     assert meta["seeds"] == [5, 6] and [o["seed"] for o in meta["outputs"]] == [5, 6]

@@ -1,0 +1,222 @@
+"""Event functions of the page: check what the user sent, call into models/, turn reports into outputs.
+
+The sampling events are generators (progress as pictures every few rows or fractions of a
+second; the Stop button closes them between two reports). Files arrive unprocessed (the events
+run with preprocess=False) so that a bad upload is reported by our readers with its own name,
+never as a Gradio processing error. Every bad input raises gr.Error naming what was wrong and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from models import CheckpointError, SparseTransformer
+from models.codecs import SAMPLE_RATE, load_audio, load_image, save_wav, tokens_to_audio
+from models.completion import MediaProgress, complete_image, generate_audio
+from models.figures import audio_picture, make_grid, masked_prompt
+from models.sampler import SamplingOptions
+
+from .registry import Registry
+
+MAX_SAMPLES = 8  # images per run
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**31 - 1
+RANDOM_SEEDS = 100_000  # random seeds are below this: short enough to read and type
+REPORT_ROWS = 2  # image preview every 2 sampled rows
+REPORT_SAMPLES = 1024  # audio preview every 1,024 samples
+PREVIEW_COLUMNS = 6  # tiles per row of the preview grid, at most
+SILENCE = 1e-3  # a clip whose peak is below this (-60 dBFS) is silent
+FROM_SCRATCH, CONTINUE = "From scratch", "Continue a clip"
+T = TypeVar("T")
+
+
+def _number(label: str, value: object, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise gr.Error(f"{label} must be a number from {lo:g} to {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _whole(label: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise gr.Error(f"{label} must be a whole number from {lo} to {hi}, got {value!r}")
+    return value
+
+
+def sampling_options(temperature: object, top_k: object, top_p: object) -> SamplingOptions:
+    """Temperature 0..2 (0 = greedy); top-k 0 (off) .. 256; top-p in (0, 1] (1 = off)."""
+    t = _number("Temperature", temperature, 0, MAX_TEMPERATURE)
+    k = _whole("Top-k", top_k, 0, 256)
+    p = _number("Top-p", top_p, 0, 1)
+    if p == 0:
+        raise gr.Error("Top-p must be above 0 (1 keeps every token), got 0")
+    return SamplingOptions(t, k or None, p if p < 1 else None)
+
+
+def choose_seed(seed: object, randomize: object) -> int:
+    """A fresh random seed when ``randomize`` is set, else ``seed`` (0 .. 2^31 - 1)."""
+    if not isinstance(randomize, bool):
+        raise gr.Error(f"Randomize seed must be true or false, got {randomize!r}")
+    return secrets.randbelow(RANDOM_SEEDS) if randomize else _whole("Seed", seed, 0, MAX_SEED)
+
+
+def uploaded(value: object, what: str) -> tuple[Path, str] | None:
+    """(server path, the name the user's file had) of an upload (Gradio's FileData as a dict), None if none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        raise gr.Error(f"the {what} must be an uploaded file, got {type(value).__name__}")
+    path = Path(value["path"])
+    return path, str(value.get("orig_name") or path.name)
+
+
+def _read(reader: Callable[[Path], T], upload: tuple[Path, str]) -> T:
+    """``reader(path)``, its ValueError turned into a gr.Error naming the user's file, not the server's copy."""
+    path, name = upload
+    try:
+        return reader(path)
+    except ValueError as e:
+        raise gr.Error(str(e).replace(str(path), name)) from None
+
+
+def crop_preview(picture: object, prompt_rows: object) -> np.ndarray | None:
+    """The 64x64 crop the model sees, enlarged, with the rows to be sampled faded and a line under the prompt."""
+    upload = uploaded(picture, "picture")
+    if upload is None:
+        return None
+    rows = _whole("Prompt rows", prompt_rows, 0, 63)
+    crop = _read(load_image, upload)
+    faded = crop.copy()
+    faded[rows:] = (crop[rows:] * 0.35 + 255 * 0.65).astype(np.uint8)
+    return make_grid([faded], rows)
+
+
+def _png(path: Path, image: np.ndarray) -> str:
+    Image.fromarray(image).save(path, format="PNG")
+    return str(path)
+
+
+def _speed(report: MediaProgress) -> str:
+    return f"{report.seconds:.1f} s, {report.total / max(report.seconds, 1e-9):,.0f} tokens/s"
+
+
+class Studio:
+    """The event functions, bound to the checkpoints of one folder on one device."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def _model(self, name: object, kind: str) -> SparseTransformer:
+        try:
+            return self.registry.model(name, kind)
+        except CheckpointError as e:
+            raise gr.Error(f"the model {name} cannot be loaded: {e}") from None
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    def complete_images(self, picture: object, prompt_rows: object, temperature: object, num_samples: object,
+                        seed: object, randomize: object, top_k: object, top_p: object, model_name: object,
+                        progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        """Complete the picture's bottom rows ``num_samples`` times: yields (preview grid, gallery, seed, status)."""
+        upload = uploaded(picture, "picture")
+        rows = _whole("Prompt rows", prompt_rows, 0, 63)
+        if upload is None and rows:
+            raise gr.Error("Upload a picture (or pick an example) to complete, or set prompt rows to 0 to "
+                           "sample whole pictures from scratch")
+        n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
+        options = sampling_options(temperature, top_k, top_p)
+        seed = choose_seed(seed, randomize)
+        original = _read(load_image, upload) if upload else None
+        model = self._model(model_name, "image")
+        image = original if original is not None else np.zeros((64, 64, 3), np.uint8)
+        seeds = list(range(seed, seed + n))
+        # (file name, caption, picture) of the tiles around the samples: prompt | samples | original
+        first = [("prompt", "prompt", masked_prompt(image, rows))] if rows else []
+        last = [("original", "original", original)] if original is not None else []
+        tiles = len(first) + n + len(last)
+        columns = math.ceil(tiles / math.ceil(tiles / PREVIEW_COLUMNS))  # rows of tiles as even as can be
+
+        def grid(media: np.ndarray) -> np.ndarray:
+            return make_grid([t for *_, t in first] + list(media) + [t for *_, t in last], rows, columns=columns)
+
+        reports = complete_image(model, image, rows, seeds, options, report_rows=REPORT_ROWS)
+        try:
+            for report in reports:
+                progress((report.done, report.total), desc="Sampling", unit="tokens")
+                if report.finished:
+                    break
+                yield grid(report.media), gr.skip(), seed, f"Sampling… {report.done:,} of {report.total:,} tokens"
+        finally:
+            reports.close()
+        files = first + [(f"sample_{i + 1}_seed_{s}", f"seed {s}", report.media[i]) for i, s in enumerate(seeds)]
+        files += last
+        status = (f"{n} completion{'s' * (n > 1)} of {rows} prompt rows · seeds {seeds[0]}–{seeds[-1]} · "
+                  f"{_speed(report)} · model {model_name}")
+        with tempfile.TemporaryDirectory(prefix="studio-") as tmp:  # named files: downloads keep the names
+            gallery = [(_png(Path(tmp) / f"{name}.png", tile), caption) for name, caption, tile in files]
+            yield _png(Path(tmp) / "grid.png", grid(report.media)), gallery, seed, status
+
+    def generate_clip(self, mode: object, clip: object, prompt_seconds: object, length_seconds: object,
+                      temperature: object, seed: object, randomize: object, top_k: object, top_p: object,
+                      model_name: object, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        """Generate ``length_seconds`` of audio, from scratch or after the clip's first ``prompt_seconds``:
+        yields (waveform + spectrogram picture, 16-bit WAV file at the end, seed, status)."""
+        if mode not in (FROM_SCRATCH, CONTINUE):
+            raise gr.Error(f"Start must be {FROM_SCRATCH!r} or {CONTINUE!r}, got {mode!r}")
+        upload = uploaded(clip, "clip") if mode == CONTINUE else None
+        if mode == CONTINUE and upload is None:
+            raise gr.Error("Upload a clip to continue (or pick an example), or choose 'From scratch'")
+        length = round(_number("Length (seconds)", length_seconds, 0, 3600) * SAMPLE_RATE)
+        options = sampling_options(temperature, top_k, top_p)
+        seed = choose_seed(seed, randomize)
+        prompt = None
+        if upload:
+            wanted = round(_number("Prompt length (seconds)", prompt_seconds, 0, 3600) * SAMPLE_RATE)
+            if wanted < 1:
+                raise gr.Error("Prompt length must be above 0 seconds when continuing a clip")
+            audio = _read(load_audio, upload)
+            prompt = audio[:wanted]
+            if np.abs(audio).max() < SILENCE:
+                raise gr.Error(f"{upload[1]} is silent (its loudest sample is below -60 dBFS): upload a clip with "
+                               "sound, or choose 'From scratch'")
+            if np.abs(prompt).max() < SILENCE:
+                raise gr.Error(f"the first {len(prompt) / SAMPLE_RATE:.2f} s of {upload[1]} are silent: use a longer "
+                               "prompt, or a clip that starts with sound")
+        model = self._model(model_name, "audio")
+        context = model.cfg.seq_len
+        used = 0 if prompt is None else len(prompt)
+        room = context - used
+        if not 1 <= length <= room:
+            after = f" after a {used / SAMPLE_RATE:.2f} s prompt" if used else ""
+            raise gr.Error(f"Length must be above 0 and at most {room / SAMPLE_RATE:.2f} seconds: the model "
+                           f"{model_name} holds {context:,} samples ({context / SAMPLE_RATE:.2f} s){after}, "
+                           f"got {length_seconds!r} s")
+        reports = generate_audio(model, length, [seed], prompt, options, report_every=REPORT_SAMPLES)
+        try:
+            for report in reports:
+                progress((report.done, report.total), desc="Sampling", unit="samples")
+                sampled = tokens_to_audio(report.media[0, : used + report.done])
+                picture = audio_picture(sampled, used, used + length)
+                if report.finished:
+                    break
+                yield picture, gr.skip(), seed, f"Sampling… {report.done / SAMPLE_RATE:.2f} of " \
+                                               f"{length / SAMPLE_RATE:.2f} s"
+        finally:
+            reports.close()
+        start = f"after a {used / SAMPLE_RATE:.2f} s prompt" if used else "from scratch"
+        status = f"{length / SAMPLE_RATE:.2f} s {start} · seed {seed} · {_speed(report)} · model {model_name}"
+        with tempfile.TemporaryDirectory(prefix="studio-") as tmp:  # a named 16-bit WAV: downloads keep the name
+            wav = save_wav(Path(tmp) / f"{'continuation' if used else 'generated'}_seed_{seed}.wav", report.media[0])
+            yield picture, str(wav), seed, status

@@ -1,0 +1,46 @@
+"""Shared test helpers: tiny checkpoints made on the spot."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from models import SparseTransformer, codec_card, config_for, save_model
+
+
+def tiny_checkpoint(path: Path, kind: str, **card) -> Path:
+    """A tiny model with perturbed weights (a fresh one predicts uniform logits, whatever the context)."""
+    torch.manual_seed(0)
+    cfg = config_for("image", "tiny") if kind == "image" else config_for("audio", "tiny", seq_len=4096)
+    model = SparseTransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_model(model, path, card={"codec": codec_card(kind), **card})
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(checkpoints: Path) -> Iterator[str]:
+    """The web app on a free local port, serving ``checkpoints`` on the CPU; yields its URL."""
+    from app.registry import Registry  # gradio is imported only by the tests that need it
+    from app.ui import build_demo, launch
+
+    demo = build_demo(Registry(checkpoints, torch.device("cpu")))
+    port = free_port()
+    launch(demo, "127.0.0.1", port, block=False)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
