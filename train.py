@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from data import Batches, eval_batches, open_dataset
 from models import CONFIGS, SparseTransformer, codec_card, config_for, save_model
+from models.evaluate import sequence_bits
 from models.flops import device_peak_flops, pf_days, training_flops_per_sequence
 
 # Settings a resumed run takes from its checkpoint; changing them would not continue the same run.
@@ -289,27 +290,21 @@ def restore_state(model, optimizer, model_sd: dict, optim_sd: dict, fsdp: bool) 
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def held_out_bits(model: torch.nn.Module, val, s: dict, d: Dist, shard: bool) -> float:
     """Mean bits per token over the first ``eval_items`` validation sequences.
 
     shard: each process takes every world-th item (DDP / one process); FSDP needs every
     process in every forward, so there all evaluate all batches.
     """
-    was_training = model.training
-    model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)
     rank, world = (d.rank, d.world) if shard else (0, 1)
-    for batch in eval_batches(val, s["micro_batch"], s["eval_items"], rank=rank, world_size=world):
-        batch = batch.to(d.device)
-        with autocast(d.device, s["precision"]):
-            logits = model(batch)
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), batch.flatten(), reduction="sum").double()
-        total[1] += batch.numel()
+    batches = eval_batches(val, s["micro_batch"], s["eval_items"], rank=rank, world_size=world)
+    for bits in sequence_bits(model, batches, d.device, PRECISIONS[s["precision"]]):
+        total[0] += bits.sum()
+        total[1] += bits.numel() * val.seq_len
     if shard:
         d.all_reduce(total)
-    model.train(was_training)
-    return float(total[0] / total[1] / math.log(2))
+    return float(total[0] / total[1])
 
 
 def autocast(device: torch.device, precision: str):

@@ -80,10 +80,31 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
         weights={"file": weights.name, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
     )
     card.setdefault("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    _write_card(card, card_path)
+    return card_path
+
+
+def _write_card(card: dict, card_path: Path) -> None:
     tmp = card_path.with_name(card_path.name + ".tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     _replace_atomically(tmp, card_path)
-    return card_path
+
+
+def update_card(path: str | os.PathLike, fields: dict) -> dict:
+    """Add or replace top-level ``fields`` of checkpoint ``path``'s card (e.g. an evaluation), atomically.
+    The weights and what describes them (format, config, parameters, weights) cannot be changed."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"fields must be a dict, got {type(fields).__name__}")
+    fixed = {"format", "config", "parameters", "weights"} & fields.keys()
+    if fixed:
+        raise ValueError(f"card fields {sorted(fixed)} describe the weights and cannot be updated")
+    try:
+        json.dumps(fields)
+    except TypeError as e:
+        raise ValueError(f"fields must be JSON-serialisable: {e}") from None
+    card = load_card(path) | fields
+    _write_card(card, checkpoint_paths(path)[1])
+    return card
 
 
 def load_card(path: str | os.PathLike) -> dict:

@@ -115,3 +115,21 @@ def test_save_model_validates_its_arguments(tmp_path):
         save_model(make_model(), tmp_path / "m", {"when": object()})
     with pytest.raises(ValueError, match="card must be a dict"):
         save_model(make_model(), tmp_path / "m", ["x"])
+
+
+def test_update_card_adds_fields_and_keeps_the_weights_loadable(tmp_path):
+    from models.checkpoint import update_card
+
+    model = make_model()
+    save_model(model, tmp_path / "m", {"steps": 3})
+    card = update_card(tmp_path / "m", {"evaluation": {"model": 3.5, "codecs": {"PNG": 4.6}}, "steps": 4})
+    assert card["evaluation"]["codecs"]["PNG"] == 4.6 and card["steps"] == 4
+    assert load_model(tmp_path / "m").card == card
+    assert not list(tmp_path.glob("*.tmp"))
+    for fields, message in (({"weights": {}}, "describe the weights"), ({"config": {}}, "describe the weights"),
+                            ({"x": object()}, "JSON-serialisable"), ([1], "must be a dict")):
+        with pytest.raises(ValueError, match=message):
+            update_card(tmp_path / "m", fields)
+    with pytest.raises(CheckpointError, match="no model card"):
+        update_card(tmp_path / "missing", {"a": 1})
+

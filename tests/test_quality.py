@@ -1,0 +1,63 @@
+"""Held-out bits (models.evaluate) and the quality benchmark against lossless codecs (bench/quality.py)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.quality import flac_bits, png_bits, webp_lossless_bits
+from data.imagenet64 import write_imagenet64_npz
+from models import SparseTransformer, codec_card, config_for, load_card, save_model
+from models.evaluate import sequence_bits
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sequence_bits_is_the_cross_entropy_of_each_sequence_in_bits():
+    torch.manual_seed(0)
+    model = SparseTransformer(config_for("audio", "tiny", seq_len=512)).train()
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    tokens = torch.randint(0, 256, (3, 512), dtype=torch.uint8)
+    bits = torch.cat(list(sequence_bits(model, [tokens[:2], tokens[2:]])))
+    assert model.training  # restored afterwards
+    with torch.no_grad():
+        logits = model.eval()(tokens.long())
+    expected = F.cross_entropy(logits.transpose(1, 2), tokens.long(), reduction="none").sum(1) / math.log(2)
+    assert bits.dtype == torch.float64 and bits.shape == (3,)
+    torch.testing.assert_close(bits.float(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_codecs_spend_few_bits_on_flat_data_and_about_eight_on_noise():
+    rng = np.random.default_rng(0)
+    flat, noise = np.full((64, 64, 3), 90, np.uint8), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for coder in (png_bits, webp_lossless_bits):
+        assert coder(flat) / flat.size < 0.5
+        assert 7.9 < coder(noise) / noise.size < 8.5
+    clip_flat, clip_noise = np.full(65536, 128, np.uint8), rng.integers(0, 256, 65536, dtype=np.uint8)
+    assert flac_bits(clip_flat) / clip_flat.size < 0.5
+    assert 7.9 < flac_bits(clip_noise) / clip_noise.size < 8.6
+
+
+def test_the_benchmark_compares_a_checkpoint_with_codecs_and_updates_its_card(tmp_path):
+    rng = np.random.default_rng(0)
+    images = np.repeat(np.repeat(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), 8, 1), 8, 2)
+    write_imagenet64_npz(tmp_path / "data" / "val_data.npz", images, [0, 1, 2, 3])
+    torch.manual_seed(0)
+    save_model(SparseTransformer(config_for("image", "tiny")), tmp_path / "ck" / "img",
+               {"codec": codec_card("image"), "data": {"path": str(tmp_path / "data")}})
+    command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--checkpoint", str(tmp_path / "ck" / "img"),
+               "--items", "2", "--update-card"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])[0]
+    assert result["items"] == 2 and result["unit"] == "bits/dim" and set(result["codecs"]) == {"PNG", "WebP lossless"}
+    assert result["model"] == pytest.approx(8.0, abs=0.05)  # an untrained model: uniform over 256 values
+    assert "PNG" in run.stdout and "model saves" in run.stdout
+    evaluation = load_card(tmp_path / "ck" / "img")["evaluation"]
+    assert evaluation["items"] == 2 and evaluation["codecs"]["PNG"] == pytest.approx(result["codecs"]["PNG"], rel=1e-3)
