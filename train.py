@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import Batches, eval_batches, open_dataset
+from data.loader import dataset_description
 from models import CONFIGS, SparseTransformer, codec_card, config_for, save_model
 from models.evaluate import sequence_bits
 from models.flops import device_peak_flops, pf_days, training_flops_per_sequence
@@ -567,7 +568,8 @@ def export(model, ema, s, cfg, d: Dist, train_set, val_set, step, tokens_seen, f
         card = {
             "codec": codec_card(s["kind"]),
             "data": {"path": str(s["data"]), "reader": type(train_set).__name__, "train_items": len(train_set),
-                     "val_items": len(val_set), "skipped_files": getattr(train_set, "skipped", 0)},
+                     "val_items": len(val_set), "skipped_files": getattr(train_set, "skipped", 0),
+                     **data_card(s["data"])},
             "steps": step, "tokens_seen": tokens_seen, "compute_pf_days": pf_days(flops_done),
             "held_out_bits_per_dim": bits, "held_out_items": min(s["eval_items"], len(val_set)),
             "ema_decay": s["ema"] or None,
@@ -578,6 +580,12 @@ def export(model, ema, s, cfg, d: Dist, train_set, val_set, step, tokens_seen, f
         print(f"exported {path} (held-out {bits:.3f} bits/dim)", file=sys.stderr)
     d.barrier()
     return path
+
+
+def data_card(path: str) -> dict:
+    """The data set's name, sources and licences from the dataset.json its builder wrote (if any)."""
+    description = dataset_description(path) or {}
+    return {k: description[k] for k in ("name", "sources", "licences") if k in description}
 
 
 def main(argv: list[str] | None = None) -> int:

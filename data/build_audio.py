@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from models.codecs import SAMPLE_RATE, load_audio
 
-from .loader import hash_split, list_files
+from .loader import DESCRIPTION, hash_split, list_files
 
 logger = logging.getLogger("data.build_audio")
 
@@ -735,6 +735,16 @@ def write_readme(out: Path, state: State, soundfonts: Sequence[Path]) -> None:
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))
+    composers = ", ".join(f"{c} {hours[c]:.2f} h" for c in sorted(hours, key=lambda c: -hours[c]))
+    description = {
+        "name": out.name, "builder": "python -m data.build_audio",
+        "sources": f"music21 {_music21_version()} corpus scores ({composers}) rendered to 12 kHz mono with "
+                   "fluidsynth and " + ", ".join(p.name for p in soundfonts),
+        "licences": {"music21 corpus": "encodings distributed with the encoders' permission "
+                                       "(music21/corpus/license.txt); some not for commercial use",
+                     **{p.name: soundfont_licence(p) for p in soundfonts}},
+        "hours": round(total_h, 2), "files": len(state.files)}
+    write_json(out / DESCRIPTION, description)
 
 
 def _music21_version() -> str:

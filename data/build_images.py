@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # python data/build_images.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.imagenet64 import write_imagenet64_npz  # noqa: E402
-from data.loader import check_fraction, hash_split  # noqa: E402
+from data.loader import DESCRIPTION, check_fraction, hash_split  # noqa: E402
 from models.codecs import IMAGE_SIZE  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -373,7 +373,22 @@ def build(out: Path, s: Settings) -> dict:
     (out / "manifest.json").write_text(json.dumps({"settings": vars(s), "summary": summary,
                                                    "images": manifest}, indent=0))
     (out / "README.md").write_text(readme(summary, s))
+    (out / DESCRIPTION).write_text(json.dumps(description(out.name, summary), indent=2) + "\n")
     return summary
+
+
+def description(name: str, summary: dict) -> dict:
+    """dataset.json: what train.py copies into a model card (sources, licences, size)."""
+    licences: dict[str, int] = {}
+    for counts in [d["licences"] for d in summary["packages"].values()] + [summary["stamps"]["licences"]]:
+        for lic, n in counts.items():
+            licences[lic] = licences.get(lic, 0) + n
+    packages = ", ".join(f"{pkg} ({d['photographs']})" for pkg, d in summary["packages"].items())
+    return {"name": name, "builder": "python -m data.build_images",
+            "sources": f"{summary['photographs']} photographs from Debian packages {packages}, and "
+                       f"{summary['stamps']['cutouts']} photographic cut-outs from tuxpaint-stamps-default "
+                       "composited onto them; 64x64 box-downsampled crops",
+            "licences": dict(sorted(licences.items(), key=lambda kv: -kv[1])), "images": summary["images"]}
 
 
 def _centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -8,6 +8,7 @@ A dataset has ``__len__()``, ``__getitem__(i) -> np.ndarray uint8 [seq_len]``, a
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import operator
 import os
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("image", "audio")
 SPLITS = ("train", "val")
+DESCRIPTION = "dataset.json"  # what a builder in data/ says about the data set it wrote
 
 
 @runtime_checkable
@@ -65,6 +67,21 @@ def list_files(root: str | Path) -> list[str]:
             if not name.startswith(".") and os.path.isfile(os.path.join(dirpath, name)):
                 out.append(Path(dirpath, name).relative_to(root).as_posix())
     return sorted(out)
+
+
+def dataset_description(path: str | Path) -> dict | None:
+    """The ``dataset.json`` a builder (data/build_images.py, data/build_audio.py) wrote: name, builder,
+    sources, licences, size. Looked for in the data folder and then in the folder above it (build_audio
+    writes OUT/dataset.json next to OUT/audio/); None when there is none or it is unreadable."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    for candidate in (folder / DESCRIPTION, folder.parent / DESCRIPTION):
+        if candidate.is_file():
+            try:
+                description = json.loads(candidate.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                return None
+            return description if isinstance(description, dict) else None
+    return None
 
 
 def locate(ends: np.ndarray, i: int, what: str) -> tuple[int, int, int]:

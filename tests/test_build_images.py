@@ -123,6 +123,10 @@ def test_a_build_writes_the_imagenet64_layout_split_by_photograph(synthetic_sour
     assert not groups["train"] & groups["val"]
     assert sum("stamp" in m for m in manifest["train"]) == 7
     assert (tmp_path / "a" / "README.md").read_text().count("CC0-1.0") == 1
+    from data.loader import dataset_description
+
+    description = dataset_description(tmp_path / "a")
+    assert description["licences"] == {"CC0-1.0": 12, "GPL-2": 10} and description["images"] == summary["images"]
     assert train[0].shape == (12288,) and train[0].dtype == np.uint8
     bi.build(tmp_path / "b", s)  # the same settings give the same bytes
     for name in ("val_data.npz", "train_data_batch_1.npz"):

@@ -370,3 +370,15 @@ def test_batches_over_real_dataset(tmp_path):
     assert b.shape == (2, 12288) and b.dtype == torch.long and 0 <= b.min() and b.max() <= 255
     perm = np.random.default_rng([0, 0]).permutation(6)
     np.testing.assert_array_equal(b.numpy(), imgs[perm[:2]].reshape(2, -1))
+
+
+def test_dataset_description_is_found_in_the_folder_or_the_one_above(tmp_path):
+    from data.loader import dataset_description
+
+    (tmp_path / "build" / "audio").mkdir(parents=True)
+    assert dataset_description(tmp_path / "build" / "audio") is None
+    (tmp_path / "build" / "dataset.json").write_text('{"name": "x", "licences": {"MIT": 1}}')
+    assert dataset_description(tmp_path / "build" / "audio")["name"] == "x"  # build_audio's OUT/audio
+    assert dataset_description(tmp_path / "build")["licences"] == {"MIT": 1}
+    (tmp_path / "build" / "audio" / "dataset.json").write_text("not json")
+    assert dataset_description(tmp_path / "build" / "audio") is None
