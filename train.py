@@ -32,15 +32,26 @@ from tqdm import tqdm
 
 from data import Batches, eval_batches, open_dataset
 from data.loader import dataset_description
-from models import CONFIGS, SparseTransformer, codec_card, config_for, save_model
+from models import (
+    CONFIGS,
+    CheckpointError,
+    SparseTransformer,
+    codec_card,
+    config_for,
+    load_card,
+    load_model,
+    save_model,
+)
+from models.completion import card_kind
 from models.evaluate import sequence_bits
-from models.flops import device_peak_flops, pf_days, training_flops_per_sequence
+from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
+from models.model import ModelConfig
 
 # Settings a resumed run takes from its checkpoint; changing them would not continue the same run.
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
                     layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
                     warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="bf16", recompute=True,
-                    ema=0.0, seed=0, fsdp=False, steps=1000)
+                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None)
 # Settings of this invocation only.
 CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
                eval_every=100, eval_items=64, save_every=100, save_minutes=10.0, device="auto", threads=None,
@@ -87,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999; exported if set (default off)")
     o.add_argument("--seed", type=int)
     o.add_argument("--fsdp", action="store_true", help="shard the model with torch's FSDP (fully_shard)")
+    o.add_argument("--init", metavar="CHECKPOINT", help="start from this exported checkpoint's weights and config "
+                   "(e.g. checkpoints/image64) with a fresh optimizer and schedule; its tokens and compute "
+                   "count towards this run's totals")
     r = p.add_argument_group("run control")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     r.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this call")
@@ -166,6 +180,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
             raise TrainingError(f"--resume: the run in {settings['out']} trains {saved['kind']}, "
                                 f"not {settings['kind']}")
         for key in RUN_SETTINGS:
+            saved.setdefault(key, RUN_SETTINGS[key])  # runs started before a setting existed
             if key in given and key != "steps" and given[key] != saved[key]:
                 raise TrainingError(f"--resume: --{key.replace('_', '-')} was {saved[key]!r} in this run; "
                                     f"it cannot change to {given[key]!r} (start a new --out instead)")
@@ -174,6 +189,10 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     elif (Path(settings["out"]) / "state.pt").exists():
         raise TrainingError(f"{settings['out']} already holds a run: pass --resume to continue it, or "
                             "choose another --out")
+    if settings["init"] is not None:
+        given_model = [f"--{k.replace('_', '-')}" for k in ("config", *MODEL_FLAGS) if given.get(k) is not None]
+        if given_model and not settings["resume"]:
+            raise TrainingError(f"--init takes the model from {settings['init']}; drop {', '.join(given_model)}")
     if settings["config"] is None:
         settings["config"] = f"{settings['kind']}-cpu"
     positive = ("steps", "batch_size", "micro_batch", "eval_items", "save_every", "max_nonfinite")
@@ -190,6 +209,14 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
 
 def model_config(s: dict):
+    if s["init"] is not None:
+        try:
+            card = load_card(s["init"])
+        except CheckpointError as e:
+            raise TrainingError(f"--init: {e}") from None
+        if card_kind(card, ModelConfig.from_dict(card["config"])) != s["kind"]:
+            raise TrainingError(f"--init: {s['init']} is not an {s['kind']} model")
+        return ModelConfig.from_dict(card["config"])
     overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
     if "layer_patterns" in overrides:
         overrides["layer_patterns"] = tuple(k.strip() for k in overrides["layer_patterns"].split(","))
@@ -374,6 +401,15 @@ def _train(s: dict, d: Dist) -> dict:
 
     torch.manual_seed(s["seed"])
     model = SparseTransformer(cfg)
+    step, tokens_seen, flops_done, nonfinite_total = 0, 0, 0.0, 0
+    if s["init"] is not None and not s["resume"]:
+        try:
+            source = load_model(s["init"])
+        except CheckpointError as e:
+            raise TrainingError(f"--init: {e}") from None
+        model.load_state_dict(source.state_dict())
+        tokens_seen = int(source.card.get("tokens_seen") or 0)
+        flops_done = float(source.card.get("compute_pf_days") or 0.0) * PF_DAY
     model.recompute = s["recompute"]
     model.to(d.device)
     if s["fsdp"]:
@@ -394,7 +430,6 @@ def _train(s: dict, d: Dist) -> dict:
     ema = EMA(model, s["ema"]) if s["ema"] > 0 else None
     batches = Batches(train_set, s["micro_batch"], seed=s["seed"], rank=d.rank, world_size=d.world)
 
-    step, tokens_seen, flops_done, nonfinite_total = 0, 0, 0.0, 0
     state_path = out / "state.pt"
     if s["resume"]:
         if not state_path.is_file():
@@ -573,7 +608,7 @@ def export(model, ema, s, cfg, d: Dist, train_set, val_set, step, tokens_seen, f
             "steps": step, "tokens_seen": tokens_seen, "compute_pf_days": pf_days(flops_done),
             "held_out_bits_per_dim": bits, "held_out_items": min(s["eval_items"], len(val_set)),
             "ema_decay": s["ema"] or None,
-            "training": {k: s[k] for k in ("config", "batch_size", "lr", "warmup", "steps", "precision",
+            "training": {k: s[k] for k in ("config", "init", "batch_size", "lr", "warmup", "steps", "precision",
                                            "weight_decay", "clip", "seed", "recompute")} | {"processes": d.world},
         }
         path = str(save_model(plain.cpu(), Path(s["checkpoints"]) / s["export"], card))

@@ -69,6 +69,29 @@ def test_a_tiny_run_logs_checkpoints_and_exports(images, tmp_path):
     assert card["data"]["train_items"] == 10 and card["data"]["val_items"] == 2
 
 
+def test_init_starts_a_new_run_from_an_exported_checkpoint(images, tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    first = ["image", "--data", str(images), "--out", str(tmp_path / "a"), *FAST, "--steps", "2",
+             "--eval-every", "0", "--export", "a", "--checkpoints", str(ck)]
+    assert train.main(first) == 0
+    source = load_model(ck / "a")
+    second = ["image", "--data", str(images), "--out", str(tmp_path / "b"), "--init", str(ck / "a"),
+              "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2", "--eval-every", "0",
+              "--steps", "1", "--lr", "1e-9", "--warmup", "0", "--export", "b", "--checkpoints", str(ck)]
+    assert train.main(second) == 0
+    card = load_model(ck / "b").card
+    assert card["config"] == source.card["config"] and card["training"]["init"] == str(ck / "a")
+    assert card["tokens_seen"] == source.card["tokens_seen"] + 2 * 12288  # earlier training counts
+    assert card["compute_pf_days"] > source.card["compute_pf_days"]
+    for name, p in load_model(ck / "b").state_dict().items():  # lr 1e-9: one step leaves the weights as they were
+        torch.testing.assert_close(p, source.state_dict()[name], atol=1e-6, rtol=0)
+    bad = ["image", "--data", str(images), "--out", str(tmp_path / "c"), "--init", str(ck / "a"), "--layers", "3"]
+    assert train.main(bad) == 2
+    assert "--init takes the model from" in capsys.readouterr().err
+    assert train.main(["audio", "--data", str(images), "--out", str(tmp_path / "d"), "--init", str(ck / "a")]) == 2
+    assert "is not an audio model" in capsys.readouterr().err
+
+
 def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path):
     common = ["image", "--data", str(images), *FAST, "--steps", "4", "--dropout", "0.1", "--ema", "0.9",
               "--lr", "3e-3", "--warmup", "1", "--micro-batch", "1", "--eval-every", "0"]
