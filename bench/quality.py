@@ -56,6 +56,22 @@ def flac_bits(tokens: np.ndarray) -> int:
     return 8 * len(buf.getvalue())
 
 
+class Spread:
+    """``n`` items of ``dataset`` evenly spread over it (all of them when n = len), so that a partial
+    evaluation samples every part of the split (audio windows come file after file)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.seq_len = dataset, dataset.seq_len
+        self.kind, self.skipped = dataset.kind, getattr(dataset, "skipped", 0)
+        self.indices = np.linspace(0, len(dataset) - 1, n).round().astype(np.int64) if n > 1 else np.zeros(1, int)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.dataset[int(self.indices[i])]
+
+
 def evaluate(path: Path, data: str | None, items: int | None, batch: int) -> dict:
     """Model and codec bits per token on the validation split, over the same items."""
     model = load_model(path)
@@ -68,13 +84,14 @@ def evaluate(path: Path, data: str | None, items: int | None, batch: int) -> dic
     n = len(val) if items is None else min(items, len(val))
     if n == 0:
         raise SystemExit(f"bench/quality.py: the validation split of {data} is empty")
+    picked = Spread(val, n)
     start = time.perf_counter()
-    model_bits = sum(float(b.sum()) for b in sequence_bits(model, eval_batches(val, batch, n)))
+    model_bits = sum(float(b.sum()) for b in sequence_bits(model, eval_batches(picked, batch)))
     seconds = time.perf_counter() - start
     tokens = n * val.seq_len
     codecs: dict[str, int] = {}
     for i in range(n):
-        seq = np.asarray(val[i], dtype=np.uint8)
+        seq = np.asarray(picked[i], dtype=np.uint8)
         if kind == "image":
             image = tokens_to_image(seq[None])[0]
             codecs["PNG"] = codecs.get("PNG", 0) + png_bits(image)
@@ -93,7 +110,7 @@ def main() -> None:
                     help="evaluate every checkpoint in this folder (default: the shipped ones)")
     ap.add_argument("--checkpoint", type=Path, action="append", help="evaluate this checkpoint (repeatable)")
     ap.add_argument("--data", help="dataset path (default: the one in the card)")
-    ap.add_argument("--items", type=int, help="at most this many validation items (default: all)")
+    ap.add_argument("--items", type=int, help="at most this many validation items, evenly spread (default: all)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per forward pass")
     ap.add_argument("--update-card", action="store_true", help="write the figures into each card")
     a = ap.parse_args()
