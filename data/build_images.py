@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # python data/build_images.py
 
 from data.imagenet64 import write_imagenet64_npz  # noqa: E402
 from data.loader import DESCRIPTION, check_fraction, hash_split  # noqa: E402
-from models.codecs import IMAGE_SIZE  # noqa: E402
+from models.codecs import IMAGE_SIZE, load_image, to_rgb  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -106,16 +106,10 @@ def licence_of(paragraphs: list[tuple[list[str], str]], path: str, any_extension
 # ----------------------------------------------------------------------------------------------- sources
 
 def _open_rgb(data: bytes | Path) -> Image.Image:
+    """The picture in ``data`` (bytes or a file) as RGB, transparency composited on white."""
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-        return flatten_on(im, (255, 255, 255))
-
-
-def flatten_on(im: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
-    """RGB image; transparency composited on ``colour``."""
-    rgba = im.convert("RGBA")
-    base = Image.new("RGBA", rgba.size, colour + (255,))
-    base.alpha_composite(rgba)
-    return base.convert("RGB")
+        im.load()
+        return to_rgb(im)
 
 
 def gcompris_photos() -> list[Photo]:
@@ -213,17 +207,24 @@ def _rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
 
 
+def _square_box(size: tuple[int, int], rng: np.random.Generator, min_scale: float, min_side: int
+                ) -> tuple[int, int, int]:
+    """A random square (left, top, side) inside an image of ``size``: side log-uniform in [min_scale, 1]
+    of the short side, never below ``min_side`` pixels (unless the image is smaller)."""
+    w, h = size
+    short = min(w, h)
+    lo = min(1.0, max(min_scale, min_side / short))
+    side = max(min_side, int(round(short * np.exp(rng.uniform(np.log(lo), 0.0)))))
+    side = min(side, short)
+    return int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1)), side
+
+
 def random_crop(im: Image.Image, rng: np.random.Generator, min_scale: float, size: int = IMAGE_SIZE
                 ) -> tuple[np.ndarray, list[int]]:
     """A square crop whose side is a log-uniform fraction in [min_scale, 1] of the short side (never
     below ``size`` pixels), box-downsampled to uint8 [size, size, 3]; flipped left-right half the time.
     Returns the crop and [left, top, side, flipped]."""
-    w, h = im.size
-    short = min(w, h)
-    lo = min(1.0, max(min_scale, size / short))
-    side = max(size, int(round(short * np.exp(rng.uniform(np.log(lo), 0.0)))))
-    side = min(side, short)
-    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    left, top, side = _square_box(im.size, rng, min_scale, size)
     flip = bool(rng.random() < 0.5)
     crop = im.resize((size, size), Image.Resampling.BOX, box=(left, top, left + side, top + side))
     arr = np.asarray(crop, dtype=np.uint8)
@@ -236,11 +237,7 @@ def composite(background: Image.Image, stamp: Image.Image, rng: np.random.Genera
     The cut-out's longer side is 45-90% of the frame; it is placed fully inside. Returns image and
     [stamp scale, x, y, flipped]."""
     big = 4 * IMAGE_SIZE
-    w, h = background.size
-    short = min(w, h)
-    side = int(round(short * np.exp(rng.uniform(np.log(min(1.0, max(min_scale, big / short))), 0.0))))
-    side = max(1, min(side, short))
-    left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    left, top, side = _square_box(background.size, rng, min_scale, big)
     frame = background.resize((big, big), Image.Resampling.BOX, box=(left, top, left + side, top + side))
     frame = frame.convert("RGBA")
     scale = float(rng.uniform(0.45, 0.9))
@@ -324,8 +321,7 @@ def build(out: Path, s: Settings) -> dict:
         raise RuntimeError("photo keys are not unique")
     logger.info("decoding %d photographs", len(photos))
     decoded = {p.key: p.read() for p in photos}
-    thumbs = {k: np.asarray(im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX,
-                                      box=_centre_square(im.size)), dtype=np.uint8) for k, im in decoded.items()}
+    thumbs = {k: load_image(im) for k, im in decoded.items()}
     groups = photo_groups(photos, thumbs, threshold=0.15)
     split = {k: hash_split(g, s.val_fraction, s.seed) for k, g in groups.items()}
     stamps = stamp_cutouts()
@@ -389,12 +385,6 @@ def description(name: str, summary: dict) -> dict:
                        f"{summary['stamps']['cutouts']} photographic cut-outs from tuxpaint-stamps-default "
                        "composited onto them; 64x64 box-downsampled crops",
             "licences": dict(sorted(licences.items(), key=lambda kv: -kv[1])), "images": summary["images"]}
-
-
-def _centre_square(size: tuple[int, int]) -> tuple[int, int, int, int]:
-    w, h = size
-    side = min(w, h)
-    return (w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side
 
 
 def _summary(photos, split, groups, stamps, stamp_split, manifest, dropped, s) -> dict:

@@ -91,7 +91,7 @@ def _composite_on_white(im: Image.Image) -> Image.Image:
     return Image.alpha_composite(bg, im).convert("RGB")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB (alpha on white; 16-bit and float greyscale scaled to 8 bits)."""
     mode = im.mode
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in im.info):
@@ -128,7 +128,7 @@ def _square_resize(im: Image.Image, size: int) -> np.ndarray:
     w, h = im.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
-    out = _to_rgb(im).resize((size, size), Image.Resampling.BOX, box=(left, top, left + s, top + s))
+    out = to_rgb(im).resize((size, size), Image.Resampling.BOX, box=(left, top, left + s, top + s))
     a = np.array(out, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     return np.ascontiguousarray(a.reshape(size, size, 3))
 
