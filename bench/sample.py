@@ -7,20 +7,23 @@ Models: every checkpoint in --checkpoints; when there is none of a kind, the nam
 shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, labelled so
 (decoding speed does not depend on the weights' values).
 Rows (fp32 on the CPU, temperature 1):
-  * ours: KV-cached decoding (models.sampler.generate): steady tokens/s over 512 steps at a
-    position past the first half, batch 1 and 8 (per-sample seeds), and the wall time of a
+  * ours: KV-cached decoding (models.sampler.generate): steady tokens/s (the median of 3 runs of
+    256 steps) at a position past the first half, batch 1 and 8 (per-sample seeds), and the wall time of a
     half-image completion (6,144 tokens after a 32-row prompt: prefill included) and of a
     65,536-sample clip from scratch (--quick: 4,096 samples, scaled up and marked "est.").
   * dense cache: the same decoder with every layer caching and reading every past token.
   * naive: the full forward over the whole prefix for every new token (batch 1, 8 steps).
-  * limit: per step, weight bytes + cache bytes read, and model FLOPs, against this machine's
-    memory bandwidth (a 256 MB copy) and fp32 matmul peak; tokens/s = 1 / max(bytes/bw, flops/peak).
+  * limit: per step, weight bytes (read once for the batch) + cache bytes read, and model FLOPs,
+    against this machine's memory bandwidth (a 256 MB copy) and fp32 matmul peak;
+    tokens/s = batch / max(bytes/bw, flops/peak), at batch 1 and 8. Their ratio is the most that
+    batching can gain when every step is bound by memory or compute.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ from models.completion import model_kind  # noqa: E402
 from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
 from models.sampler import Decoder, SamplingOptions, choose_tokens, decode_threads, generate  # noqa: E402
 
-STEPS = 512
+STEPS, RUNS = 256, 3
 
 
 def memory_bandwidth() -> float:
@@ -50,7 +53,8 @@ def memory_bandwidth() -> float:
 
 
 def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = False, start: int | None = None) -> dict:
-    """Decode STEPS tokens from position ``start`` (caches pre-filled with zeros there) with sampling."""
+    """Decode STEPS tokens from position ``start`` (caches pre-filled with zeros there) with sampling;
+    the median rate of RUNS such runs (this VM's speed drifts from second to second)."""
     n = model.cfg.seq_len
     start = n // 2 if start is None else start
     with decode_threads(batch):
@@ -60,11 +64,13 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
         options = SamplingOptions()
         for pos in range(start - 16, start):
             decoder.step(prev, pos)
-        t0 = time.perf_counter()
-        for pos in range(start, start + STEPS):
-            prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
-        seconds = time.perf_counter() - t0
-    return {"tokens_per_s": batch * STEPS / seconds, "cache_bytes": decoder.cache_bytes}
+        rates = []
+        for _ in range(RUNS):
+            t0 = time.perf_counter()
+            for pos in range(start, start + STEPS):
+                prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
+            rates.append(batch * STEPS / (time.perf_counter() - t0))
+    return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes}
 
 
 def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) -> float:
@@ -86,13 +92,13 @@ def timed_generate(model: SparseTransformer, prompt_len: int, length: int) -> fl
     return time.perf_counter() - t0
 
 
-def step_cost(model: SparseTransformer, cache_read_per_token: float) -> tuple[float, float]:
-    """(bytes moved, FLOPs) of one batch-1 step: every weight once plus the cache entries read."""
+def step_cost(model: SparseTransformer, cache_read_per_token: float, batch: int = 1) -> tuple[float, float]:
+    """(bytes moved, FLOPs) of one step: every weight once plus each sequence's cache entries read."""
     cfg = model.cfg
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
     kv_bytes = cache_read_per_token * 2 * cfg.d_model * 4
     flops = 2 * matmul_parameters(cfg) + 4 * cfg.d_model * cache_read_per_token
-    return weight_bytes + kv_bytes, flops
+    return weight_bytes + batch * kv_bytes, batch * flops
 
 
 def keys_read_per_step(model: SparseTransformer, pos: int) -> float:
@@ -149,22 +155,27 @@ def main() -> None:
                 r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, 4096) * clip / 4096, True
             else:
                 r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, clip), False
-        bytes_step, flops_step = step_cost(model, keys_read_per_step(model, n // 2))
-        r.update(step_bytes=bytes_step, step_flops=flops_step,
-                 limit_tokens_per_s=1 / max(bytes_step / bandwidth, flops_step / peak))
+        keys = keys_read_per_step(model, n // 2)
+        bytes_step, flops_step = step_cost(model, keys)
+        bytes_b8, flops_b8 = step_cost(model, keys, 8)
+        r.update(step_bytes=bytes_step, step_flops=flops_step, step_bytes_b8=bytes_b8,
+                 limit_tokens_per_s=1 / max(bytes_step / bandwidth, flops_step / peak),
+                 limit_tokens_per_s_b8=8 / max(bytes_b8 / bandwidth, flops_b8 / peak))
         results.append(r)
     busy = contention.other_cores()
     print_table("Sampling on the CPU (fp32; tokens/s at a position past the middle of the sequence)",
                 ["model", "params", "b=1 tok/s", "b=8 tok/s", "b8/b1", "dense cache b=1", "naive b=1",
-                 "half image", "65,536 clip", "cache (b=1)", "limit b=1"],
+                 "half image", "65,536 clip", "cache (b=1)", "limit b=1", "limit b=8"],
                 [[r["model"], f"{r['params_m']:.1f}M", fmt(r["tokens_per_s_b1"], ",.0f"),
                   fmt(r["tokens_per_s_b8"], ",.0f"), fmt(r["tokens_per_s_b8"] / r["tokens_per_s_b1"], ".1f"),
                   fmt(r["dense_tokens_per_s_b1"], ",.0f"), fmt(r["naive_tokens_per_s_b1"], ",.1f"),
                   fmt(r.get("half_image_s"), ".1f") + (" s" if "half_image_s" in r else ""),
                   "-" if "clip_s" not in r else fmt(r["clip_s"], ".1f") + (" s est." if r["clip_estimated"] else " s"),
-                  f"{r['cache_bytes_b1'] / 1e6:.1f} MB", fmt(r["limit_tokens_per_s"], ",.0f")] for r in results])
+                  f"{r['cache_bytes_b1'] / 1e6:.1f} MB", fmt(r["limit_tokens_per_s"], ",.0f"),
+                  fmt(r["limit_tokens_per_s_b8"], ",.0f")] for r in results])
     for r in results:
-        print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved, {r['step_flops'] / 1e6:.1f} MFLOP")
+        print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1, "
+              f"{r['step_bytes_b8'] / 1e6:.1f} MB at batch 8; {r['step_flops'] / 1e6:.1f} MFLOP per token")
     if busy is not None:
         print(f"(other processes used {busy:.2f} cores on average while this ran)")
     print("GPU: " + ("not timed by this script yet" if torch.cuda.is_available() else "none here"))

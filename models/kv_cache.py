@@ -6,8 +6,8 @@ from one parallel forward pass); ``step(pos, q, kv)`` stores position ``pos`` an
 the attention output of its query over what the pattern lets ``pos`` read:
 
   local (window w):  a ring of the last w + 1 positions                 [B, 2, H, w + 1, D]
-  strided (stride l): every position, as a [rows, l] matrix; a query reads its column
-                     above it (a strided view)                          [B, 2, H, ceil(N/l), l, D]
+  strided (stride l): every position, as an [l, rows] matrix (column-major); a query
+                     reads the contiguous start of its column           [B, 2, H, l, ceil(N/l), D]
   fixed (l, c):      a ring of the current l-block plus the c summary positions of each
                      block (per head when heads use distinct summaries) [B, 2, H, l + ceil(N/l) c, D]
   all:               every position                                     [B, 2, H, N, D]
@@ -74,20 +74,25 @@ class LocalCache(LayerCache):
 
 
 class StridedCache(LayerCache):
+    """Stored column-major ([stride, rows]): the column a query reads is contiguous, so a step
+    touches a few pages instead of one page per row (the audio model has 256 rows)."""
+
     def __init__(self, cfg, batch, seq_len, device, dtype, stride: int):
         super().__init__(cfg, batch, seq_len, device, dtype)
         self.stride, self.rows = stride, -(-seq_len // stride)
-        self.kv = self._empty(self.rows, stride)
+        self.kv = self._empty(stride, self.rows)
 
     def fill(self, k, v):
         B, H, P, D = k.shape
-        flat = self.kv.view(B, 2, H, -1, D)
-        flat[:, 0, :, :P], flat[:, 1, :, :P] = k, v
+        full, rest = divmod(P, self.stride)  # complete rows, then the start of the next one
+        for i, t in enumerate((k, v)):
+            self.kv[:, i, :, :, :full] = t[:, :, : full * self.stride].view(B, H, full, self.stride, D).transpose(2, 3)
+            self.kv[:, i, :, :rest, full] = t[:, :, full * self.stride:]
 
     def step(self, pos, q, kv):
         r, c = divmod(pos, self.stride)
-        self.kv[:, :, :, r, c] = kv
-        return _attend(q, self.kv[:, 0, :, : r + 1, c], self.kv[:, 1, :, : r + 1, c])
+        self.kv[:, :, :, c, r] = kv
+        return _attend(q, self.kv[:, 0, :, c, : r + 1], self.kv[:, 1, :, c, : r + 1])
 
 
 class FixedCache(LayerCache):

@@ -24,7 +24,7 @@ def small_model(seed: int = 0, **kw) -> SparseTransformer:
     return model
 
 
-@pytest.mark.parametrize("prompt_len", [0, 37])
+@pytest.mark.parametrize("prompt_len", [0, 32, 37])
 @pytest.mark.parametrize("kw", PATTERNS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_step_by_step_logits_equal_the_full_forward_at_every_position(kw, prompt_len):
     model = small_model(**kw)
