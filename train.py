@@ -214,9 +214,10 @@ def model_config(s: dict):
             card = load_card(s["init"])
         except CheckpointError as e:
             raise TrainingError(f"--init: {e}") from None
-        if card_kind(card, ModelConfig.from_dict(card["config"])) != s["kind"]:
+        cfg = ModelConfig.from_dict(card["config"])
+        if card_kind(card, cfg) != s["kind"]:
             raise TrainingError(f"--init: {s['init']} is not an {s['kind']} model")
-        return ModelConfig.from_dict(card["config"])
+        return cfg
     overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
     if "layer_patterns" in overrides:
         overrides["layer_patterns"] = tuple(k.strip() for k in overrides["layer_patterns"].split(","))
