@@ -36,7 +36,7 @@ from bench.common import CpuContention, cpu_name, fmt, print_table, sig  # noqa:
 from models import SparseTransformer, config_for, load_card, load_model  # noqa: E402
 from models.completion import model_kind  # noqa: E402
 from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
-from models.sampler import Decoder, SamplingOptions, choose_tokens, decode_threads, generate  # noqa: E402
+from models.sampler import Decoder, SamplingOptions, choose_tokens, generate  # noqa: E402
 
 STEPS, RUNS = 256, 3
 
@@ -57,19 +57,18 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
     the median rate of RUNS such runs (this VM's speed drifts from second to second)."""
     n = model.cfg.seq_len
     start = n // 2 if start is None else start
-    with decode_threads(batch):
-        decoder = Decoder(model, batch, dense=dense)
-        prev = torch.zeros(batch, dtype=torch.long)
-        uniforms = torch.rand(batch, dtype=torch.float64)
-        options = SamplingOptions()
-        for pos in range(start - 16, start):
-            decoder.step(prev, pos)
-        rates = []
-        for _ in range(RUNS):
-            t0 = time.perf_counter()
-            for pos in range(start, start + STEPS):
-                prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
-            rates.append(batch * STEPS / (time.perf_counter() - t0))
+    decoder = Decoder(model, batch, dense=dense)
+    prev = torch.zeros(batch, dtype=torch.long)
+    uniforms = torch.rand(batch, dtype=torch.float64)
+    options = SamplingOptions()
+    for pos in range(start - 16, start):
+        decoder.step(prev, pos)
+    rates = []
+    for _ in range(RUNS):
+        t0 = time.perf_counter()
+        for pos in range(start, start + STEPS):
+            prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
+        rates.append(batch * STEPS / (time.perf_counter() - t0))
     return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes}
 
 

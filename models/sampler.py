@@ -4,8 +4,11 @@ The prompt is prefilled with one parallel forward pass (the block-sparse kernels
 token per step: each layer reads only what its pattern allows from a static cache
 (models.kv_cache). A decoding step is written with plain functional ops on the model's
 own weights (no module dispatch, pre-transposed matrices): at batch 1 on a CPU the step is
-bound by per-op overhead, so fewer, leaner ops are what make it fast. A test checks that
-step-by-step logits equal the full forward's at every position.
+bound by per-op overhead and by reading the weights, so fewer, leaner ops are what make it
+fast. On a CPU each weight matrix is also split by output columns into one shard per thread
+and applied with one batched matmul (``baddbmm``), so every core streams its own share of
+the weights; a plain matrix-vector product runs on one core. A test checks that step-by-step
+logits equal the full forward's at every position.
 
 Randomness: sample b draws its uniforms from its own generator seeded with ``seeds[b]``
 (one uniform per position, inverse-CDF sampling), so a sample depends on its seed and
@@ -14,7 +17,6 @@ prompt only, not on the batch it ran in.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import LayerCache, make_caches
-from .model import SparseTransformer, check_int
+from .model import ModelConfig, SparseTransformer, check_int
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,13 @@ class Decoder:
 
     dense: keep and read every past position in every layer (a baseline for benchmarks; it
     is not the model's pattern, so its samples differ).
+    shards: pieces each weight matrix is split into by output columns (see the module notes);
+    default: on a CPU, torch's thread count rounded down to a divisor of gcd(d_model, vocab);
+    elsewhere 1.
     """
 
-    def __init__(self, model: SparseTransformer, batch: int, seq_len: int | None = None, dense: bool = False):
+    def __init__(self, model: SparseTransformer, batch: int, seq_len: int | None = None, dense: bool = False,
+                 shards: int | None = None):
         if not isinstance(model, SparseTransformer):
             raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
         cfg = model.cfg
@@ -85,13 +91,25 @@ class Decoder:
         self.seq_len = self.caches[0].seq_len
         with torch.no_grad():
             self.pos_emb = model.position_embedding(torch.arange(self.seq_len, device=self.device)).detach()
+        if shards is None:
+            shards = weight_shards(cfg, torch.get_num_threads()) if self.device.type == "cpu" else 1
+        elif check_int("shards", shards, 1) > 1 and (cfg.d_model % shards or cfg.vocab % shards):
+            raise ValueError(f"shards must divide d_model ({cfg.d_model}) and vocab ({cfg.vocab}), got {shards}")
+        self.shards = shards
+        self.linear = _addmm if shards == 1 else _sharded_addmm
+
+        def lin(m: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+            """(w [in, out], b [out]), or with shards S: (w [S, in, out / S], b [S, 1, out / S])."""
+            w, b = m.weight.detach().t(), m.bias.detach()
+            if shards == 1:
+                return w.contiguous(), b
+            return w.unflatten(1, (shards, -1)).transpose(0, 1).contiguous(), b.view(shards, 1, -1)
+
         d = lambda t: t.detach()  # noqa: E731
-        t = lambda t: t.detach().t().contiguous()  # noqa: E731  [out, in] -> [in, out] for addmm
-        self.blocks = [(d(b.norm1.weight), d(b.norm1.bias), t(b.attn.qkv.weight), d(b.attn.qkv.bias),
-                        t(b.attn.proj.weight), d(b.attn.proj.bias), d(b.norm2.weight), d(b.norm2.bias),
-                        t(b.ff.fc.weight), d(b.ff.fc.bias), t(b.ff.proj.weight), d(b.ff.proj.bias))
+        self.blocks = [(d(b.norm1.weight), d(b.norm1.bias), *lin(b.attn.qkv), *lin(b.attn.proj),
+                        d(b.norm2.weight), d(b.norm2.bias), *lin(b.ff.fc), *lin(b.ff.proj))
                        for b in model.blocks]
-        self.final = (d(model.norm.weight), d(model.norm.bias), t(model.head.weight), d(model.head.bias))
+        self.final = (d(model.norm.weight), d(model.norm.bias), *lin(model.head))
         self.tok_emb, self.start = d(model.tok_emb.weight), d(model.start)
 
     @property
@@ -113,17 +131,33 @@ class Decoder:
         """Logits [B, V] (float32) of token ``pos``; prev [B] are the tokens at pos - 1 (None at pos 0)."""
         cfg, B = self.cfg, self.caches[0].batch
         d, H, D = cfg.d_model, cfg.n_heads, cfg.head_dim
-        addmm, norm = torch.addmm, torch.layer_norm  # torch.layer_norm: F.layer_norm's Python checks cost ~1 us
+        linear, norm = self.linear, torch.layer_norm  # torch.layer_norm: F.layer_norm's Python checks cost ~1 us
         x = self.start.expand(B, d) if prev is None else self.tok_emb[prev]
         x = x + self.pos_emb[pos]
         for (n1w, n1b, qkv_w, qkv_b, pw, pb, n2w, n2b, fw, fb, f2w, f2b), cache in zip(self.blocks, self.caches,
                                                                                            strict=True):
-            qkv = addmm(qkv_b, norm(x, (d,), n1w, n1b), qkv_w).view(B, 3, H, 1, D)
+            qkv = linear(norm(x, (d,), n1w, n1b), qkv_w, qkv_b).view(B, 3, H, 1, D)
             y = cache.step(pos, qkv.select(1, 0), qkv.narrow(1, 1, 2).squeeze(3))  # [B, H, 1, D]
-            x = x + addmm(pb, y.view(B, d), pw)
-            x = x + addmm(f2b, F.gelu(addmm(fb, norm(x, (d,), n2w, n2b), fw), approximate="tanh"), f2w)
+            x = x + linear(y.view(B, d), pw, pb)
+            x = x + linear(F.gelu(linear(norm(x, (d,), n2w, n2b), fw, fb), approximate="tanh"), f2w, f2b)
         nw, nb, hw, hb = self.final
-        return addmm(hb, norm(x, (d,), nw, nb), hw).float()
+        return linear(norm(x, (d,), nw, nb), hw, hb).float()
+
+
+def weight_shards(cfg: ModelConfig, threads: int) -> int:
+    """The most shards, at most ``threads``, dividing every linear layer's outputs (multiples of d_model or vocab)."""
+    common = math.gcd(cfg.d_model, cfg.vocab)
+    return max(s for s in range(1, max(1, threads) + 1) if common % s == 0)
+
+
+def _addmm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [B, in] @ w [in, out] + b [out] -> [B, out]."""
+    return torch.addmm(b, x, w)
+
+
+def _sharded_addmm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [B, in] @ w [S, in, out / S] + b [S, 1, out / S] -> [B, out]: the S products run on S threads."""
+    return torch.baddbmm(b, x.expand(w.shape[0], -1, -1), w).transpose(0, 1).reshape(x.shape[0], -1)
 
 
 @dataclass
@@ -135,18 +169,6 @@ class Progress:
     tokens: torch.Tensor
     seconds: float
     finished: bool
-
-
-@contextlib.contextmanager
-def decode_threads(batch: int):
-    """One thread for batch 1 on a CPU (each op is too small to split; waking a second thread costs more)."""
-    before = torch.get_num_threads()
-    if batch == 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
@@ -172,18 +194,17 @@ def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds:
     uniforms = torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
                             for s in seeds])
     t0 = time.perf_counter()
-    with decode_threads(B):
-        decoder = Decoder(model, B, length, dense=dense_cache)
-        tokens = torch.empty(B, length, dtype=torch.int64, device=decoder.device)
-        tokens[:, :P] = prompt
-        if P:
-            decoder.prefill(prompt)
-        uniforms = uniforms.to(decoder.device, torch.float32).clamp_(max=1 - 2**-24)  # stays below 1 in fp32
-        for pos in range(P, length):
-            logits = decoder.step(tokens[:, pos - 1] if pos else None, pos)
-            tokens[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
-            if (pos + 1 - P) % report_every == 0 and pos + 1 < length:
-                yield Progress(pos + 1, length, tokens[:, : pos + 1], time.perf_counter() - t0, False)
+    decoder = Decoder(model, B, length, dense=dense_cache)
+    tokens = torch.empty(B, length, dtype=torch.int64, device=decoder.device)
+    tokens[:, :P] = prompt
+    if P:
+        decoder.prefill(prompt)
+    uniforms = uniforms.to(decoder.device, torch.float32).clamp_(max=1 - 2**-24)  # stays below 1 in fp32
+    for pos in range(P, length):
+        logits = decoder.step(tokens[:, pos - 1] if pos else None, pos)
+        tokens[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
+        if (pos + 1 - P) % report_every == 0 and pos + 1 < length:
+            yield Progress(pos + 1, length, tokens[:, : pos + 1], time.perf_counter() - t0, False)
     yield Progress(length, length, tokens, time.perf_counter() - t0, True)
 
 

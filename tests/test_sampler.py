@@ -8,7 +8,7 @@ from models import SparseTransformer, codec_card, config_for
 from models.completion import complete_image, generate_audio
 from models.kv_cache import make_caches
 from models.model import ModelConfig
-from models.sampler import Decoder, SamplingCancelled, SamplingOptions, choose_tokens, generate, sample
+from models.sampler import Decoder, SamplingCancelled, SamplingOptions, choose_tokens, generate, sample, weight_shards
 
 PATTERNS = [dict(pattern="strided"), dict(pattern="fixed", summary=4),
             dict(pattern="fixed", summary=4, distinct_summaries=True), dict(pattern="all"),
@@ -24,18 +24,33 @@ def small_model(seed: int = 0, **kw) -> SparseTransformer:
     return model
 
 
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("prompt_len", [0, 32, 37])
 @pytest.mark.parametrize("kw", PATTERNS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
-def test_step_by_step_logits_equal_the_full_forward_at_every_position(kw, prompt_len):
+def test_step_by_step_logits_equal_the_full_forward_at_every_position(kw, prompt_len, shards):
     model = small_model(**kw)
     tokens = torch.randint(0, 256, (3, 150), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
-    decoder = Decoder(model, 3, 150)
+    decoder = Decoder(model, 3, 150, shards=shards)
     if prompt_len:
         decoder.prefill(tokens[:, :prompt_len])
     for pos in range(prompt_len, 150):
         logits = decoder.step(tokens[:, pos - 1] if pos else None, pos)
         torch.testing.assert_close(logits, full[:, pos], rtol=1e-5, atol=5e-5)
+
+
+def test_weight_shards_split_the_step_and_must_divide_the_layers():
+    model = small_model()  # d_model 64, vocab 256
+    assert [weight_shards(model.cfg, t) for t in (0, 1, 2, 3, 6, 64, 100)] == [1, 1, 2, 2, 4, 64, 64]
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    one, four = Decoder(model, 1, 40, shards=1), Decoder(model, 1, 40, shards=4)
+    assert four.blocks[0][2].shape == (4, 64, 48)  # qkv: [shards, in, 3 * d_model / shards]
+    for pos in range(40):
+        prev = tokens[:, pos - 1] if pos else None
+        torch.testing.assert_close(four.step(prev, pos), one.step(prev, pos), rtol=1e-5, atol=1e-5)
+    for bad in (0, 3, True, 2.0):
+        with pytest.raises(ValueError, match="shards"):
+            Decoder(model, 1, 40, shards=bad)
 
 
 def test_caches_keep_only_what_the_pattern_can_still_read():
