@@ -6,7 +6,8 @@ line printed is one line of JSON.
 Models: every checkpoint in --checkpoints; when there is none of a kind, the named config the
 shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, labelled so
 (decoding speed does not depend on the weights' values).
-Rows (fp32 on the CPU, temperature 1):
+Rows (fp32 on the CPU, temperature 1, all of torch's threads; the decoder splits its weights into one
+shard per thread, see models.sampler):
   * ours: KV-cached decoding (models.sampler.generate): steady tokens/s (the median of 3 runs of
     256 steps) at a position past the first half, batch 1 and 8 (per-sample seeds), and the wall time of a
     half-image completion (6,144 tokens after a 32-row prompt: prefill included) and of a
@@ -36,7 +37,7 @@ from bench.common import CpuContention, cpu_name, fmt, print_table, sig  # noqa:
 from models import SparseTransformer, config_for, load_card, load_model  # noqa: E402
 from models.completion import model_kind  # noqa: E402
 from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
-from models.sampler import Decoder, SamplingOptions, choose_tokens, generate  # noqa: E402
+from models.sampler import Decoder, SamplingOptions, choose_tokens, generate, weight_shards  # noqa: E402
 
 STEPS, RUNS = 256, 3
 
@@ -140,7 +141,8 @@ def main() -> None:
     for name, model in models_to_time(Path(args.checkpoints)):
         kind, n = model_kind(model), model.cfg.seq_len
         torch.manual_seed(0)
-        r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6}
+        r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6,
+             "weight_shards": weight_shards(model.cfg, torch.get_num_threads())}
         b1, b8 = steady_tokens_per_s(model, 1), steady_tokens_per_s(model, 8)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
                  cache_bytes_b1=b1["cache_bytes"])
@@ -174,7 +176,8 @@ def main() -> None:
                   fmt(r["limit_tokens_per_s_b8"], ",.0f")] for r in results])
     for r in results:
         print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1, "
-              f"{r['step_bytes_b8'] / 1e6:.1f} MB at batch 8; {r['step_flops'] / 1e6:.1f} MFLOP per token")
+              f"{r['step_bytes_b8'] / 1e6:.1f} MB at batch 8; {r['step_flops'] / 1e6:.1f} MFLOP per token; "
+              f"weights in {r['weight_shards']} shard(s)")
     if busy is not None:
         print(f"(other processes used {busy:.2f} cores on average while this ran)")
     print("GPU: " + ("not timed by this script yet" if torch.cuda.is_available() else "none here"))
