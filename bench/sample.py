@@ -37,7 +37,7 @@ from bench.common import CpuContention, cpu_name, fmt, print_table, sig  # noqa:
 from models import SparseTransformer, config_for, load_card, load_model  # noqa: E402
 from models.completion import model_kind  # noqa: E402
 from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
-from models.sampler import Decoder, SamplingOptions, choose_tokens, generate, weight_shards  # noqa: E402
+from models.sampler import Decoder, SamplingOptions, choose_tokens, generate  # noqa: E402
 
 STEPS, RUNS = 256, 3
 
@@ -70,7 +70,7 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
         for pos in range(start, start + STEPS):
             prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
-    return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes}
+    return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes, "shards": decoder.shards}
 
 
 def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) -> float:
@@ -141,11 +141,10 @@ def main() -> None:
     for name, model in models_to_time(Path(args.checkpoints)):
         kind, n = model_kind(model), model.cfg.seq_len
         torch.manual_seed(0)
-        r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6,
-             "weight_shards": weight_shards(model.cfg, torch.get_num_threads())}
+        r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6}
         b1, b8 = steady_tokens_per_s(model, 1), steady_tokens_per_s(model, 8)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
-                 cache_bytes_b1=b1["cache_bytes"])
+                 cache_bytes_b1=b1["cache_bytes"], weight_shards=b1["shards"])
         r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, dense=True)["tokens_per_s"]
         r["naive_tokens_per_s_b1"] = naive_tokens_per_s(model, n // 2)
         if kind == "image":
