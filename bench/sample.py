@@ -6,16 +6,19 @@ line printed is one line of JSON.
 Models: every checkpoint in --checkpoints; when there is none of a kind, the named config the
 shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, labelled so
 (decoding speed does not depend on the weights' values).
-Rows (fp32 on the CPU, temperature 1, all of torch's threads; the decoder splits its weights into one
-shard per thread, see models.sampler):
-  * ours: KV-cached decoding (models.sampler.generate): steady tokens/s (the median of 3 runs of
-    256 steps) at a position past the first half, batch 1 and 8 (per-sample seeds), and the wall time of a
-    half-image completion (6,144 tokens after a 32-row prompt: prefill included) and of a
-    65,536-sample clip from scratch (--quick: 4,096 samples, scaled up and marked "est.").
-  * dense cache: the same decoder with every layer caching and reading every past token.
+Rows (fp32 on the CPU, temperature 1, all of torch's threads):
+  * ours: KV-cached decoding (models.sampler.generate) with the fused C step (models.fused_step):
+    steady tokens/s (the median of 3 runs of 256 steps) at a position past the first half, batch 1
+    and 8 (per-sample seeds), and the wall time of a half-image completion (6,144 tokens after a
+    32-row prompt: prefill included) and of a 65,536-sample clip from scratch (--quick: 4,096
+    samples, scaled up and marked "est.").
+  * PyTorch step: the same decoder stepping through PyTorch ops (weights split into one shard per
+    thread), as it runs where no C compiler is found.
+  * dense cache: the decoder with every layer caching and reading every past token.
   * naive: the full forward over the whole prefix for every new token (batch 1, 8 steps).
   * limit: per step, weight bytes (read once for the batch) + cache bytes read, and model FLOPs,
-    against this machine's memory bandwidth (a 256 MB copy) and fp32 matmul peak;
+    against the speed of reading a buffer of that many bytes (from the CPU's caches when it fits:
+    the weights of the shipped models do) and the fp32 matmul peak;
     tokens/s = batch / max(bytes/bw, flops/peak), at batch 1 and 8. Their ratio is the most that
     batching can gain when every step is bound by memory or compute.
 """
@@ -53,12 +56,25 @@ def memory_bandwidth() -> float:
     return 2 * a.numel() * 4 / best
 
 
-def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = False, start: int | None = None) -> dict:
+def read_bandwidth(nbytes: int) -> float:
+    """Bytes/s of reading (summing) a buffer of ``nbytes``, best of 5: from the CPU's caches when it fits."""
+    a = torch.randn(max(1, nbytes // 4))
+    a.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.numel() * 4 / best
+
+
+def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = False, start: int | None = None,
+                        fused: bool | None = None) -> dict:
     """Decode STEPS tokens from position ``start`` (caches pre-filled with zeros there) with sampling;
     the median rate of RUNS such runs (this VM's speed drifts from second to second)."""
     n = model.cfg.seq_len
     start = n // 2 if start is None else start
-    decoder = Decoder(model, batch, dense=dense)
+    decoder = Decoder(model, batch, dense=dense, fused=fused)
     prev = torch.zeros(batch, dtype=torch.long)
     uniforms = torch.rand(batch, dtype=torch.float64)
     options = SamplingOptions()
@@ -70,7 +86,9 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
         for pos in range(start, start + STEPS):
             prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
-    return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes, "shards": decoder.shards}
+    step = (f"fused C step, {decoder.fused.threads} threads" if decoder.fused is not None
+            else f"PyTorch step, weights in {decoder.shards} shard(s)")
+    return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes, "step": step}
 
 
 def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) -> float:
@@ -144,7 +162,10 @@ def main() -> None:
         r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6}
         b1, b8 = steady_tokens_per_s(model, 1), steady_tokens_per_s(model, 8)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
-                 cache_bytes_b1=b1["cache_bytes"], weight_shards=b1["shards"])
+                 cache_bytes_b1=b1["cache_bytes"], step=b1["step"])
+        torch_b1, torch_b8 = (steady_tokens_per_s(model, b, fused=False) for b in (1, 8))
+        r.update(torch_tokens_per_s_b1=torch_b1["tokens_per_s"], torch_tokens_per_s_b8=torch_b8["tokens_per_s"],
+                 torch_step=torch_b1["step"])
         r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, dense=True)["tokens_per_s"]
         r["naive_tokens_per_s_b1"] = naive_tokens_per_s(model, n // 2)
         if kind == "image":
@@ -158,25 +179,30 @@ def main() -> None:
         keys = keys_read_per_step(model, n // 2)
         bytes_step, flops_step = step_cost(model, keys)
         bytes_b8, flops_b8 = step_cost(model, keys, 8)
+        bw1, bw8 = read_bandwidth(bytes_step), read_bandwidth(bytes_b8)
         r.update(step_bytes=bytes_step, step_flops=flops_step, step_bytes_b8=bytes_b8,
-                 limit_tokens_per_s=1 / max(bytes_step / bandwidth, flops_step / peak),
-                 limit_tokens_per_s_b8=8 / max(bytes_b8 / bandwidth, flops_b8 / peak))
+                 read_bandwidth_gbs_b1=bw1 / 1e9, read_bandwidth_gbs_b8=bw8 / 1e9,
+                 limit_tokens_per_s=1 / max(bytes_step / bw1, flops_step / peak),
+                 limit_tokens_per_s_b8=8 / max(bytes_b8 / bw8, flops_b8 / peak))
         results.append(r)
     busy = contention.other_cores()
     print_table("Sampling on the CPU (fp32; tokens/s at a position past the middle of the sequence)",
-                ["model", "params", "b=1 tok/s", "b=8 tok/s", "b8/b1", "dense cache b=1", "naive b=1",
-                 "half image", "65,536 clip", "cache (b=1)", "limit b=1", "limit b=8"],
+                ["model", "params", "b=1 tok/s", "b=8 tok/s", "b8/b1", "PyTorch step b=1", "PyTorch step b=8",
+                 "dense cache b=1", "naive b=1", "half image", "65,536 clip", "cache (b=1)", "limit b=1",
+                 "limit b=8"],
                 [[r["model"], f"{r['params_m']:.1f}M", fmt(r["tokens_per_s_b1"], ",.0f"),
                   fmt(r["tokens_per_s_b8"], ",.0f"), fmt(r["tokens_per_s_b8"] / r["tokens_per_s_b1"], ".1f"),
+                  fmt(r["torch_tokens_per_s_b1"], ",.0f"), fmt(r["torch_tokens_per_s_b8"], ",.0f"),
                   fmt(r["dense_tokens_per_s_b1"], ",.0f"), fmt(r["naive_tokens_per_s_b1"], ",.1f"),
                   fmt(r.get("half_image_s"), ".1f") + (" s" if "half_image_s" in r else ""),
                   "-" if "clip_s" not in r else fmt(r["clip_s"], ".1f") + (" s est." if r["clip_estimated"] else " s"),
                   f"{r['cache_bytes_b1'] / 1e6:.1f} MB", fmt(r["limit_tokens_per_s"], ",.0f"),
                   fmt(r["limit_tokens_per_s_b8"], ",.0f")] for r in results])
     for r in results:
-        print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1, "
-              f"{r['step_bytes_b8'] / 1e6:.1f} MB at batch 8; {r['step_flops'] / 1e6:.1f} MFLOP per token; "
-              f"weights in {r['weight_shards']} shard(s)")
+        print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1 (read at "
+              f"{r['read_bandwidth_gbs_b1']:.0f} GB/s), {r['step_bytes_b8'] / 1e6:.1f} MB at batch 8 (at "
+              f"{r['read_bandwidth_gbs_b8']:.0f} GB/s); {r['step_flops'] / 1e6:.1f} MFLOP per token; "
+              f"{r['step']}; PyTorch rows: {r['torch_step']}")
     if busy is not None:
         print(f"(other processes used {busy:.2f} cores on average while this ran)")
     print("GPU: " + ("not timed by this script yet" if torch.cuda.is_available() else "none here"))

@@ -51,9 +51,9 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfl
     """(peak FLOP/s, how it was obtained) for MFU.
 
     CUDA: the data-sheet dense peak of a known GPU, else a measured large matmul.
-    CPU: no portable data sheet exists, so the best of a few large matmuls in ``dtype``
-    on the threads torch uses (an attainable peak; MFU against it is an upper bound
-    of the true hardware utilisation).
+    CPU: no portable data sheet exists, so the best of 5 square matmuls in ``dtype`` on the
+    threads torch uses, grown from 256 until one takes 20 ms (at most 1024 on a CPU, 4096 on a
+    GPU): an attainable peak; MFU against it is an upper bound of the true hardware utilisation.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -61,17 +61,25 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfl
         for key, peak in GPU_PEAKS.items():
             if key in name:
                 return peak, f"data sheet ({name}, dense bf16)"
-    n = 2048 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(4):
+
+    def seconds(n: int, repeats: int) -> float:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        best = float("inf")
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
             a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - t0) / 4)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    # grow the matmul while one takes under 20 ms: a CPU without native bf16 runs bf16 at ~1 GFLOP/s,
+    # where a fixed 1024^3 matmul would take seconds
+    n, largest = 256, 4096 if device.type == "cuda" else 1024
+    while n < largest and seconds(n, 2) < 0.02:
+        n *= 2
+    best = seconds(n, 5)
     return 2 * n**3 / best, f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmul on {device.type}"

@@ -2,13 +2,14 @@
 
 The prompt is prefilled with one parallel forward pass (the block-sparse kernels), then one
 token per step: each layer reads only what its pattern allows from a static cache
-(models.kv_cache). A decoding step is written with plain functional ops on the model's
-own weights (no module dispatch, pre-transposed matrices): at batch 1 on a CPU the step is
-bound by per-op overhead and by reading the weights, so fewer, leaner ops are what make it
-fast. On a CPU each weight matrix is also split by output columns into one shard per thread
-and applied with one batched matmul (``baddbmm``), so every core streams its own share of
-the weights; a plain matrix-vector product runs on one core. A test checks that step-by-step
-logits equal the full forward's at every position.
+(models.kv_cache). At batch 1 on a CPU a step is about 80 small operations, so per-op overhead
+costs as much as reading the weights: by default each step is one call of the fused C step
+(models.fused_step), which reads and writes the same caches. Where that cannot run, the step is
+written with plain functional ops on the model's own weights (no module dispatch, pre-transposed
+matrices); on a CPU each weight matrix is then split by output columns into one shard per thread
+and applied with one batched matmul (``baddbmm``), so every core streams its own share of the
+weights (a plain matrix-vector product runs on one core). Tests check that step-by-step logits
+equal the full forward's at every position, for both steps.
 
 Randomness: sample b draws its uniforms from its own generator seeded with ``seeds[b]``
 (one uniform per position, inverse-CDF sampling), so a sample depends on its seed and
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fused_step import FusedStep
+from .fused_step import unavailable as fused_step_unavailable
 from .kv_cache import LayerCache, make_caches
 from .model import ModelConfig, SparseTransformer, check_int
 
@@ -58,12 +61,14 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: Samplin
     if options.top_k is not None and options.top_k < logits.shape[-1]:
         kth = logits.topk(options.top_k, -1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, -1)
+    # unnormalised probabilities (the inverse CDF below scales by the total); not torch.softmax, whose
+    # parallel loop at batch 8 wakes torch's thread pool, which then spins on the cores the fused step uses
+    probs = (logits - logits.amax(-1, keepdim=True)).exp_()
     if options.top_p is not None and options.top_p < 1:
         sorted_p, order = probs.sort(-1, descending=True)
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the likelier tokens
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < options.top_p)
-        probs = probs * keep
+        keep = before < options.top_p * sorted_p.sum(-1, keepdim=True)
+        probs = probs * torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, keep)
     cdf = probs.cumsum(-1)
     target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
@@ -74,13 +79,16 @@ class Decoder:
 
     dense: keep and read every past position in every layer (a baseline for benchmarks; it
     is not the model's pattern, so its samples differ).
-    shards: pieces each weight matrix is split into by output columns (see the module notes);
-    default: on a CPU, torch's thread count rounded down to a divisor of gcd(d_model, vocab);
-    elsewhere 1.
+    fused: run each step as one call of the compiled C step (models.fused_step); None (default):
+    where it is available (fp32 on the CPU, a C compiler found) and ``shards`` is not given;
+    False: the PyTorch step; True: the C step or a ValueError saying why it cannot run.
+    shards (PyTorch step): pieces each weight matrix is split into by output columns (see the
+    module notes); default: on a CPU, torch's thread count rounded down to a divisor of
+    gcd(d_model, vocab); elsewhere 1.
     """
 
     def __init__(self, model: SparseTransformer, batch: int, seq_len: int | None = None, dense: bool = False,
-                 shards: int | None = None):
+                 shards: int | None = None, fused: bool | None = None):
         if not isinstance(model, SparseTransformer):
             raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
         cfg = model.cfg
@@ -91,10 +99,23 @@ class Decoder:
         self.seq_len = self.caches[0].seq_len
         with torch.no_grad():
             self.pos_emb = model.position_embedding(torch.arange(self.seq_len, device=self.device)).detach()
-        if shards is None:
-            shards = weight_shards(cfg, torch.get_num_threads()) if self.device.type == "cpu" else 1
-        elif check_int("shards", shards, 1) > 1 and (cfg.d_model % shards or cfg.vocab % shards):
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None (auto), True or False, got {fused!r}")
+        if shards is not None and check_int("shards", shards, 1) > 1 and (cfg.d_model % shards or cfg.vocab % shards):
             raise ValueError(f"shards must divide d_model ({cfg.d_model}) and vocab ({cfg.vocab}), got {shards}")
+        if fused is None:
+            fused = shards is None and fused_step_unavailable(model, self.caches) is None
+        # the C step (None: the PyTorch step); it reads and writes the same caches
+        self.fused = FusedStep(model, self.caches, self.pos_emb) if fused else None
+        self.shards = None
+        if self.fused is None:
+            if shards is None:
+                shards = weight_shards(cfg, torch.get_num_threads()) if self.device.type == "cpu" else 1
+            self._prepare_weights(shards)
+
+    def _prepare_weights(self, shards: int) -> None:
+        """The PyTorch step's weights: pre-transposed, split into ``shards`` by output columns."""
+        model = self.model
         self.shards = shards
         self.linear = _addmm if shards == 1 else _sharded_addmm
 
@@ -129,6 +150,8 @@ class Decoder:
     @torch.no_grad()
     def step(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
         """Logits [B, V] (float32) of token ``pos``; prev [B] are the tokens at pos - 1 (None at pos 0)."""
+        if self.fused is not None:
+            return self.fused(prev, pos)
         cfg, B = self.cfg, self.caches[0].batch
         d, H, D = cfg.d_model, cfg.n_heads, cfg.head_dim
         linear, norm = self.linear, torch.layer_norm  # torch.layer_norm: F.layer_norm's Python checks cost ~1 us

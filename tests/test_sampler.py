@@ -6,6 +6,7 @@ import torch
 
 from models import SparseTransformer, codec_card, config_for
 from models.completion import complete_image, generate_audio
+from models.fused_step import FusedStep, library
 from models.kv_cache import make_caches
 from models.model import ModelConfig
 from models.sampler import Decoder, SamplingCancelled, SamplingOptions, choose_tokens, generate, sample, weight_shards
@@ -24,14 +25,19 @@ def small_model(seed: int = 0, **kw) -> SparseTransformer:
     return model
 
 
-@pytest.mark.parametrize("shards", [1, 2])
+STEPS = {"fused": dict(fused=True), "torch-1-shard": dict(fused=False, shards=1),
+         "torch-2-shards": dict(fused=False, shards=2)}
+
+
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("prompt_len", [0, 32, 37])
 @pytest.mark.parametrize("kw", PATTERNS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
-def test_step_by_step_logits_equal_the_full_forward_at_every_position(kw, prompt_len, shards):
+def test_step_by_step_logits_equal_the_full_forward_at_every_position(kw, prompt_len, step):
     model = small_model(**kw)
     tokens = torch.randint(0, 256, (3, 150), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
-    decoder = Decoder(model, 3, 150, shards=shards)
+    decoder = Decoder(model, 3, 150, **STEPS[step])
+    assert (decoder.fused is not None) == (step == "fused")
     if prompt_len:
         decoder.prefill(tokens[:, :prompt_len])
     for pos in range(prompt_len, 150):
@@ -51,6 +57,69 @@ def test_weight_shards_split_the_step_and_must_divide_the_layers():
     for bad in (0, 3, True, 2.0):
         with pytest.raises(ValueError, match="shards"):
             Decoder(model, 1, 40, shards=bad)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
+def test_fused_step_on_any_thread_count_equals_the_pytorch_step(batch):
+    """Rows of every batch size go through each register-blocking case of the C matmul (4, 2 and 1 rows);
+    the keys of each head are split across the threads and combined."""
+    model = small_model(pattern="strided")
+    tokens = torch.randint(0, 256, (batch, 60), generator=torch.Generator().manual_seed(4))
+    ref = Decoder(model, batch, 60, fused=False)
+    one, three = Decoder(model, batch, 60, fused=True), Decoder(model, batch, 60, fused=False)
+    three.fused = FusedStep(model, three.caches, three.pos_emb, threads=3)
+    one.fused = FusedStep(model, one.caches, one.pos_emb, threads=1)
+    for pos in range(60):
+        prev = tokens[:, pos - 1] if pos else None
+        want = ref.step(prev, pos)
+        for decoder in (one, three):
+            torch.testing.assert_close(decoder.step(prev, pos), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
+    model = small_model()
+    decoder = Decoder(model, 2, 40, fused=True)
+    with pytest.raises(ValueError, match="prev tokens must be in \\[0, 256\\)"):
+        decoder.step(torch.tensor([3, 256]), 1)
+    with pytest.raises(ValueError, match="pos must be in \\[0, 40\\)"):
+        decoder.step(torch.tensor([3, 4]), 40)
+    with pytest.raises(ValueError, match="prev given exactly when pos > 0"):
+        decoder.step(None, 5)
+    with pytest.raises(ValueError, match="fp32 on the CPU"):
+        Decoder(small_model().to(torch.float64), 1, 40, fused=True)
+    with pytest.raises(ValueError, match="fused must be"):
+        Decoder(model, 1, 40, fused="yes")
+    assert Decoder(small_model().to(torch.float64), 1, 40).fused is None  # auto: the PyTorch step
+    assert Decoder(model, 1, 40, shards=2).fused is None
+    monkeypatch.setenv("STS_FUSED_STEP", "0")
+    library.cache_clear()
+    try:
+        assert Decoder(model, 1, 40).fused is None
+        with pytest.raises(ValueError, match="turned off"):
+            Decoder(model, 1, 40, fused=True)
+    finally:
+        library.cache_clear()
+
+
+def test_fused_step_is_built_once_and_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path):
+    model = small_model()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library.cache_clear()
+    try:
+        assert library() is not None
+        assert len(list((tmp_path / "sparse-transformer-studio").glob("fused_step-*.so"))) == 1
+        library.cache_clear()
+        assert library() is not None  # the built library is reused
+        assert len(list((tmp_path / "sparse-transformer-studio").glob("*"))) == 1
+        for cc, match in (("no-such-compiler", "no C compiler \\(no-such-compiler\\)"), ("false", "false")):
+            monkeypatch.setenv("CC", cc)
+            library.cache_clear()
+            assert Decoder(model, 1, 40).fused is None  # auto: the PyTorch step
+            with pytest.raises(ValueError, match=f"could not be built.*{match}"):
+                Decoder(model, 1, 40, fused=True)
+    finally:
+        monkeypatch.undo()
+        library.cache_clear()
 
 
 def test_caches_keep_only_what_the_pattern_can_still_read():

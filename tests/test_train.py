@@ -19,7 +19,9 @@ from data import write_imagenet64_npz
 from models import SparseTransformer, config_for, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--config", "tiny", "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2"]
+# fp32: a CPU without native bf16 runs bf16 matmuls ~100x slower; the end-to-end run below uses bf16
+FAST = ["--config", "tiny", "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2",
+        "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def saved_params(run: Path) -> dict[str, torch.Tensor]:
 def test_a_tiny_run_logs_checkpoints_and_exports(images, tmp_path):
     ck = tmp_path / "checkpoints"
     argv = ["image", "--data", str(images), "--out", str(tmp_path / "run"), *FAST, "--steps", "3",
-            "--eval-every", "3", "--export", "tiny-img", "--checkpoints", str(ck)]
+            "--eval-every", "3", "--export", "tiny-img", "--checkpoints", str(ck), "--precision", "bf16"]
     assert train.main(argv) == 0
     log = read_log(tmp_path / "run")
     steps = [r for r in log if "event" not in r]

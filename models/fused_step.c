@@ -1,0 +1,473 @@
+/* One decoding step of a Sparse Transformer on the CPU, fp32, in one call (see models/fused_step.py).
+
+   A step runs on T threads (the caller plus T - 1 workers that wait between steps) in lockstep,
+   with a barrier after each phase:
+     embed | per layer: norm + qkv (keys/values written to the cache in the epilogue) | attention,
+     keys split T ways | combine + proj + residual | norm + fc + gelu | proj + residual | norm + head
+   Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously.
+   Each output is summed in the same order whatever the batch size, so a sample does not depend on
+   the batch it runs in. */
+
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+#define TILE 16
+#define MAX_HEADS 64
+#define SPIN 20000      /* pauses a worker spins for the next step before it sleeps */
+#define YIELD_AFTER 4000 /* pauses a thread spins at a barrier before it also yields its core */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define PAUSE() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define PAUSE() __asm__ volatile("yield")
+#else
+#define PAUSE() ((void)0)
+#endif
+
+enum { LOCAL = 0, STRIDED = 1, FIXED = 2, ALL = 3 };
+
+static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline v8 splat(float a) { return (v8){0} + a; }
+static inline v8 vsel(vi8 mask, v8 a, v8 b) { return (v8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
+static inline float hsum(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+
+/* exp with Cephes' polynomial (about 1 ulp); below -87.3 it returns 0. */
+static inline v8 vexp(v8 x) {
+    x = vsel(x > 88.3762626647949f, splat(88.3762626647949f), x);
+    x = vsel(x < -88.3762626647949f, splat(-88.3762626647949f), x);
+    v8 fx = x * 1.44269504088896341f + 0.5f;
+    v8 n = __builtin_convertvector(__builtin_convertvector(fx, vi8), v8);
+    n = n - vsel(n > fx, splat(1.0f), splat(0.0f));
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8 z = x * x;
+    v8 y = 1.9875691500E-4f + 0 * x;
+    y = y * x + 1.3981999507E-3f;
+    y = y * x + 8.3334519073E-3f;
+    y = y * x + 4.1665795894E-2f;
+    y = y * x + 1.6666665459E-1f;
+    y = y * x + 5.0000001201E-1f;
+    y = y * z + x + 1.0f;
+    vi8 e = (__builtin_convertvector(n, vi8) + 127) << 23;
+    return y * (v8)e;
+}
+
+/* gelu, tanh approximation: 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (1 + exp(2u)). */
+static inline v8 vgelu(v8 x) {
+    v8 u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (2.0f - 2.0f / (1.0f + vexp(2.0f * u)));
+}
+
+typedef struct {
+    int kind, slots, rows, summary;       /* slots: local ring / stride / sequence (all) */
+    int lo[MAX_HEADS];                    /* fixed: first summary column of each head */
+    float *kv, *summaries;                /* the cache's tensors (models/kv_cache.py layouts) */
+    const float *n1w, *n1b, *qkv_w, *qkv_b, *pw, *pb, *n2w, *n2b, *fw, *fb, *f2w, *f2b;
+} Layer;
+
+typedef struct {
+    int B, d, H, D, ff, V, n_layers, T, max_keys;
+    const float *tok_emb, *start, *pos_emb, *nw, *nb, *hw, *hb;
+    Layer *layers;
+    float *x, *qkv, *f;                   /* [B, d], [B, 3d], [B, ff] */
+    float *norm, *y, *scores;             /* per thread: [B, d], [B, d], [max_keys] */
+    float *part_acc, *part_m, *part_l;    /* [B, H, T, D], [B, H, T], [B, H, T] */
+    float **dst, **dst2;                  /* per step: cache rows written, [n_layers, 2, B, H] (keys, values) */
+    /* the step being run */
+    int pos;
+    const int64_t *prev;
+    int64_t prev_stride;
+    float *logits;
+    /* threads */
+    pthread_t *threads;
+    atomic_int gen, arrived, sense;
+    int quit, sense0;                     /* sense0: the calling thread's barrier sense */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} Step;
+
+static void barrier(Step *s, int *sense) {
+    if (s->T == 1) return;
+    *sense = !*sense;
+    if (atomic_fetch_add(&s->arrived, 1) == s->T - 1) {
+        atomic_store(&s->arrived, 0);
+        atomic_store(&s->sense, *sense);
+    } else {
+        for (int spins = 0; atomic_load_explicit(&s->sense, memory_order_acquire) != *sense; spins++) {
+            PAUSE();
+            if (spins > YIELD_AFTER) sched_yield(); /* a descheduled thread holds everyone up: let it run */
+        }
+    }
+}
+
+static void layer_norm(const float *x, const float *w, const float *b, float *out, int B, int d) {
+    for (int r = 0; r < B; r++, x += d, out += d) {
+        float mean = 0, var = 0;
+        for (int i = 0; i < d; i++) mean += x[i];
+        mean /= d;
+        for (int i = 0; i < d; i++) var += (x[i] - mean) * (x[i] - mean);
+        float rstd = 1.0f / sqrtf(var / d + 1e-5f);
+        for (int i = 0; i < d; i++) out[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
+enum { STORE = 0, GELU = 1, ADD = 2 };
+
+/* R rows of x (row stride ldx) times C tiles of packed w from tile t: acc = bias + sum_i x[i] w[i],
+   in the order i = 0, 1, ... for every output; then out = acc, gelu(acc) or out + acc. */
+static inline __attribute__((always_inline)) void tiles(const float *x, int ldx, const float *w, const float *bias,
+                                                         int in, int t, float *out, int ldo, int mode,
+                                                         const int R, const int C) {
+    v8 acc[4][4][2];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            for (int h = 0; h < 2; h++) acc[r][c][h] = ld(bias + (t + c) * TILE + 8 * h);
+    const float *wt = w + (size_t)t * in * TILE;
+    for (int i = 0; i < in; i++) {
+        v8 wv[4][2];
+        for (int c = 0; c < C; c++)
+            for (int h = 0; h < 2; h++) wv[c][h] = ld(wt + ((size_t)c * in + i) * TILE + 8 * h);
+        for (int r = 0; r < R; r++) {
+            v8 xv = splat(x[r * ldx + i]);
+            for (int c = 0; c < C; c++)
+                for (int h = 0; h < 2; h++) acc[r][c][h] += xv * wv[c][h];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            for (int h = 0; h < 2; h++) {
+                float *o = out + r * ldo + (t + c) * TILE + 8 * h;
+                v8 a = acc[r][c][h];
+                st(o, mode == GELU ? vgelu(a) : mode == ADD ? ld(o) + a : a);
+            }
+}
+
+/* out [B, n_out] (row stride ldo) from x [B, in] and packed w, for tiles [t0, t1) of this thread.
+   At most 11 of the 16 vector registers hold accumulators and weights: 4 rows x 1 tile, 2 x 2, 1 x 4.
+   From 4 rows on, all rows go through one tile before the next, while the tile is in L1. */
+static void matmul(const float *x, int ldx, const float *w, const float *bias, int in, int t0, int t1,
+                   float *out, int ldo, int mode, int B) {
+    if (B >= 4) {
+        for (int t = t0; t < t1; t++) {
+            int r = 0;
+            for (; r + 4 <= B; r += 4) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 4, 1);
+            for (; r + 2 <= B; r += 2) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 2, 1);
+            for (; r < B; r++) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 1, 1);
+        }
+        return;
+    }
+    int r = 0;
+    for (; r + 2 <= B; r += 2) {
+        int t = t0;
+        for (; t + 2 <= t1; t += 2) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 2, 2);
+        for (; t < t1; t++) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 2, 1);
+    }
+    for (; r < B; r++) {
+        int t = t0;
+        for (; t + 4 <= t1; t += 4) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 1, 4);
+        for (; t < t1; t++) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 1, 1);
+    }
+}
+
+static void my_tiles(int n_out, int T, int tid, int *t0, int *t1) {
+    int n = n_out / TILE;
+    *t0 = n * tid / T;
+    *t1 = n * (tid + 1) / T;
+}
+
+/* Where position pos is stored in layer l for (b, which, h), and the key segments it may read. */
+static void cache_rows(const Step *s, const Layer *L, int pos, int b, int which, int h, float **dst, float **dst2,
+                       const float **seg0, int *n0, const float **seg1, int *n1) {
+    int H = s->H, D = s->D;
+    size_t bh = ((size_t)b * 2 + which) * H + h;
+    *dst2 = NULL;
+    *seg1 = NULL;
+    *n1 = 0;
+    if (L->kind == LOCAL || L->kind == ALL) {
+        float *base = L->kv + bh * L->slots * D;
+        *dst = base + (size_t)(pos % L->slots) * D;
+        *seg0 = base;
+        *n0 = pos + 1 < L->slots ? pos + 1 : L->slots;
+    } else if (L->kind == STRIDED) {
+        int r = pos / L->slots, c = pos % L->slots;
+        float *base = L->kv + (bh * L->slots + c) * L->rows * D;
+        *dst = base + (size_t)r * D;
+        *seg0 = base;
+        *n0 = r + 1;
+    } else {
+        int r = pos / L->slots, c = pos % L->slots, k = c - L->lo[h];
+        float *ring = L->kv + bh * L->slots * D, *sums = L->summaries + bh * L->rows * L->summary * D;
+        *dst = ring + (size_t)c * D;
+        if (k >= 0 && k < L->summary) *dst2 = sums + ((size_t)r * L->summary + k) * D;
+        *seg0 = sums;
+        *n0 = r * L->summary;
+        *seg1 = ring;
+        *n1 = c + 1;
+    }
+}
+
+/* One query against keys [lo, hi) of the two segments: partial max, sum and weighted values. */
+static inline __attribute__((always_inline)) void attend_part(const float *q, const float *k0, const float *v0,
+                                                               int n0, const float *k1, const float *v1, int lo,
+                                                               int hi, float *scores, float *m_out, float *l_out,
+                                                               float *acc_out, const int D) {
+    v8 qv[16], acc[16];
+    float scale = 1.0f / sqrtf((float)D);
+    for (int e = 0; e < D / 8; e++) qv[e] = ld(q + 8 * e) * scale, acc[e] = splat(0);
+    float m = -INFINITY;
+    for (int j = lo; j < hi; j++) {
+        const float *k = j < n0 ? k0 + (size_t)j * D : k1 + (size_t)(j - n0) * D;
+        v8 a = qv[0] * ld(k);
+        for (int e = 1; e < D / 8; e++) a += qv[e] * ld(k + 8 * e);
+        float sc = hsum(a);
+        scores[j - lo] = sc;
+        m = sc > m ? sc : m;
+    }
+    int n = hi - lo;
+    float l = 0;
+    for (int j = 0; j < n; j += 8) {
+        v8 p = vexp(ld(scores + j) - m);
+        st(scores + j, p);
+        for (int e = 0; e < 8 && j + e < n; e++) l += p[e];
+    }
+    for (int j = lo; j < hi; j++) {
+        const float *v = j < n0 ? v0 + (size_t)j * D : v1 + (size_t)(j - n0) * D;
+        v8 p = splat(scores[j - lo]);
+        for (int e = 0; e < D / 8; e++) acc[e] += p * ld(v + 8 * e);
+    }
+    *m_out = m;
+    *l_out = l;
+    for (int e = 0; e < D / 8; e++) st(acc_out + 8 * e, acc[e]);
+}
+
+static void attention(Step *s, const Layer *L, int tid) {
+    int B = s->B, H = s->H, D = s->D, d = s->d, T = s->T;
+    float *scores = s->scores + (size_t)tid * (s->max_keys + 8);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            float *dst, *dst2;
+            const float *k0, *k1, *v0, *v1;
+            int n0, n1;
+            cache_rows(s, L, s->pos, b, 0, h, &dst, &dst2, &k0, &n0, &k1, &n1);
+            cache_rows(s, L, s->pos, b, 1, h, &dst, &dst2, &v0, &n0, &v1, &n1);
+            int n = n0 + n1, lo = (int)((int64_t)n * tid / T), hi = (int)((int64_t)n * (tid + 1) / T);
+            size_t at = ((size_t)b * H + h) * T + tid;
+            const float *q = s->qkv + (size_t)b * 3 * d + h * D;
+            if (D == 32) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
+                                     s->part_acc + at * D, 32);
+            else if (D == 64) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
+                                          s->part_acc + at * D, 64);
+            else attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
+                             s->part_acc + at * D, 128);
+        }
+}
+
+/* y [B, d] from the T partial results of every (b, h). */
+static void combine(const Step *s, float *y) {
+    int B = s->B, H = s->H, D = s->D, T = s->T;
+    for (int bh = 0; bh < B * H; bh++) {
+        const float *m = s->part_m + (size_t)bh * T, *l = s->part_l + (size_t)bh * T;
+        float mx = -INFINITY, total = 0, w[64];
+        for (int p = 0; p < T; p++) mx = m[p] > mx ? m[p] : mx;
+        for (int p = 0; p < T; p++) w[p] = l[p] > 0 ? expf(m[p] - mx) : 0, total += w[p] * l[p];
+        float *out = y + (size_t)bh * D;  /* (b, h) -> columns h * D of row b: [B, H, D] is [B, d] */
+        for (int e = 0; e < D; e++) {
+            float a = 0;
+            for (int p = 0; p < T; p++) a += w[p] * s->part_acc[((size_t)bh * T + p) * D + e];
+            out[e] = a / total;
+        }
+    }
+}
+
+/* Copy the new keys and values of this thread's qkv tiles into the cache rows of this step. */
+static void store_kv(Step *s, int l, int t0, int t1) {
+    int B = s->B, H = s->H, D = s->D, d = s->d;
+    float **dst = s->dst + (size_t)l * 2 * B * H, **dst2 = s->dst2 + (size_t)l * 2 * B * H;
+    for (int t = t0; t < t1; t++) {
+        int col = t * TILE;
+        if (col < d) continue;
+        int which = (col - d) / d, h = (col - d) % d / D, e = col % D;
+        for (int b = 0; b < B; b++) {
+            const float *src = s->qkv + (size_t)b * 3 * d + col;
+            size_t at = ((size_t)which * B + b) * H + h;
+            memcpy(dst[at] + e, src, TILE * sizeof(float));
+            if (dst2[at]) memcpy(dst2[at] + e, src, TILE * sizeof(float));
+        }
+    }
+}
+
+static void run_step(Step *s, int tid, int *sense) {
+    int B = s->B, d = s->d, T = s->T, t0, t1;
+    float *norm = s->norm + (size_t)tid * B * d, *y = s->y + (size_t)tid * B * d;
+    if (tid == 0) {
+        for (int b = 0; b < B; b++) {
+            const float *e = s->prev ? s->tok_emb + (size_t)s->prev[b * s->prev_stride] * d : s->start;
+            const float *p = s->pos_emb + (size_t)s->pos * d;
+            for (int i = 0; i < d; i++) s->x[b * d + i] = e[i] + p[i];
+        }
+    }
+    barrier(s, sense);
+    for (int l = 0; l < s->n_layers; l++) {
+        const Layer *L = &s->layers[l];
+        layer_norm(s->x, L->n1w, L->n1b, norm, B, d);
+        my_tiles(3 * d, T, tid, &t0, &t1);
+        matmul(norm, d, L->qkv_w, L->qkv_b, d, t0, t1, s->qkv, 3 * d, STORE, B);
+        store_kv(s, l, t0, t1);
+        barrier(s, sense);
+        attention(s, L, tid);
+        barrier(s, sense);
+        combine(s, y);
+        my_tiles(d, T, tid, &t0, &t1);
+        matmul(y, d, L->pw, L->pb, d, t0, t1, s->x, d, ADD, B);
+        barrier(s, sense);
+        layer_norm(s->x, L->n2w, L->n2b, norm, B, d);
+        my_tiles(s->ff, T, tid, &t0, &t1);
+        matmul(norm, d, L->fw, L->fb, d, t0, t1, s->f, s->ff, GELU, B);
+        barrier(s, sense);
+        my_tiles(d, T, tid, &t0, &t1);
+        matmul(s->f, s->ff, L->f2w, L->f2b, s->ff, t0, t1, s->x, d, ADD, B);
+        barrier(s, sense);
+    }
+    layer_norm(s->x, s->nw, s->nb, norm, B, d);
+    my_tiles(s->V, T, tid, &t0, &t1);
+    matmul(norm, d, s->hw, s->hb, d, t0, t1, s->logits, s->V, STORE, B);
+    barrier(s, sense);
+}
+
+static void *worker(void *arg) {
+    Step *s = ((void **)arg)[0];
+    int tid = (int)(intptr_t)((void **)arg)[1], sense = 0, seen = 0;
+    free(arg);
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&s->gen, memory_order_acquire) == seen) {
+            if (++spins < SPIN) {
+                PAUSE();
+                continue;
+            }
+            pthread_mutex_lock(&s->mu);
+            while (atomic_load(&s->gen) == seen) pthread_cond_wait(&s->cv, &s->mu);
+            pthread_mutex_unlock(&s->mu);
+        }
+        seen = atomic_load(&s->gen);
+        if (s->quit) return NULL;
+        run_step(s, tid, &sense);
+    }
+}
+
+static void *aligned(size_t floats) {
+    size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+    void *p = aligned_alloc(64, bytes ? bytes : 64);
+    if (p) memset(p, 0, bytes ? bytes : 64);
+    return p;
+}
+
+void st_free(Step *s);
+
+Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_keys, const float *tok_emb,
+             const float *start, const float *pos_emb, const float *nw, const float *nb, const float *hw,
+             const float *hb) {
+    Step *s = calloc(1, sizeof(Step));
+    if (!s) return NULL;
+    *s = (Step){.B = B, .d = d, .H = H, .D = d / H, .ff = ff, .V = V, .n_layers = n_layers, .T = T,
+                .max_keys = max_keys, .tok_emb = tok_emb, .start = start, .pos_emb = pos_emb, .nw = nw, .nb = nb,
+                .hw = hw, .hb = hb};
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->layers = calloc(n_layers, sizeof(Layer));
+    s->x = aligned((size_t)B * d);
+    s->qkv = aligned((size_t)B * 3 * d);
+    s->f = aligned((size_t)B * ff);
+    s->norm = aligned((size_t)T * B * d);
+    s->y = aligned((size_t)T * B * d);
+    s->scores = aligned((size_t)T * (max_keys + 8));
+    s->part_acc = aligned((size_t)B * H * T * (d / H));
+    s->part_m = aligned((size_t)B * H * T);
+    s->part_l = aligned((size_t)B * H * T);
+    s->dst = calloc((size_t)n_layers * 2 * B * H, sizeof(float *));
+    s->dst2 = calloc((size_t)n_layers * 2 * B * H, sizeof(float *));
+    s->threads = calloc(T, sizeof(pthread_t));
+    if (!s->layers || !s->x || !s->qkv || !s->f || !s->norm || !s->y || !s->scores || !s->part_acc || !s->part_m ||
+        !s->part_l || !s->dst || !s->dst2 || !s->threads) {
+        st_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void st_layer(Step *s, int l, int kind, float *kv, float *summaries, int slots, int rows, int summary,
+              const int *lo, const float *const *w) {
+    Layer *L = &s->layers[l];
+    L->kind = kind, L->kv = kv, L->summaries = summaries, L->slots = slots, L->rows = rows, L->summary = summary;
+    for (int h = 0; h < s->H && lo; h++) L->lo[h] = lo[h];
+    L->n1w = w[0], L->n1b = w[1], L->qkv_w = w[2], L->qkv_b = w[3], L->pw = w[4], L->pb = w[5];
+    L->n2w = w[6], L->n2b = w[7], L->fw = w[8], L->fb = w[9], L->f2w = w[10], L->f2b = w[11];
+}
+
+/* Start the T - 1 workers; 0 on success. */
+int st_start(Step *s) {
+    for (int t = 1; t < s->T; t++) {
+        void **arg = malloc(2 * sizeof(void *));
+        if (!arg) return -1;
+        arg[0] = s, arg[1] = (void *)(intptr_t)t;
+        if (pthread_create(&s->threads[t], NULL, worker, arg)) {
+            free(arg);
+            s->T = t; /* run with the workers that started */
+            break;
+        }
+    }
+    return 0;
+}
+
+/* logits [B, V] of position pos; prev [B] (element stride prev_stride) the tokens at pos - 1, NULL at 0.
+   Returns 0, or -1 (and does nothing) when a token of prev is outside [0, V). */
+int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits) {
+    int B = s->B, H = s->H;
+    for (int b = 0; prev && b < B; b++)
+        if (prev[b * prev_stride] < 0 || prev[b * prev_stride] >= s->V) return -1;
+    s->pos = pos, s->prev = prev, s->prev_stride = prev_stride, s->logits = logits;
+    for (int l = 0; l < s->n_layers; l++)
+        for (int w = 0; w < 2; w++)
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++) {
+                    size_t at = (((size_t)l * 2 + w) * B + b) * H + h;
+                    const float *a, *c;
+                    int na, nc;
+                    cache_rows(s, &s->layers[l], pos, b, w, h, &s->dst[at], &s->dst2[at], &a, &na, &c, &nc);
+                }
+    if (s->T > 1) {
+        pthread_mutex_lock(&s->mu);
+        atomic_fetch_add(&s->gen, 1);
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+    }
+    run_step(s, 0, &s->sense0);
+    return 0;
+}
+
+void st_free(Step *s) {
+    if (!s) return;
+    if (s->threads) {
+        pthread_mutex_lock(&s->mu);
+        s->quit = 1;
+        atomic_fetch_add(&s->gen, 1);
+        pthread_cond_broadcast(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        for (int t = 1; t < s->T; t++)
+            if (s->threads[t]) pthread_join(s->threads[t], NULL);
+    }
+    free(s->layers), free(s->x), free(s->qkv), free(s->f), free(s->norm), free(s->y), free(s->scores);
+    free(s->part_acc), free(s->part_m), free(s->part_l), free(s->threads);
+    free(s->dst), free(s->dst2);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->cv);
+    free(s);
+}

@@ -1,0 +1,225 @@
+"""A whole decoding step in one call: C code (models/fused_step.c) compiled on first use.
+
+At batch 1 on a CPU a step of the shipped models is about 80 small operations; through PyTorch
+each costs microseconds of dispatch, and together they cost as much as reading the weights.
+The C step does the same maths (embedding, every layer's norm, qkv, cache write, attention over
+the pattern's cache rows, projection, feed-forward, final norm and head) in one call, on all
+threads in lockstep, with each weight matrix packed so that a tile of 16 outputs streams
+contiguously. It reads and writes the same caches as the PyTorch step (models.kv_cache), so a
+prompt prefilled by the parallel forward pass continues in C.
+
+The library is compiled once per source, compiler and CPU with the system's C compiler (``$CC``,
+else ``cc``) into ``$XDG_CACHE_HOME/sparse-transformer-studio`` (default ``~/.cache/...``).
+Without a working compiler, or with ``STS_FUSED_STEP=0`` in the environment, :func:`library`
+returns None and the decoder uses its PyTorch step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .kv_cache import FixedCache, FullCache, LayerCache, LocalCache, StridedCache
+from .model import SparseTransformer
+
+SOURCE = Path(__file__).with_name("fused_step.c")
+TILE = 16  # outputs per packed weight tile (fused_step.c)
+MAX_THREADS = 64
+_KINDS = {LocalCache: 0, StridedCache: 1, FixedCache: 2, FullCache: 3}
+_P = ctypes.c_void_p
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparse-transformer-studio"
+
+
+def _cpu_id() -> str:
+    """What the compiled code depends on: the machine and (on Linux) the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()} {flags}"
+
+
+def _compile(cc: str, out: Path) -> str | None:
+    """Compile SOURCE into ``out``; None on success, else the compiler's complaint."""
+    error = ""
+    for arch in (["-march=native"], []):  # -march=native is not known to every compiler
+        cmd = [cc, "-O3", *arch, "-std=gnu11", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", str(out), "-lm"]
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return str(e)
+        if run.returncode == 0:
+            return None
+        error = run.stderr.strip().splitlines()[-1:] or [f"{cc} exited with {run.returncode}"]
+        error = error[0]
+    return error
+
+
+_build_error = ""  # why the last build failed (shown by unavailable())
+
+
+def _build(cc: str, name: str) -> Path | None:
+    """Compile into the first writable cache folder; the library's path, or None (see _build_error)."""
+    global _build_error
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "sparse-transformer-studio"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            os.close(fd)
+        except OSError as e:
+            _build_error = str(e)
+            continue
+        error = _compile(cc, Path(tmp))
+        if error is not None:
+            os.unlink(tmp)
+            _build_error = f"{cc}: {error}"
+            return None
+        os.replace(tmp, folder / name)  # atomic: a concurrent build writes the same bytes
+        return folder / name
+    return None
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The compiled step (built on first use, then reused from the cache folder), or None where it cannot be."""
+    global _build_error
+    if os.environ.get("STS_FUSED_STEP", "1") == "0":
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        _build_error = f"no C compiler ({os.environ.get('CC', 'cc')}) on the PATH"
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{cc} {_cpu_id()}".encode()).hexdigest()[:16]
+    name = f"fused_step-{key}.so"
+    folders = (_cache_dir(), Path(tempfile.gettempdir()) / "sparse-transformer-studio")
+    path = next((f / name for f in folders if (f / name).exists()), None) or _build(cc, name)
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.st_new.restype = _P
+    lib.st_new.argtypes = [ctypes.c_int] * 8 + [_P] * 7
+    lib.st_layer.restype = None
+    lib.st_layer.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P]
+    lib.st_start.restype = ctypes.c_int
+    lib.st_start.argtypes = [_P]
+    lib.st_step.restype = ctypes.c_int
+    lib.st_step.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int64, _P]
+    lib.st_free.restype = None
+    lib.st_free.argtypes = [_P]
+    return lib
+
+
+def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | None:
+    """Why the fused step cannot run this model with these caches here (None: it can)."""
+    if library() is None:
+        return ("it is turned off (STS_FUSED_STEP=0)" if os.environ.get("STS_FUSED_STEP") == "0"
+                else f"it could not be built ({_build_error}; install a C compiler, or name one in $CC)")
+    cfg = model.cfg
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        return f"it runs fp32 on the CPU (the model is {param.dtype} on {param.device})"
+    if cfg.vocab % TILE or (cfg.ff_mult * cfg.d_model) % TILE:
+        return f"vocab and the feed-forward width must be multiples of {TILE}"
+    if any(type(c) not in _KINDS for c in caches):
+        return "a cache kind it does not know"
+    return None
+
+
+def _pack(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> [out / 16, in, 16] (a tile of 16 outputs contiguous), bias [out]."""
+    w = linear.weight.detach()
+    out, inp = w.shape
+    return w.view(out // TILE, TILE, inp).transpose(1, 2).contiguous(), linear.bias.detach().contiguous()
+
+
+class FusedStep:
+    """``step(prev, pos)`` -> logits [B, V] for one model, one batch and its caches (see the module notes)."""
+
+    def __init__(self, model: SparseTransformer, caches: list[LayerCache], pos_emb: torch.Tensor,
+                 threads: int | None = None):
+        reason = unavailable(model, caches)
+        if reason:
+            raise ValueError(f"the fused decoding step is not available: {reason}")
+        lib, cfg, B = library(), model.cfg, caches[0].batch
+        threads = max(1, min(MAX_THREADS, torch.get_num_threads() if threads is None else threads))
+        self.batch, self.vocab, self.seq_len, self.threads = B, cfg.vocab, caches[0].seq_len, threads
+        d = lambda t: t.detach().contiguous()  # noqa: E731
+        head_w, head_b = _pack(model.head)
+        keep = [d(model.tok_emb.weight), d(model.start), pos_emb.contiguous(), d(model.norm.weight),
+                d(model.norm.bias), head_w, head_b]
+        max_keys = max(self._max_keys(c) for c in caches)
+        handle = lib.st_new(B, cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.vocab, cfg.n_layers,
+                            threads, max_keys, *(t.data_ptr() for t in keep))
+        if not handle:
+            raise MemoryError("the fused decoding step could not allocate its buffers")
+        self._finalizer = weakref.finalize(self, lib.st_free, handle)
+        for i, (block, cache) in enumerate(zip(model.blocks, caches, strict=True)):
+            weights = [d(block.norm1.weight), d(block.norm1.bias), *_pack(block.attn.qkv), *_pack(block.attn.proj),
+                       d(block.norm2.weight), d(block.norm2.bias), *_pack(block.ff.fc), *_pack(block.ff.proj)]
+            keep += weights
+            pointers = (_P * len(weights))(*(w.data_ptr() for w in weights))
+            slots, rows, summary, lo = self._geometry(cache)
+            lo = (ctypes.c_int * len(lo))(*lo) if lo else None
+            summaries = cache.summaries.data_ptr() if isinstance(cache, FixedCache) else None
+            lib.st_layer(handle, i, _KINDS[type(cache)], cache.kv.data_ptr(), summaries, slots, rows, summary, lo,
+                         pointers)
+        keep += [t for c in caches for t in c.tensors()]
+        self._keep, self._lib, self._handle = keep, lib, handle
+        lib.st_start(handle)
+
+    @staticmethod
+    def _geometry(cache: LayerCache) -> tuple[int, int, int, list[int]]:
+        """(slots, rows, summary, first summary column per head) as fused_step.c's Layer holds them."""
+        if isinstance(cache, LocalCache):
+            return cache.slots, 0, 0, []
+        if isinstance(cache, StridedCache):
+            return cache.stride, cache.rows, 0, []
+        if isinstance(cache, FixedCache):
+            lo = cache.lo if not cache.shared else [cache.lo[0]] * len(cache.lo)
+            return cache.stride, cache.rows, cache.summary, lo
+        return cache.seq_len, 0, 0, []
+
+    @staticmethod
+    def _max_keys(cache: LayerCache) -> int:
+        if isinstance(cache, LocalCache):
+            return cache.slots
+        if isinstance(cache, StridedCache):
+            return cache.rows
+        if isinstance(cache, FixedCache):
+            return cache.rows * cache.summary + cache.stride
+        return cache.seq_len
+
+    def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
+        """Logits [B, V] (float32) of position ``pos``; prev [B] int64 are the tokens at pos - 1 (None at 0)."""
+        if not 0 <= pos < self.seq_len or (prev is None) != (pos == 0):
+            raise ValueError(f"pos must be in [0, {self.seq_len}) with prev given exactly when pos > 0, "
+                             f"got pos={pos}, prev={'None' if prev is None else 'a tensor'}")
+        if prev is not None and (prev.dtype != torch.int64 or prev.device.type != "cpu"
+                                 or prev.shape != (self.batch,)):
+            prev = torch.as_tensor(prev, dtype=torch.int64, device="cpu").reshape(self.batch)
+        logits = torch.empty(self.batch, self.vocab)
+        bad = self._lib.st_step(self._handle, pos, None if prev is None else prev.data_ptr(),
+                                0 if prev is None else prev.stride(0), logits.data_ptr())
+        if bad:
+            raise ValueError(f"prev tokens must be in [0, {self.vocab}), got {prev.tolist()}")
+        return logits
+
+    def close(self) -> None:
+        """Stop the worker threads and free the buffers (also done when the object is collected)."""
+        self._finalizer()
