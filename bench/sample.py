@@ -40,7 +40,7 @@ from bench.common import CpuContention, cpu_name, fmt, print_table, sig  # noqa:
 from models import SparseTransformer, config_for, load_card, load_model  # noqa: E402
 from models.completion import model_kind  # noqa: E402
 from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
-from models.sampler import Decoder, SamplingOptions, choose_tokens, generate  # noqa: E402
+from models.sampler import Decoder, SamplingOptions, generate  # noqa: E402
 
 STEPS, RUNS = 256, 3
 
@@ -75,16 +75,14 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
     n = model.cfg.seq_len
     start = n // 2 if start is None else start
     decoder = Decoder(model, batch, dense=dense, fused=fused)
-    prev = torch.zeros(batch, dtype=torch.long)
-    uniforms = torch.rand(batch, dtype=torch.float64)
+    tokens = torch.zeros(batch, n, dtype=torch.long)
+    uniforms = torch.rand(batch, n)
     options = SamplingOptions()
-    for pos in range(start - 16, start):
-        decoder.step(prev, pos)
+    decoder.sample(tokens, uniforms, options, start - 16, start)
     rates = []
     for _ in range(RUNS):
         t0 = time.perf_counter()
-        for pos in range(start, start + STEPS):
-            prev = choose_tokens(decoder.step(prev, pos), uniforms, options)
+        decoder.sample(tokens, uniforms, options, start, start + STEPS)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
     step = (f"fused C step, {decoder.fused.threads} threads" if decoder.fused is not None
             else f"PyTorch step, weights in {decoder.shards} shard(s)")

@@ -86,6 +86,7 @@ typedef struct {
     const int64_t *prev;
     int64_t prev_stride;
     float *logits;
+    float *own_logits, *cdf;              /* st_sample's logits [B, V] and CDF [V] */
     /* threads */
     pthread_t *threads;
     atomic_int gen, arrived, sense;
@@ -392,11 +393,13 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
     s->part_acc = aligned((size_t)B * H * T * (d / H));
     s->part_m = aligned((size_t)B * H * T);
     s->part_l = aligned((size_t)B * H * T);
+    s->own_logits = aligned((size_t)B * V);
+    s->cdf = aligned(V);
     s->dst = calloc((size_t)n_layers * 2 * B * H, sizeof(float *));
     s->dst2 = calloc((size_t)n_layers * 2 * B * H, sizeof(float *));
     s->threads = calloc(T, sizeof(pthread_t));
     if (!s->layers || !s->x || !s->qkv || !s->f || !s->norm || !s->y || !s->scores || !s->part_acc || !s->part_m ||
-        !s->part_l || !s->dst || !s->dst2 || !s->threads) {
+        !s->part_l || !s->own_logits || !s->cdf || !s->dst || !s->dst2 || !s->threads) {
         st_free(s);
         return NULL;
     }
@@ -453,6 +456,43 @@ int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *l
     return 0;
 }
 
+/* The token of one row: the inverse CDF of softmax(logits / temperature) at u, as
+   models.sampler.choose_tokens computes it (temperature 0: the first largest logit). */
+static int64_t sample_row(const float *logits, int V, float temperature, float u, float *cdf) {
+    int best = 0;
+    for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
+    if (temperature == 0) return best;
+    float m = temperature == 1 ? logits[best] : logits[best] / temperature;
+    double total = 0; /* torch's cumsum of float accumulates in double */
+    for (int i = 0; i < V; i += 8) {
+        v8 z = ld(logits + i);
+        v8 p = vexp((temperature == 1 ? z : z / temperature) - m);
+        for (int e = 0; e < 8; e++) cdf[i + e] = (float)(total += p[e]);
+    }
+    float target = u * cdf[V - 1];
+    int lo = 0, hi = V; /* the first i with cdf[i] > target */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (cdf[mid] > target) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo < V ? lo : V - 1;
+}
+
+/* Sample positions [start, stop) of every row in place: tokens [B, *] (row stride ld_tokens) hold the
+   tokens before start; position p of row b uses the uniform u[b * ld_u + p]. Returns 0, or -1 (nothing
+   done) when a token before start is outside [0, V). */
+int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64_t ld_u, float temperature,
+              int start, int stop) {
+    for (int pos = start; pos < stop; pos++) {
+        if (st_step(s, pos, pos ? tokens + pos - 1 : NULL, ld_tokens, s->own_logits)) return -1;
+        for (int b = 0; b < s->B; b++)
+            tokens[b * ld_tokens + pos] = sample_row(s->own_logits + (size_t)b * s->V, s->V, temperature,
+                                                     u[b * ld_u + pos], s->cdf);
+    }
+    return 0;
+}
+
 void st_free(Step *s) {
     if (!s) return;
     if (s->threads) {
@@ -465,7 +505,7 @@ void st_free(Step *s) {
             if (s->threads[t]) pthread_join(s->threads[t], NULL);
     }
     free(s->layers), free(s->x), free(s->qkv), free(s->f), free(s->norm), free(s->y), free(s->scores);
-    free(s->part_acc), free(s->part_m), free(s->part_l), free(s->threads);
+    free(s->part_acc), free(s->part_m), free(s->part_l), free(s->own_logits), free(s->cdf), free(s->threads);
     free(s->dst), free(s->dst2);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);

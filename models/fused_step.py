@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -120,6 +121,8 @@ def library() -> ctypes.CDLL | None:
     lib.st_start.argtypes = [_P]
     lib.st_step.restype = ctypes.c_int
     lib.st_step.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int64, _P]
+    lib.st_sample.restype = ctypes.c_int
+    lib.st_sample.argtypes = [_P, _P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.st_free.restype = None
     lib.st_free.argtypes = [_P]
     return lib
@@ -219,6 +222,26 @@ class FusedStep:
         if bad:
             raise ValueError(f"prev tokens must be in [0, {self.vocab}), got {prev.tolist()}")
         return logits
+
+    def sample(self, tokens: torch.Tensor, uniforms: torch.Tensor, temperature: float, start: int,
+               stop: int) -> None:
+        """Sample tokens[:, start:stop] in place, one step per position, without returning to Python:
+        the inverse CDF of softmax(logits / temperature) at uniforms[:, pos] (temperature 0: argmax),
+        as models.sampler.choose_tokens without top-k / top-p. tokens [B, N] int64 and uniforms
+        [B, N] float32 on the CPU, rows contiguous; tokens[:, :start] are the tokens before start."""
+        B = self.batch
+        for name, t, dtype in (("tokens", tokens, torch.int64), ("uniforms", uniforms, torch.float32)):
+            if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != B or t.stride(1) != 1:
+                raise ValueError(f"{name} must be a CPU {dtype} tensor [{B}, N] with contiguous rows, got "
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        if not 0 <= start <= stop <= min(self.seq_len, tokens.shape[1], uniforms.shape[1]):
+            raise ValueError(f"positions [{start}, {stop}) must lie in the cache ({self.seq_len}) and the tensors")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        bad = self._lib.st_sample(self._handle, tokens.data_ptr(), tokens.stride(0), uniforms.data_ptr(),
+                                  uniforms.stride(0), float(temperature), start, stop)
+        if bad:
+            raise ValueError(f"tokens before position {start} must be in [0, {self.vocab})")
 
     def close(self) -> None:
         """Stop the worker threads and free the buffers (also done when the object is collected)."""

@@ -147,6 +147,20 @@ class Decoder:
         finally:
             self.model.train(was_training)
 
+    def sample(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,
+               stop: int) -> None:
+        """Sample tokens[:, start:stop] in place (tokens [B, N] int64, uniforms [B, N] float32 in [0, 1)),
+        token pos drawn with uniforms[:, pos]. With the C step and no top-k / top-p, the steps and the
+        sampling all run in C (one call); otherwise one step and one :func:`choose_tokens` per position."""
+        filters = (options.top_k is not None and options.top_k < self.cfg.vocab) or (
+            options.top_p is not None and options.top_p < 1)
+        if self.fused is not None and not filters:
+            self.fused.sample(tokens, uniforms, options.temperature, start, stop)
+            return
+        for pos in range(start, stop):
+            logits = self.step(tokens[:, pos - 1] if pos else None, pos)
+            tokens[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
+
     @torch.no_grad()
     def step(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
         """Logits [B, V] (float32) of token ``pos``; prev [B] are the tokens at pos - 1 (None at pos 0)."""
@@ -195,13 +209,13 @@ class Progress:
 
 
 def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
-             options: SamplingOptions | None = None, report_every: int = 256, dense_cache: bool = False
-             ) -> Iterator[Progress]:
+             options: SamplingOptions | None = None, report_every: int = 256, dense_cache: bool = False,
+             fused: bool | None = None) -> Iterator[Progress]:
     """Sample ``length`` tokens per sequence, continuing ``prompt`` [B, P] (P may be 0).
 
     Yields a Progress every ``report_every`` sampled tokens and once at the end
-    (``finished``). Stop iterating (or close the generator) to cancel between steps.
-    The prompt's tokens are copied unchanged into the result.
+    (``finished``). Stop iterating (or close the generator) to cancel between reports.
+    The prompt's tokens are copied unchanged into the result. fused: see :class:`Decoder`.
     """
     options = options or SamplingOptions()
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.int64:
@@ -217,17 +231,17 @@ def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds:
     uniforms = torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
                             for s in seeds])
     t0 = time.perf_counter()
-    decoder = Decoder(model, B, length, dense=dense_cache)
+    decoder = Decoder(model, B, length, dense=dense_cache, fused=fused)
     tokens = torch.empty(B, length, dtype=torch.int64, device=decoder.device)
     tokens[:, :P] = prompt
     if P:
         decoder.prefill(prompt)
     uniforms = uniforms.to(decoder.device, torch.float32).clamp_(max=1 - 2**-24)  # stays below 1 in fp32
-    for pos in range(P, length):
-        logits = decoder.step(tokens[:, pos - 1] if pos else None, pos)
-        tokens[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
-        if (pos + 1 - P) % report_every == 0 and pos + 1 < length:
-            yield Progress(pos + 1, length, tokens[:, : pos + 1], time.perf_counter() - t0, False)
+    for start in range(P, length, report_every):
+        stop = min(start + report_every, length)
+        decoder.sample(tokens, uniforms, options, start, stop)
+        if stop < length:
+            yield Progress(stop, length, tokens[:, :stop], time.perf_counter() - t0, False)
     yield Progress(length, length, tokens, time.perf_counter() - t0, True)
 
 
@@ -237,10 +251,10 @@ class SamplingCancelled(Exception):
 
 def sample(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
            options: SamplingOptions | None = None, callback: Callable[[Progress], bool | None] | None = None,
-           report_every: int = 256) -> torch.Tensor:
+           report_every: int = 256, fused: bool | None = None) -> torch.Tensor:
     """:func:`generate` to the end; returns tokens [B, length]. ``callback`` returning False cancels
     (raises SamplingCancelled)."""
-    for progress in generate(model, prompt, length, seeds, options, report_every):
+    for progress in generate(model, prompt, length, seeds, options, report_every, fused=fused):
         if callback is not None and callback(progress) is False:
             raise SamplingCancelled(f"cancelled at {progress.done} of {progress.total} tokens")
         if progress.finished:

@@ -101,6 +101,43 @@ def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
         library.cache_clear()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_fused_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temperature):
+    model = small_model(pattern="strided")
+    B, N = 3, 150
+    uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(5)).clamp_(max=1 - 2**-24)
+    in_c = torch.zeros(B, N, dtype=torch.long)
+    Decoder(model, B, N, fused=True).fused.sample(in_c, uniforms, temperature, 0, N)
+    replay, options = Decoder(model, B, N, fused=True), SamplingOptions(temperature)
+    in_python = torch.zeros(B, N, dtype=torch.long)
+    for pos in range(N):
+        logits = replay.step(in_python[:, pos - 1] if pos else None, pos)
+        in_python[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
+    assert torch.equal(in_c, in_python)
+    assert len(in_c.unique()) > (1 if temperature == 0 else 50)
+    prompt = torch.randint(0, 256, (B, 20), generator=torch.Generator().manual_seed(6))
+    runs = [sample(model, prompt, N, [1, 2, 3], options, fused=fused) for fused in (True, False)]
+    assert torch.equal(runs[0], runs[1])  # the C step + C sampling, and the PyTorch step + choose_tokens
+
+
+def test_fused_sampling_refuses_bad_arguments():
+    fused = Decoder(small_model(), 2, 40, fused=True).fused
+    tokens, uniforms = torch.zeros(2, 40, dtype=torch.long), torch.rand(2, 40)
+    for bad_tokens, bad_uniforms, match in ((tokens.int(), uniforms, "tokens must be"),
+                                            (tokens[:1], uniforms, "tokens must be"),
+                                            (tokens, uniforms.double(), "uniforms must be"),
+                                            (tokens.t().contiguous().t(), uniforms, "contiguous rows")):
+        with pytest.raises(ValueError, match=match):
+            fused.sample(bad_tokens, bad_uniforms, 1.0, 0, 10)
+    with pytest.raises(ValueError, match="positions \\[5, 41\\)"):
+        fused.sample(tokens, uniforms, 1.0, 5, 41)
+    with pytest.raises(ValueError, match="temperature"):
+        fused.sample(tokens, uniforms, -1.0, 0, 10)
+    tokens[1, 4] = 300
+    with pytest.raises(ValueError, match="before position 5"):
+        fused.sample(tokens, uniforms, 1.0, 5, 10)
+
+
 def test_fused_step_is_built_once_and_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path):
     model = small_model()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
