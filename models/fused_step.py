@@ -35,7 +35,8 @@ from .model import SparseTransformer
 
 SOURCE = Path(__file__).with_name("fused_step.c")
 TILE = 16  # outputs per packed weight tile (fused_step.c)
-MAX_THREADS = 64
+MAX_THREADS = 64  # fused_step.c: the partial results combined per head
+MAX_HEADS = 64  # fused_step.c: Layer.lo
 _KINDS = {LocalCache: 0, StridedCache: 1, FixedCache: 2, FullCache: 3}
 _P = ctypes.c_void_p
 
@@ -139,6 +140,8 @@ def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | Non
         return f"it runs fp32 on the CPU (the model is {param.dtype} on {param.device})"
     if cfg.vocab % TILE or (cfg.ff_mult * cfg.d_model) % TILE:
         return f"vocab and the feed-forward width must be multiples of {TILE}"
+    if cfg.n_heads > MAX_HEADS:
+        return f"at most {MAX_HEADS} heads"
     if any(type(c) not in _KINDS for c in caches):
         return "a cache kind it does not know"
     return None
@@ -152,7 +155,10 @@ def _pack(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FusedStep:
-    """``step(prev, pos)`` -> logits [B, V] for one model, one batch and its caches (see the module notes)."""
+    """``self(prev, pos)`` -> logits [B, V] for one model, one batch and its caches (see the module notes).
+
+    threads: default torch's thread count, at most d_model / 16 (the tiles of the smallest matrix).
+    """
 
     def __init__(self, model: SparseTransformer, caches: list[LayerCache], pos_emb: torch.Tensor,
                  threads: int | None = None):
@@ -160,7 +166,9 @@ class FusedStep:
         if reason:
             raise ValueError(f"the fused decoding step is not available: {reason}")
         lib, cfg, B = library(), model.cfg, caches[0].batch
-        threads = max(1, min(MAX_THREADS, torch.get_num_threads() if threads is None else threads))
+        if threads is None:  # more threads than the smallest matrix has tiles would wait at every barrier
+            threads = min(torch.get_num_threads(), cfg.d_model // TILE)
+        threads = max(1, min(MAX_THREADS, threads))
         self.batch, self.vocab, self.seq_len, self.threads = B, cfg.vocab, caches[0].seq_len, threads
         d = lambda t: t.detach().contiguous()  # noqa: E731
         head_w, head_b = _pack(model.head)

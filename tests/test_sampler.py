@@ -90,6 +90,9 @@ def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="fused must be"):
         Decoder(model, 1, 40, fused="yes")
     assert Decoder(small_model().to(torch.float64), 1, 40).fused is None  # auto: the PyTorch step
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Decoder(small_model(vocab=250), 1, 40, fused=True)
+    assert Decoder(small_model(vocab=250), 1, 40).fused is None
     assert Decoder(model, 1, 40, shards=2).fused is None
     monkeypatch.setenv("STS_FUSED_STEP", "0")
     library.cache_clear()
