@@ -5,8 +5,8 @@ Audio:  python sample.py audio [--prompt clip.wav --prompt-seconds 2] --samples 
 
 Everything goes into --out-dir (default out/<kind>-<timestamp>): sample_000.png ... (lossless), prompt.png,
 original.png and grid.png for images; sample_000.wav ... (16-bit PCM, 12 kHz, prompt + continuation) and
-prompt.wav for audio; metadata.json (arguments, seeds, checkpoint and its SHA-256, device, versions,
-timings, files). The folder is written under a temporary name and renamed into place when complete, so
+prompt.wav for audio; metadata.json (arguments, seeds, checkpoint and its SHA-256, device, versions, the
+decoding step, timings, files). The folder is written under a temporary name and renamed into place when complete, so
 an error or Ctrl-C leaves nothing half-written; an earlier output folder is replaced only with --overwrite.
 Sample i uses seed --seed + i, whatever batch it lands in.
 """
@@ -33,7 +33,7 @@ from models import CheckpointError, load_card, load_model
 from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, load_audio, load_image, save_wav
 from models.completion import MediaProgress, complete_image, generate_audio, model_kind
 from models.figures import make_grid, masked_prompt
-from models.sampler import SamplingOptions
+from models.sampler import SamplingOptions, decoding_step
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
 
@@ -224,6 +224,7 @@ def metadata(a: argparse.Namespace, argv: list[str], model, device: torch.device
                        "date": card.get("date")},
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "decoding_step": decoding_step(model),
         "timings": {"load_seconds": round(t_loaded - t_start, 3), "sampling_seconds": round(report.seconds, 3),
                     "total_seconds": round(time.perf_counter() - t_start, 3), "tokens_sampled": report.total,
                     "tokens_per_second": round(report.total / max(report.seconds, 1e-9), 1)},

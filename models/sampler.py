@@ -181,6 +181,12 @@ class Decoder:
         return linear(norm(x, (d,), nw, nb), hw, hb).float()
 
 
+def decoding_step(model: SparseTransformer) -> str:
+    """Which step :func:`generate` will use for ``model`` as it is now (device, dtype), and why not the C one."""
+    reason = fused_step_unavailable(model, [])
+    return "fused C step (models/fused_step.c)" if reason is None else f"PyTorch step ({reason})"
+
+
 def weight_shards(cfg: ModelConfig, threads: int) -> int:
     """The most shards, at most ``threads``, dividing every linear layer's outputs (multiples of d_model or vocab)."""
     common = math.gcd(cfg.d_model, cfg.vocab)
