@@ -81,8 +81,8 @@ typedef struct {
     float *norm, *y, *scores;             /* per thread: [B, d], [B, d], [max_keys] */
     float *part_acc, *part_m, *part_l;    /* [B, H, T, D], [B, H, T], [B, H, T] */
     float **dst, **dst2;                  /* per step: cache rows written, [n_layers, 2, B, H] (keys, values) */
-    /* the step being run */
-    int pos;
+    /* the step being run: position pos of rows row0 .. row0 + nrows - 1 of the batch */
+    int pos, row0, nrows;
     const int64_t *prev;
     int64_t prev_stride;
     float *logits;
@@ -250,15 +250,15 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
 }
 
 static void attention(Step *s, const Layer *L, int tid) {
-    int B = s->B, H = s->H, D = s->D, d = s->d, T = s->T;
+    int B = s->nrows, H = s->H, D = s->D, d = s->d, T = s->T;
     float *scores = s->scores + (size_t)tid * (s->max_keys + 8);
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             float *dst, *dst2;
             const float *k0, *k1, *v0, *v1;
             int n0, n1;
-            cache_rows(s, L, s->pos, b, 0, h, &dst, &dst2, &k0, &n0, &k1, &n1);
-            cache_rows(s, L, s->pos, b, 1, h, &dst, &dst2, &v0, &n0, &v1, &n1);
+            cache_rows(s, L, s->pos, s->row0 + b, 0, h, &dst, &dst2, &k0, &n0, &k1, &n1);
+            cache_rows(s, L, s->pos, s->row0 + b, 1, h, &dst, &dst2, &v0, &n0, &v1, &n1);
             int n = n0 + n1, lo = (int)((int64_t)n * tid / T), hi = (int)((int64_t)n * (tid + 1) / T);
             size_t at = ((size_t)b * H + h) * T + tid;
             const float *q = s->qkv + (size_t)b * 3 * d + h * D;
@@ -273,7 +273,7 @@ static void attention(Step *s, const Layer *L, int tid) {
 
 /* y [B, d] from the T partial results of every (b, h). */
 static void combine(const Step *s, float *y) {
-    int B = s->B, H = s->H, D = s->D, T = s->T;
+    int B = s->nrows, H = s->H, D = s->D, T = s->T;
     for (int bh = 0; bh < B * H; bh++) {
         const float *m = s->part_m + (size_t)bh * T, *l = s->part_l + (size_t)bh * T;
         float mx = -INFINITY, total = 0, w[64];
@@ -290,7 +290,7 @@ static void combine(const Step *s, float *y) {
 
 /* Copy the new keys and values of this thread's qkv tiles into the cache rows of this step. */
 static void store_kv(Step *s, int l, int t0, int t1) {
-    int B = s->B, H = s->H, D = s->D, d = s->d;
+    int B = s->nrows, H = s->H, D = s->D, d = s->d;
     float **dst = s->dst + (size_t)l * 2 * B * H, **dst2 = s->dst2 + (size_t)l * 2 * B * H;
     for (int t = t0; t < t1; t++) {
         int col = t * TILE;
@@ -306,7 +306,7 @@ static void store_kv(Step *s, int l, int t0, int t1) {
 }
 
 static void run_step(Step *s, int tid, int *sense) {
-    int B = s->B, d = s->d, T = s->T, t0, t1;
+    int B = s->nrows, d = s->d, T = s->T, t0, t1;
     float *norm = s->norm + (size_t)tid * B * d, *y = s->y + (size_t)tid * B * d;
     if (tid == 0) {
         for (int b = 0; b < B; b++) {
@@ -378,7 +378,7 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
              const float *hb) {
     Step *s = calloc(1, sizeof(Step));
     if (!s) return NULL;
-    *s = (Step){.B = B, .d = d, .H = H, .D = d / H, .ff = ff, .V = V, .n_layers = n_layers, .T = T,
+    *s = (Step){.B = B, .nrows = B, .d = d, .H = H, .D = d / H, .ff = ff, .V = V, .n_layers = n_layers, .T = T,
                 .max_keys = max_keys, .tok_emb = tok_emb, .start = start, .pos_emb = pos_emb, .nw = nw, .nb = nb,
                 .hw = hw, .hb = hb};
     pthread_mutex_init(&s->mu, NULL);
@@ -430,13 +430,15 @@ int st_start(Step *s) {
     return 0;
 }
 
-/* logits [B, V] of position pos; prev [B] (element stride prev_stride) the tokens at pos - 1, NULL at 0.
-   Returns 0, or -1 (and does nothing) when a token of prev is outside [0, V). */
-int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits) {
-    int B = s->B, H = s->H;
+/* Position pos of rows row0 .. row0 + nrows - 1: logits [nrows, V]; prev [nrows] (element stride prev_stride) the
+   tokens at pos - 1 of those rows, NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
+static int step_rows(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits, int row0,
+                     int nrows) {
+    int B = nrows, H = s->H;
     for (int b = 0; prev && b < B; b++)
         if (prev[b * prev_stride] < 0 || prev[b * prev_stride] >= s->V) return -1;
     s->pos = pos, s->prev = prev, s->prev_stride = prev_stride, s->logits = logits;
+    s->row0 = row0, s->nrows = nrows;
     for (int l = 0; l < s->n_layers; l++)
         for (int w = 0; w < 2; w++)
             for (int b = 0; b < B; b++)
@@ -444,7 +446,7 @@ int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *l
                     size_t at = (((size_t)l * 2 + w) * B + b) * H + h;
                     const float *a, *c;
                     int na, nc;
-                    cache_rows(s, &s->layers[l], pos, b, w, h, &s->dst[at], &s->dst2[at], &a, &na, &c, &nc);
+                    cache_rows(s, &s->layers[l], pos, row0 + b, w, h, &s->dst[at], &s->dst2[at], &a, &na, &c, &nc);
                 }
     if (s->T > 1) {
         pthread_mutex_lock(&s->mu);
@@ -454,6 +456,11 @@ int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *l
     }
     run_step(s, 0, &s->sense0);
     return 0;
+}
+
+/* logits [B, V] of position pos for the whole batch; prev [B] as in step_rows. */
+int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits) {
+    return step_rows(s, pos, prev, prev_stride, logits, 0, s->B);
 }
 
 /* The token of one row: the inverse CDF of softmax(logits / temperature) at u, as
@@ -479,14 +486,15 @@ static int64_t sample_row(const float *logits, int V, float temperature, float u
     return lo < V ? lo : V - 1;
 }
 
-/* Sample positions [start, stop) of every row in place: tokens [B, *] (row stride ld_tokens) hold the
-   tokens before start; position p of row b uses the uniform u[b * ld_u + p]. Returns 0, or -1 (nothing
-   done) when a token before start is outside [0, V). */
+/* Sample positions [start, stop) of rows row0 .. row0 + nrows - 1 in place: tokens [B, *] (row stride ld_tokens)
+   hold the tokens before start; position p of row b uses the uniform u[b * ld_u + p]. Returns 0, or -1
+   (nothing more done) when a token before start is outside [0, V). */
 int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64_t ld_u, float temperature,
-              int start, int stop) {
+              int start, int stop, int row0, int nrows) {
+    tokens += row0 * ld_tokens, u += row0 * ld_u;
     for (int pos = start; pos < stop; pos++) {
-        if (st_step(s, pos, pos ? tokens + pos - 1 : NULL, ld_tokens, s->own_logits)) return -1;
-        for (int b = 0; b < s->B; b++)
+        if (step_rows(s, pos, pos ? tokens + pos - 1 : NULL, ld_tokens, s->own_logits, row0, nrows)) return -1;
+        for (int b = 0; b < nrows; b++)
             tokens[b * ld_tokens + pos] = sample_row(s->own_logits + (size_t)b * s->V, s->V, temperature,
                                                      u[b * ld_u + pos], s->cdf);
     }

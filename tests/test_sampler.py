@@ -110,7 +110,12 @@ def test_fused_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temp
     B, N = 3, 150
     uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(5)).clamp_(max=1 - 2**-24)
     in_c = torch.zeros(B, N, dtype=torch.long)
-    Decoder(model, B, N, fused=True).fused.sample(in_c, uniforms, temperature, 0, N)
+    Decoder(model, B, N, fused=True).fused.sample(in_c, uniforms, temperature, 0, N)  # rows in passes of 2 and 1
+    for rows_per_pass in (1, 3):
+        decoder, again = Decoder(model, B, N, fused=True), torch.zeros(B, N, dtype=torch.long)
+        decoder.fused.rows_per_pass = rows_per_pass
+        decoder.fused.sample(again, uniforms, temperature, 0, N)
+        assert torch.equal(again, in_c)
     replay, options = Decoder(model, B, N, fused=True), SamplingOptions(temperature)
     in_python = torch.zeros(B, N, dtype=torch.long)
     for pos in range(N):
@@ -136,6 +141,9 @@ def test_fused_sampling_refuses_bad_arguments():
         fused.sample(tokens, uniforms, 1.0, 5, 41)
     with pytest.raises(ValueError, match="temperature"):
         fused.sample(tokens, uniforms, -1.0, 0, 10)
+    model = small_model()
+    with pytest.raises(ValueError, match="rows_per_pass"):
+        FusedStep(model, Decoder(model, 2, 40, fused=False).caches, torch.zeros(40, 64), rows_per_pass=0)
     tokens[1, 4] = 300
     with pytest.raises(ValueError, match="before position 5"):
         fused.sample(tokens, uniforms, 1.0, 5, 10)
