@@ -6,7 +6,10 @@
      keys split T ways | combine + proj + residual | norm + fc + gelu | proj + residual | norm + head
    Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously.
    Each output is summed in the same order whatever the batch size, so a sample does not depend on
-   the batch it runs in. */
+   the batch it runs in.
+   Entry points: st_new / st_layer / st_start (set up, on the caller's tensors), st_step (one position of
+   the whole batch: logits), st_sample (positions [start, stop) of a range of rows, sampling each token
+   in C), st_free. */
 
 #include <math.h>
 #include <pthread.h>
