@@ -170,6 +170,27 @@ def test_fused_step_is_built_once_and_a_missing_or_failing_compiler_is_reported(
         library.cache_clear()
 
 
+def test_fused_step_built_without_march_native_gives_the_same_logits(monkeypatch, tmp_path):
+    """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code."""
+    cc = tmp_path / "cc-without-native"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && { echo "no native" >&2; exit 1; }; done\n'
+                  'exec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    library.cache_clear()
+    try:
+        model = small_model(pattern="strided")
+        tokens = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(7))
+        plain, ref = Decoder(model, 2, 50, fused=True), Decoder(model, 2, 50, fused=False)
+        for pos in range(50):
+            prev = tokens[:, pos - 1] if pos else None
+            torch.testing.assert_close(plain.step(prev, pos), ref.step(prev, pos), rtol=1e-5, atol=1e-5)
+    finally:
+        monkeypatch.undo()
+        library.cache_clear()
+
+
 def test_caches_keep_only_what_the_pattern_can_still_read():
     cfg = config_for("image", "image-cpu")
     caches = make_caches(cfg, 1)
