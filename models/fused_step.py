@@ -134,10 +134,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | None:
-    """Why the fused step cannot run this model with these caches here (None: it can)."""
-    if library() is None:
-        return ("it is turned off (STS_FUSED_STEP=0)" if os.environ.get("STS_FUSED_STEP") == "0"
-                else f"it could not be built ({_build_error}; install a C compiler, or name one in $CC)")
+    """Why the fused step cannot run this model with these caches here (None: it can).
+    The model is checked first, so that nothing is compiled for a model the step cannot run."""
     cfg = model.cfg
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
@@ -148,6 +146,9 @@ def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | Non
         return f"at most {MAX_HEADS} heads"
     if any(type(c) not in _KINDS for c in caches):
         return "a cache kind it does not know"
+    if library() is None:
+        return ("it is turned off (STS_FUSED_STEP=0)" if os.environ.get("STS_FUSED_STEP") == "0"
+                else f"it could not be built ({_build_error}; install a C compiler, or name one in $CC)")
     return None
 
 
