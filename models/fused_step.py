@@ -63,7 +63,7 @@ def _cpu_id() -> str:
 
 def _compile(cc: str, out: Path) -> str | None:
     """Compile SOURCE into ``out``; None on success, else the compiler's complaint."""
-    error = ""
+    error = f"{cc} did not run"
     for arch in (["-march=native"], []):  # -march=native is not known to every compiler
         cmd = [cc, "-O3", *arch, "-std=gnu11", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", str(out), "-lm"]
         try:
@@ -72,8 +72,8 @@ def _compile(cc: str, out: Path) -> str | None:
             return str(e)
         if run.returncode == 0:
             return None
-        error = run.stderr.strip().splitlines()[-1:] or [f"{cc} exited with {run.returncode}"]
-        error = error[0]
+        lines = run.stderr.strip().splitlines()
+        error = lines[-1] if lines else f"{cc} exited with {run.returncode}"
     return error
 
 
@@ -117,7 +117,11 @@ def library() -> ctypes.CDLL | None:
     path = next((f / name for f in folders if (f / name).exists()), None) or _build(cc, name)
     if path is None:
         return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # e.g. a library built for another machine sharing this home folder
+        _build_error = f"{path} does not load: {e}"
+        return None
     lib.st_new.restype = _P
     lib.st_new.argtypes = [ctypes.c_int] * 8 + [_P] * 7
     lib.st_layer.restype = None
