@@ -103,6 +103,8 @@ class Decoder:
             raise ValueError(f"fused must be None (auto), True or False, got {fused!r}")
         if shards is not None and check_int("shards", shards, 1) > 1 and (cfg.d_model % shards or cfg.vocab % shards):
             raise ValueError(f"shards must divide d_model ({cfg.d_model}) and vocab ({cfg.vocab}), got {shards}")
+        if fused and shards is not None:
+            raise ValueError("shards split the PyTorch step's weights: pass fused=False (or no fused) with shards")
         if fused is None:
             fused = shards is None and fused_step_unavailable(model, self.caches) is None
         # the C step (None: the PyTorch step); it reads and writes the same caches

@@ -94,6 +94,8 @@ def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
         Decoder(small_model(vocab=250), 1, 40, fused=True)
     assert Decoder(small_model(vocab=250), 1, 40).fused is None
     assert Decoder(model, 1, 40, shards=2).fused is None
+    with pytest.raises(ValueError, match="fused=False"):
+        Decoder(model, 1, 40, shards=2, fused=True)
     monkeypatch.setenv("STS_FUSED_STEP", "0")
     library.cache_clear()
     try:
