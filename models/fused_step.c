@@ -43,7 +43,7 @@ static inline v8 splat(float a) { return (v8){0} + a; }
 static inline v8 vsel(vi8 mask, v8 a, v8 b) { return (v8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
 static inline float hsum(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
 
-/* exp with Cephes' polynomial (about 1 ulp); below -87.3 it returns 0. */
+/* exp with Cephes' polynomial (about 1 ulp); 0 where the result would be subnormal. */
 static inline v8 vexp(v8 x) {
     x = vsel(x > 88.3762626647949f, splat(88.3762626647949f), x);
     x = vsel(x < -88.3762626647949f, splat(-88.3762626647949f), x);
@@ -52,7 +52,7 @@ static inline v8 vexp(v8 x) {
     n = n - vsel(n > fx, splat(1.0f), splat(0.0f));
     x = x - n * 0.693359375f + n * 2.12194440e-4f;
     v8 z = x * x;
-    v8 y = 1.9875691500E-4f + 0 * x;
+    v8 y = splat(1.9875691500E-4f);
     y = y * x + 1.3981999507E-3f;
     y = y * x + 8.3334519073E-3f;
     y = y * x + 4.1665795894E-2f;
@@ -418,19 +418,18 @@ void st_layer(Step *s, int l, int kind, float *kv, float *summaries, int slots, 
     L->n2w = w[6], L->n2b = w[7], L->fw = w[8], L->fb = w[9], L->f2w = w[10], L->f2b = w[11];
 }
 
-/* Start the T - 1 workers; 0 on success. */
+/* Start the T - 1 workers; returns the threads that will run the steps (fewer if a worker could not start). */
 int st_start(Step *s) {
     for (int t = 1; t < s->T; t++) {
         void **arg = malloc(2 * sizeof(void *));
-        if (!arg) return -1;
-        arg[0] = s, arg[1] = (void *)(intptr_t)t;
-        if (pthread_create(&s->threads[t], NULL, worker, arg)) {
+        if (arg) arg[0] = s, arg[1] = (void *)(intptr_t)t;
+        if (!arg || pthread_create(&s->threads[t], NULL, worker, arg)) {
             free(arg);
             s->T = t; /* run with the workers that started */
             break;
         }
     }
-    return 0;
+    return s->T;
 }
 
 /* Position pos of rows row0 .. row0 + nrows - 1: logits [nrows, V]; prev [nrows] (element stride prev_stride) the

@@ -204,7 +204,7 @@ class FusedStep:
                          pointers)
         keep += [t for c in caches for t in c.tensors()]
         self._keep, self._lib, self._handle = keep, lib, handle
-        lib.st_start(handle)
+        self.threads = lib.st_start(handle)
 
     @staticmethod
     def _geometry(cache: LayerCache) -> tuple[int, int, int, list[int]]:
