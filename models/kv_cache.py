@@ -1,8 +1,8 @@
 """Static KV caches for decoding, one per layer, holding only what the layer's pattern can still read.
 
 Each cache is preallocated for a batch and a sequence length, so a decoding step allocates
-nothing that grows. ``fill(k, v)`` stores the keys/values of a prompt (positions 0..P-1,
-from one parallel forward pass); ``step(pos, q, kv)`` stores position ``pos`` and returns
+nothing that grows. ``fill(k, v, rows)`` stores the keys/values of a prompt (positions 0..P-1,
+from one parallel forward pass) for some rows of the batch; ``step(pos, q, kv)`` stores position ``pos`` and returns
 the attention output of its query over what the pattern lets ``pos`` read:
 
   local (window w):  a ring of the last w + 1 positions                 [B, 2, H, w + 1, D]
@@ -50,8 +50,8 @@ class LayerCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def fill(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store positions 0..P-1 (k, v [B, H, P, D])."""
+    def fill(self, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)) -> None:
+        """Store positions 0..P-1 (k, v [b, H, P, D]) of the batch's ``rows`` (default all: b = B)."""
         raise NotImplementedError
 
     def step(self, pos: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -66,11 +66,11 @@ class LocalCache(LayerCache):
         self.kv = self._empty(self.slots)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
-    def fill(self, k, v):
+    def fill(self, k, v, rows=slice(None)):
         P = k.shape[2]
         first = max(0, P - self.slots)
         slots = torch.arange(first, P, device=self.device) % self.slots
-        self.kv[:, 0, :, slots], self.kv[:, 1, :, slots] = k[:, :, first:], v[:, :, first:]
+        self.kv[rows, 0, :, slots], self.kv[rows, 1, :, slots] = k[:, :, first:], v[:, :, first:]
 
     def step(self, pos, q, kv):
         self.kv.select(3, pos % self.slots).copy_(kv)
@@ -89,12 +89,13 @@ class StridedCache(LayerCache):
         # per column c: (keys and values [B, 2, H, rows, D], keys [B, H, rows, D], values)
         self.columns = [(self.kv.select(3, c), self.kv[:, 0, :, c], self.kv[:, 1, :, c]) for c in range(stride)]
 
-    def fill(self, k, v):
+    def fill(self, k, v, rows=slice(None)):
         B, H, P, D = k.shape
         full, rest = divmod(P, self.stride)  # complete rows, then the start of the next one
         for i, t in enumerate((k, v)):
-            self.kv[:, i, :, :, :full] = t[:, :, : full * self.stride].view(B, H, full, self.stride, D).transpose(2, 3)
-            self.kv[:, i, :, :rest, full] = t[:, :, full * self.stride:]
+            by_row = t[:, :, : full * self.stride].view(B, H, full, self.stride, D)
+            self.kv[rows, i, :, :, :full] = by_row.transpose(2, 3)
+            self.kv[rows, i, :, :rest, full] = t[:, :, full * self.stride:]
 
     def step(self, pos, q, kv):
         r, c = divmod(pos, self.stride)
@@ -118,20 +119,20 @@ class FixedCache(LayerCache):
     def tensors(self):
         return [self.kv, self.summaries]
 
-    def fill(self, k, v):
+    def fill(self, k, v, rows=slice(None)):
         P = k.shape[2]
         for h, lo in enumerate(self.lo):
             hs = slice(None) if self.shared else slice(h, h + 1)
             for r in range(-(-P // self.stride)):
                 cols = range(r * self.stride + lo, min(P, r * self.stride + lo + self.summary))
                 if len(cols):
-                    self.summaries[:, 0, hs, r, : len(cols)] = k[:, hs, cols.start: cols.stop]
-                    self.summaries[:, 1, hs, r, : len(cols)] = v[:, hs, cols.start: cols.stop]
+                    self.summaries[rows, 0, hs, r, : len(cols)] = k[:, hs, cols.start: cols.stop]
+                    self.summaries[rows, 1, hs, r, : len(cols)] = v[:, hs, cols.start: cols.stop]
             if self.shared:
                 break
         start = (P // self.stride) * self.stride  # the l-block the next position belongs to
         if start < P:
-            self.kv[:, 0, :, : P - start], self.kv[:, 1, :, : P - start] = k[:, :, start:], v[:, :, start:]
+            self.kv[rows, 0, :, : P - start], self.kv[rows, 1, :, : P - start] = k[:, :, start:], v[:, :, start:]
 
     def step(self, pos, q, kv):
         r, c = divmod(pos, self.stride)
@@ -159,9 +160,9 @@ class FullCache(LayerCache):
         self.kv = self._empty(seq_len)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
-    def fill(self, k, v):
+    def fill(self, k, v, rows=slice(None)):
         P = k.shape[2]
-        self.kv[:, 0, :, :P], self.kv[:, 1, :, :P] = k, v
+        self.kv[rows, 0, :, :P], self.kv[rows, 1, :, :P] = k, v
 
     def step(self, pos, q, kv):
         self.kv.select(3, pos).copy_(kv)
