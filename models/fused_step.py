@@ -180,53 +180,44 @@ class FusedStep:
         if threads is None:  # more threads than the smallest matrix has tiles would wait at every barrier
             threads = min(torch.get_num_threads(), cfg.d_model // TILE)
         threads = max(1, min(MAX_THREADS, threads))
-        self.batch, self.vocab, self.seq_len, self.threads = B, cfg.vocab, caches[0].seq_len, threads
+        self.batch, self.vocab, self.seq_len = B, cfg.vocab, caches[0].seq_len
         self.rows_per_pass = check_int("rows_per_pass", rows_per_pass, 1)
         d = lambda t: t.detach().contiguous()  # noqa: E731
         head_w, head_b = _pack(model.head)
         keep = [d(model.tok_emb.weight), d(model.start), pos_emb.contiguous(), d(model.norm.weight),
                 d(model.norm.bias), head_w, head_b]
-        max_keys = max(self._max_keys(c) for c in caches)
+        geometry = [self._geometry(c) for c in caches]
+        max_keys = max(g[4] for g in geometry)
         handle = lib.st_new(B, cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.vocab, cfg.n_layers,
                             threads, max_keys, *(t.data_ptr() for t in keep))
         if not handle:
             raise MemoryError("the fused decoding step could not allocate its buffers")
         self._finalizer = weakref.finalize(self, lib.st_free, handle)
-        for i, (block, cache) in enumerate(zip(model.blocks, caches, strict=True)):
+        for i, (block, cache, (slots, rows, summary, lo, _)) in enumerate(zip(model.blocks, caches, geometry,
+                                                                               strict=True)):
             weights = [d(block.norm1.weight), d(block.norm1.bias), *_pack(block.attn.qkv), *_pack(block.attn.proj),
                        d(block.norm2.weight), d(block.norm2.bias), *_pack(block.ff.fc), *_pack(block.ff.proj)]
             keep += weights
             pointers = (_P * len(weights))(*(w.data_ptr() for w in weights))
-            slots, rows, summary, lo = self._geometry(cache)
             lo = (ctypes.c_int * len(lo))(*lo) if lo else None
             summaries = cache.summaries.data_ptr() if isinstance(cache, FixedCache) else None
             lib.st_layer(handle, i, _KINDS[type(cache)], cache.kv.data_ptr(), summaries, slots, rows, summary, lo,
                          pointers)
         keep += [t for c in caches for t in c.tensors()]
         self._keep, self._lib, self._handle = keep, lib, handle
-        self.threads = lib.st_start(handle)
+        self.threads = lib.st_start(handle)  # fewer than asked if a worker could not start
 
     @staticmethod
-    def _geometry(cache: LayerCache) -> tuple[int, int, int, list[int]]:
-        """(slots, rows, summary, first summary column per head) as fused_step.c's Layer holds them."""
+    def _geometry(cache: LayerCache) -> tuple[int, int, int, list[int], int]:
+        """(slots, rows, summary, first summary column per head) as fused_step.c's Layer holds them, and
+        the most keys a query of the layer reads."""
         if isinstance(cache, LocalCache):
-            return cache.slots, 0, 0, []
+            return cache.slots, 0, 0, [], cache.slots
         if isinstance(cache, StridedCache):
-            return cache.stride, cache.rows, 0, []
+            return cache.stride, cache.rows, 0, [], cache.rows
         if isinstance(cache, FixedCache):
-            lo = cache.lo if not cache.shared else [cache.lo[0]] * len(cache.lo)
-            return cache.stride, cache.rows, cache.summary, lo
-        return cache.seq_len, 0, 0, []
-
-    @staticmethod
-    def _max_keys(cache: LayerCache) -> int:
-        if isinstance(cache, LocalCache):
-            return cache.slots
-        if isinstance(cache, StridedCache):
-            return cache.rows
-        if isinstance(cache, FixedCache):
-            return cache.rows * cache.summary + cache.stride
-        return cache.seq_len
+            return cache.stride, cache.rows, cache.summary, cache.lo, cache.rows * cache.summary + cache.stride
+        return cache.seq_len, 0, 0, [], cache.seq_len
 
     def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
         """Logits [B, V] (float32) of position ``pos``; prev [B] int64 are the tokens at pos - 1 (None at 0)."""
