@@ -76,7 +76,17 @@ def test_fused_step_on_any_thread_count_equals_the_pytorch_step(batch):
             torch.testing.assert_close(decoder.step(prev, pos), want, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
+@pytest.fixture
+def env(monkeypatch):
+    """monkeypatch for the environment fused_step.library() reads; the library is looked up afresh under it
+    (call library.cache_clear() after each change), and the normal one is restored afterwards."""
+    library.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    library.cache_clear()
+
+
+def test_fused_step_refuses_what_it_cannot_run(env):
     model = small_model()
     decoder = Decoder(model, 2, 40, fused=True)
     with pytest.raises(ValueError, match="prev tokens must be in \\[0, 256\\)"):
@@ -96,14 +106,11 @@ def test_fused_step_refuses_what_it_cannot_run(monkeypatch):
     assert Decoder(model, 1, 40, shards=2).fused is None
     with pytest.raises(ValueError, match="fused=False"):
         Decoder(model, 1, 40, shards=2, fused=True)
-    monkeypatch.setenv("STS_FUSED_STEP", "0")
+    env.setenv("STS_FUSED_STEP", "0")
     library.cache_clear()
-    try:
-        assert Decoder(model, 1, 40).fused is None
-        with pytest.raises(ValueError, match="turned off"):
-            Decoder(model, 1, 40, fused=True)
-    finally:
-        library.cache_clear()
+    assert Decoder(model, 1, 40).fused is None
+    with pytest.raises(ValueError, match="turned off"):
+        Decoder(model, 1, 40, fused=True)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
@@ -151,46 +158,36 @@ def test_fused_sampling_refuses_bad_arguments():
         fused.sample(tokens, uniforms, 1.0, 5, 10)
 
 
-def test_fused_step_is_built_once_and_a_missing_or_failing_compiler_is_reported(monkeypatch, tmp_path):
+def test_fused_step_is_built_once_and_a_missing_or_failing_compiler_is_reported(env, tmp_path):
     model = small_model()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    env.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert library() is not None
+    assert len(list((tmp_path / "sparse-transformer-studio").glob("fused_step-*.so"))) == 1
     library.cache_clear()
-    try:
-        assert library() is not None
-        assert len(list((tmp_path / "sparse-transformer-studio").glob("fused_step-*.so"))) == 1
+    assert library() is not None  # the built library is reused
+    assert len(list((tmp_path / "sparse-transformer-studio").glob("*"))) == 1
+    for cc, match in (("no-such-compiler", "no C compiler \\(no-such-compiler\\)"), ("false", "false")):
+        env.setenv("CC", cc)
         library.cache_clear()
-        assert library() is not None  # the built library is reused
-        assert len(list((tmp_path / "sparse-transformer-studio").glob("*"))) == 1
-        for cc, match in (("no-such-compiler", "no C compiler \\(no-such-compiler\\)"), ("false", "false")):
-            monkeypatch.setenv("CC", cc)
-            library.cache_clear()
-            assert Decoder(model, 1, 40).fused is None  # auto: the PyTorch step
-            with pytest.raises(ValueError, match=f"could not be built.*{match}"):
-                Decoder(model, 1, 40, fused=True)
-    finally:
-        monkeypatch.undo()
-        library.cache_clear()
+        assert Decoder(model, 1, 40).fused is None  # auto: the PyTorch step
+        with pytest.raises(ValueError, match=f"could not be built.*{match}"):
+            Decoder(model, 1, 40, fused=True)
 
 
-def test_fused_step_built_without_march_native_gives_the_same_logits(monkeypatch, tmp_path):
+def test_fused_step_built_without_march_native_gives_the_same_logits(env, tmp_path):
     """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code."""
     cc = tmp_path / "cc-without-native"
     cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && { echo "no native" >&2; exit 1; }; done\n'
                   'exec cc "$@"\n')
     cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    library.cache_clear()
-    try:
-        model = small_model(pattern="strided")
-        tokens = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(7))
-        plain, ref = Decoder(model, 2, 50, fused=True), Decoder(model, 2, 50, fused=False)
-        for pos in range(50):
-            prev = tokens[:, pos - 1] if pos else None
-            torch.testing.assert_close(plain.step(prev, pos), ref.step(prev, pos), rtol=1e-5, atol=1e-5)
-    finally:
-        monkeypatch.undo()
-        library.cache_clear()
+    env.setenv("CC", str(cc))
+    env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = small_model(pattern="strided")
+    tokens = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(7))
+    plain, ref = Decoder(model, 2, 50, fused=True), Decoder(model, 2, 50, fused=False)
+    for pos in range(50):
+        prev = tokens[:, pos - 1] if pos else None
+        torch.testing.assert_close(plain.step(prev, pos), ref.step(prev, pos), rtol=1e-5, atol=1e-5)
 
 
 def test_caches_keep_only_what_the_pattern_can_still_read():
