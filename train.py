@@ -50,7 +50,7 @@ from models.model import ModelConfig
 # Settings a resumed run takes from its checkpoint; changing them would not continue the same run.
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
                     layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
-                    warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="bf16", recompute=True,
+                    warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="auto", recompute=True,
                     ema=0.0, seed=0, fsdp=False, steps=1000, init=None)
 # Settings of this invocation only.
 CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
@@ -60,6 +60,9 @@ MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult=
                    pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
                    seq_len="seq_len")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# --precision auto takes bf16 on a CPU only where its matmuls run at least this many times fp32's: below
+# that, autocast's casts cost more than the matmuls save
+BF16_CPU_SPEEDUP = 2.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr (default 0.1)")
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.01)")
     o.add_argument("--clip", type=float, help="gradient norm clip (default 1.0)")
-    o.add_argument("--precision", choices=tuple(PRECISIONS), help="autocast dtype (default bf16; fp16 uses "
-                   "dynamic loss scaling)")
+    o.add_argument("--precision", choices=("auto", *PRECISIONS),
+                   help="autocast dtype (default auto: bf16 where this device runs it natively and fast, else "
+                   "fp32 on a CPU and fp16 on a GPU; fp16 uses dynamic loss scaling)")
     o.add_argument("--no-recompute", dest="recompute", action="store_false",
                    help="keep activations instead of recomputing each block in the backward pass")
     o.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999; exported if set (default off)")
@@ -165,7 +169,9 @@ def setup_distributed(device: str) -> Dist:
 
 def resolve_settings(args: argparse.Namespace) -> dict:
     """Defaults < saved run settings (on --resume) < flags given now; model flags may not change on resume."""
-    given = vars(args)
+    given = dict(vars(args))
+    if given.get("resume") and given.get("precision") == "auto":
+        del given["precision"]  # a resumed run keeps the precision it chose
     settings = {"kind": given["kind"], **RUN_SETTINGS, **CONTROL}
     settings.update(given)
     for key in ("data", "out"):
@@ -336,6 +342,25 @@ def held_out_bits(model: torch.nn.Module, val, s: dict, d: Dist, shard: bool) ->
     return float(total[0] / total[1])
 
 
+def choose_precision(device: torch.device) -> tuple[str, str]:
+    """``--precision auto``: (precision, why) for training on ``device``.
+
+    CUDA: bf16 where the GPU runs it natively, else fp16. CPU: bf16 where a measured bf16 matmul runs
+    at least ``BF16_CPU_SPEEDUP`` times fp32's (native bf16: AMX or AVX512-BF16), else fp32; without
+    native support torch emulates bf16 matmuls, 100x or more slower than fp32.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"{torch.cuda.get_device_name(device)} runs bf16 natively"
+        return "fp16", f"{torch.cuda.get_device_name(device)} has no native bf16"
+    bf16, _ = device_peak_flops(device, torch.bfloat16)
+    fp32, _ = device_peak_flops(device, torch.float32)
+    speeds = f"bf16 matmuls at {bf16 / 1e9:,.0f} GFLOP/s, fp32 at {fp32 / 1e9:,.0f} on this CPU"
+    if bf16 >= BF16_CPU_SPEEDUP * fp32:
+        return "bf16", speeds
+    return "fp32", speeds
+
+
 def autocast(device: torch.device, precision: str):
     dtype = PRECISIONS[precision]
     if dtype is None:
@@ -383,6 +408,15 @@ def _train(s: dict, d: Dist) -> dict:
     threads = s["threads"] or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", d.world)))
     if d.device.type == "cpu":
         torch.set_num_threads(threads)
+    precision_how = "set by --precision or the resumed run" if s["precision"] != "auto" else None
+    if precision_how is None:
+        s["precision"], precision_how = choose_precision(d.device)
+        # every process must run the same precision: the first one's (index into PRECISIONS)
+        choice = d.all_reduce(torch.tensor([list(PRECISIONS).index(s["precision"]) if d.main else 0],
+                                           device=d.device))
+        s["precision"] = list(PRECISIONS)[int(choice)]
+        if d.main and not s["quiet"]:
+            print(f"--precision auto: {s['precision']} ({precision_how})", file=sys.stderr)
     cfg = model_config(s)
     per_step = s["micro_batch"] * d.world
     if s["batch_size"] % per_step:
@@ -459,6 +493,7 @@ def _train(s: dict, d: Dist) -> dict:
     if d.main:
         log.write(event="start", step=step, world_size=d.world, device=str(d.device), threads=threads,
                   parameters=model.num_parameters(),
+                  precision=s["precision"], precision_how=precision_how,
                   flops_per_sequence=flops_per_seq, peak_flops=peak, peak_how=peak_how, accum=accum,
                   train_items=len(train_set), val_items=len(val_set),
                   skipped_files=getattr(train_set, "skipped", 0) + getattr(val_set, "skipped", 0))

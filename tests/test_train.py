@@ -19,9 +19,9 @@ from data import write_imagenet64_npz
 from models import SparseTransformer, config_for, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", "tiny", "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2"]
 # fp32: a CPU without native bf16 runs bf16 matmuls ~100x slower; the end-to-end run below uses bf16
-FAST = ["--config", "tiny", "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2",
-        "--precision", "fp32"]
+FAST = [*TINY, "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,43 @@ def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path
     ema_a = torch.load(tmp_path / "whole" / "state.pt", weights_only=False)["ema"]["params"]
     ema_b = torch.load(tmp_path / "split" / "state.pt", weights_only=False)["ema"]["params"]
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b, strict=True))
+
+
+def test_auto_precision_takes_bf16_on_a_cpu_only_where_its_matmuls_are_fast(monkeypatch):
+    speeds = {}
+    monkeypatch.setattr(train, "device_peak_flops", lambda device, dtype: (speeds[dtype], "measured"))
+    cpu = torch.device("cpu")
+    speeds.update({torch.bfloat16: 1200e9, torch.float32: 300e9})  # AMX
+    assert train.choose_precision(cpu) == ("bf16", "bf16 matmuls at 1,200 GFLOP/s, fp32 at 300 on this CPU")
+    speeds.update({torch.bfloat16: 1e9, torch.float32: 150e9})  # emulated bf16
+    assert train.choose_precision(cpu)[0] == "fp32"
+    speeds.update({torch.bfloat16: 450e9, torch.float32: 300e9})  # faster, but not enough to pay for the casts
+    assert train.choose_precision(cpu)[0] == "fp32"
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_a_gpu_is_bf16_where_native_else_fp16(monkeypatch, native, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert train.choose_precision(torch.device("cuda", 0))[0] == expected
+
+
+def test_the_default_precision_is_chosen_once_and_kept_on_resume(images, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *TINY, "--steps", "2", "--eval-every", "0"]
+    monkeypatch.setattr(train, "choose_precision", lambda device: ("fp32", "probed"))
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    assert json.loads((run / "run.json").read_text())["precision"] == "fp32"
+    start = read_log(run)[0]
+    assert (start["precision"], start["precision_how"]) == ("fp32", "probed")
+
+    def probe_again(device):
+        raise AssertionError("a resumed run must keep its precision, not choose again")
+
+    monkeypatch.setattr(train, "choose_precision", probe_again)
+    assert train.main([*argv, "--resume", "--precision", "auto"]) == 0
+    assert json.loads((run / "run.json").read_text())["precision"] == "fp32"
+    assert [r["precision"] for r in read_log(run) if r.get("event") == "start"] == ["fp32", "fp32"]
 
 
 def test_the_log_drops_lines_past_the_checkpoint_on_resume(images, tmp_path):
