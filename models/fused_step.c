@@ -472,12 +472,15 @@ static int64_t sample_row(const float *logits, int V, float temperature, float u
     for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
     if (temperature == 0) return best;
     float m = temperature == 1 ? logits[best] : logits[best] / temperature;
-    double total = 0; /* torch's cumsum of float accumulates in double */
+    /* exp, then the running sum, in two loops: GCC 12.2 -O3 -march=native on an AVX-512 CPU miscompiled
+       them as one loop (the tree vectorizer; 1 in 2 tokens wrong at temperature 0.7) */
     for (int i = 0; i < V; i += 8) {
         v8 z = ld(logits + i);
-        v8 p = vexp((temperature == 1 ? z : z / temperature) - m);
-        for (int e = 0; e < 8; e++) cdf[i + e] = (float)(total += p[e]);
+        if (temperature != 1) z = z / temperature;
+        st(cdf + i, vexp(z - m));
     }
+    double total = 0; /* torch's cumsum of float accumulates in double */
+    for (int i = 0; i < V; i++) cdf[i] = (float)(total += cdf[i]);
     float target = u * cdf[V - 1];
     int lo = 0, hi = V; /* the first i with cdf[i] > target */
     while (lo < hi) {
