@@ -408,8 +408,7 @@ def _train(s: dict, d: Dist) -> dict:
     threads = s["threads"] or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", d.world)))
     if d.device.type == "cpu":
         torch.set_num_threads(threads)
-    precision_how = "set by --precision or the resumed run" if s["precision"] != "auto" else None
-    if precision_how is None:
+    if s["precision"] == "auto":
         s["precision"], precision_how = choose_precision(d.device)
         # every process must run the same precision: the first one's (index into PRECISIONS)
         choice = d.all_reduce(torch.tensor([list(PRECISIONS).index(s["precision"]) if d.main else 0],
@@ -417,6 +416,8 @@ def _train(s: dict, d: Dist) -> dict:
         s["precision"] = list(PRECISIONS)[int(choice)]
         if d.main and not s["quiet"]:
             print(f"--precision auto: {s['precision']} ({precision_how})", file=sys.stderr)
+    else:
+        precision_how = "set by --precision or the resumed run"
     cfg = model_config(s)
     per_step = s["micro_batch"] * d.world
     if s["batch_size"] % per_step:
