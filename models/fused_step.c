@@ -39,7 +39,7 @@ enum { LOCAL = 0, STRIDED = 1, FIXED = 2, ALL = 3 };
 
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-static inline v8 splat(float a) { return (v8){0} + a; }
+static inline v8 splat(float a) { return a - (v8){0}; } /* not 0 + a: that is an add (-0 + 0 is +0) */
 static inline v8 vsel(vi8 mask, v8 a, v8 b) { return (v8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
 static inline float hsum(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
 
@@ -125,59 +125,81 @@ static void layer_norm(const float *x, const float *w, const float *b, float *ou
 
 enum { STORE = 0, GELU = 1, ADD = 2 };
 
+/* The matmul's vectors: a whole tile of 16 outputs in one register where the CPU has AVX-512 (32 registers),
+   else two 8-wide halves (16 registers). Either way each output lane sums in the same order. */
+#if defined(__AVX512F__)
+typedef float vt __attribute__((vector_size(64)));
+#define PARTS 1
+#define ACC_REGS 16
+#else
+typedef float vt __attribute__((vector_size(32)));
+#define PARTS 2
+#define ACC_REGS 8
+#endif
+#define VW (TILE / PARTS)
+#define MAX_ROWS 8
+#define MAX_COLS 8
+/* tiles at a time for R rows: as many as ACC_REGS accumulators hold, at most MAX_COLS */
+#define COLS(R) (ACC_REGS / ((R) * PARTS) < MAX_COLS ? ACC_REGS / ((R) * PARTS) : MAX_COLS)
+static inline vt ldt(const float *p) { vt v; memcpy(&v, p, sizeof v); return v; }
+static inline void stt(float *p, vt v) { memcpy(p, &v, sizeof v); }
+
 /* R rows of x (row stride ldx) times C tiles of packed w from tile t: acc = bias + sum_i x[i] w[i],
    in the order i = 0, 1, ... for every output; then out = acc, gelu(acc) or out + acc. */
 static inline __attribute__((always_inline)) void tiles(const float *x, int ldx, const float *w, const float *bias,
                                                          int in, int t, float *out, int ldo, int mode,
                                                          const int R, const int C) {
-    v8 acc[4][4][2];
+    vt acc[MAX_ROWS][MAX_COLS][PARTS];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
-            for (int h = 0; h < 2; h++) acc[r][c][h] = ld(bias + (t + c) * TILE + 8 * h);
+            for (int h = 0; h < PARTS; h++) acc[r][c][h] = ldt(bias + (t + c) * TILE + VW * h);
     const float *wt = w + (size_t)t * in * TILE;
     for (int i = 0; i < in; i++) {
-        v8 wv[4][2];
+        vt wv[MAX_COLS][PARTS];
         for (int c = 0; c < C; c++)
-            for (int h = 0; h < 2; h++) wv[c][h] = ld(wt + ((size_t)c * in + i) * TILE + 8 * h);
+            for (int h = 0; h < PARTS; h++) wv[c][h] = ldt(wt + ((size_t)c * in + i) * TILE + VW * h);
         for (int r = 0; r < R; r++) {
-            v8 xv = splat(x[r * ldx + i]);
+            vt xv = x[r * ldx + i] - (vt){0};
             for (int c = 0; c < C; c++)
-                for (int h = 0; h < 2; h++) acc[r][c][h] += xv * wv[c][h];
+                for (int h = 0; h < PARTS; h++) acc[r][c][h] += xv * wv[c][h];
         }
     }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++)
-            for (int h = 0; h < 2; h++) {
-                float *o = out + r * ldo + (t + c) * TILE + 8 * h;
-                v8 a = acc[r][c][h];
-                st(o, mode == GELU ? vgelu(a) : mode == ADD ? ld(o) + a : a);
-            }
+        for (int c = 0; c < C; c++) {
+            float *o = out + r * ldo + (t + c) * TILE;
+            for (int h = 0; h < PARTS; h++)
+                stt(o + VW * h, mode == ADD ? ldt(o + VW * h) + acc[r][c][h] : acc[r][c][h]);
+            if (mode == GELU) st(o, vgelu(ld(o))), st(o + 8, vgelu(ld(o + 8)));
+        }
 }
 
-/* out [B, n_out] (row stride ldo) from x [B, in] and packed w, for tiles [t0, t1) of this thread.
-   At most 11 of the 16 vector registers hold accumulators and weights: 4 rows x 1 tile, 2 x 2, 1 x 4.
-   From 4 rows on, all rows go through one tile before the next, while the tile is in L1. */
+/* Tiles [t, t_end) for R rows, as many tiles at a time as the accumulators allow. */
+#define RUN(R, C) \
+    for (; (C) <= COLS(R) && t + (C) <= t_end; t += (C)) tiles(x, ldx, w, bias, in, t, out, ldo, mode, R, C)
+static inline __attribute__((always_inline)) void row_tiles(const float *x, int ldx, const float *w,
+                                                             const float *bias, int in, int t, int t_end, float *out,
+                                                             int ldo, int mode, const int R) {
+    RUN(R, 8);
+    RUN(R, 4);
+    RUN(R, 2);
+    RUN(R, 1);
+}
+#undef RUN
+
+/* out [B, n_out] (row stride ldo) from x [B, in] and packed w, for tiles [t0, t1) of this thread:
+   groups of 8 rows (AVX-512 only), 4, 2 and 1 in turn through 8 tiles at a time, so that each tile is
+   read from memory once for the whole batch and reused from the CPU's near caches for the next group. */
 static void matmul(const float *x, int ldx, const float *w, const float *bias, int in, int t0, int t1,
                    float *out, int ldo, int mode, int B) {
-    if (B >= 4) {
-        for (int t = t0; t < t1; t++) {
-            int r = 0;
-            for (; r + 4 <= B; r += 4) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 4, 1);
-            for (; r + 2 <= B; r += 2) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 2, 1);
-            for (; r < B; r++) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 1, 1);
-        }
-        return;
-    }
-    int r = 0;
-    for (; r + 2 <= B; r += 2) {
-        int t = t0;
-        for (; t + 2 <= t1; t += 2) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 2, 2);
-        for (; t < t1; t++) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 2, 1);
-    }
-    for (; r < B; r++) {
-        int t = t0;
-        for (; t + 4 <= t1; t += 4) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 1, 4);
-        for (; t < t1; t++) tiles(x + r * ldx, ldx, w, bias, in, t, out + r * ldo, ldo, mode, 1, 1);
+    for (int t = t0; t < t1; t += 8) {
+        int te = t + 8 < t1 ? t + 8 : t1, r = 0;
+#define GROUP(R) for (; COLS(R) >= 1 && r + (R) <= B; r += (R)) \
+    row_tiles(x + r * ldx, ldx, w, bias, in, t, te, out + r * ldo, ldo, mode, R)
+        GROUP(8);
+        GROUP(4);
+        GROUP(2);
+        GROUP(1);
+#undef GROUP
     }
 }
 
