@@ -78,13 +78,14 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
     tokens = torch.zeros(batch, n, dtype=torch.long)
     uniforms = torch.rand(batch, n)
     options = SamplingOptions()
-    decoder.sample(tokens, uniforms, options, start - 16, start)
+    decoder.sample(tokens, uniforms, options, start - 64, start)  # warm, and the rows per pass measured
     rates = []
     for _ in range(RUNS):
         t0 = time.perf_counter()
         decoder.sample(tokens, uniforms, options, start, start + STEPS)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
-    step = (f"fused C step, {decoder.fused.threads} threads" if decoder.fused is not None
+    step = (f"fused C step, {decoder.fused.threads} threads, {decoder.fused.tuned_rows} rows a pass"
+            if decoder.fused is not None
             else f"PyTorch step, weights in {decoder.shards} shard(s)")
     return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes, "step": step}
 
@@ -160,7 +161,7 @@ def main() -> None:
         r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6}
         b1, b8 = steady_tokens_per_s(model, 1), steady_tokens_per_s(model, 8)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
-                 cache_bytes_b1=b1["cache_bytes"], step=b1["step"])
+                 cache_bytes_b1=b1["cache_bytes"], step=b1["step"], step_b8=b8["step"])
         torch_b1, torch_b8 = (steady_tokens_per_s(model, b, fused=False) for b in (1, 8))
         r.update(torch_tokens_per_s_b1=torch_b1["tokens_per_s"], torch_tokens_per_s_b8=torch_b8["tokens_per_s"],
                  torch_step=torch_b1["step"])
@@ -200,7 +201,7 @@ def main() -> None:
         print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1 (read at "
               f"{r['read_bandwidth_gbs_b1']:.0f} GB/s), {r['step_bytes_b8'] / 1e6:.1f} MB at batch 8 (at "
               f"{r['read_bandwidth_gbs_b8']:.0f} GB/s); {r['step_flops'] / 1e6:.1f} MFLOP per token; "
-              f"{r['step']}; PyTorch rows: {r['torch_step']}")
+              f"{r['step']} (batch 8: {r['step_b8']}); PyTorch rows: {r['torch_step']}")
     if busy is not None:
         print(f"(other processes used {busy:.2f} cores on average while this ran)")
     print("GPU: " + ("not timed by this script yet" if torch.cuda.is_available() else "none here"))

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import weakref
 from functools import lru_cache
 from pathlib import Path
@@ -31,16 +32,20 @@ from pathlib import Path
 import torch
 
 from .kv_cache import FixedCache, FullCache, LayerCache, LocalCache, StridedCache
-from .model import SparseTransformer, check_int
+from .model import SparseTransformer
 
 SOURCE = Path(__file__).with_name("fused_step.c")
 TILE = 16  # outputs per packed weight tile (fused_step.c)
 MAX_THREADS = 64  # fused_step.c: the partial results combined per head
 MAX_HEADS = 64  # fused_step.c: Layer.lo
-# sequences sampled together: on the 2-core machine of README *Sampling speed*, batches of 8 ran 50% (audio12k)
-# and 12% (image64) faster as 4 passes of 2 than as one pass of 8 (medians of 5 interleaved runs of 512 steps):
-# each sequence's cache competes with the weights for L3
-ROWS_PER_PASS = 2
+# rows_per_pass="auto": how many sequences to step together is measured, not fixed. One pass of all rows
+# reads each weight once a step, but every sequence brings its own caches into the CPU's caches: on the
+# README's AMD VM (AVX2, 32 MB L3) batches of 8 ran 12-50% faster as 4 passes of 2 than as one pass of
+# 8, on its Intel VM (AVX-512, 480 MB L3) 1.5-1.8x slower. Each candidate (2, 4, .. rows, and all rows)
+# samples TUNE_STEPS positions of the real work, timed; the fastest runs until RETUNE_EVERY positions
+# later, when the caches have grown and the candidates run again.
+TUNE_STEPS = 16
+RETUNE_EVERY = 4096
 _KINDS = {LocalCache: 0, StridedCache: 1, FixedCache: 2, FullCache: 3}
 _P = ctypes.c_void_p
 
@@ -167,12 +172,13 @@ class FusedStep:
     """``self(prev, pos)`` -> logits [B, V] for one model, one batch and its caches (see the module notes).
 
     threads: default torch's thread count, at most d_model / 16 (the tiles of the smallest matrix).
-    rows_per_pass: how many sequences :meth:`sample` steps together (default ROWS_PER_PASS): the
-    weights are read once a step for all of them, but each brings its own cache into the CPU's caches.
+    rows_per_pass: how many sequences :meth:`sample` steps together, or "auto" (the default: measured
+    on the sampling itself, see TUNE_STEPS); the weights are read once a step for all of them, but each
+    brings its own cache into the CPU's caches.
     """
 
     def __init__(self, model: SparseTransformer, caches: list[LayerCache], pos_emb: torch.Tensor,
-                 threads: int | None = None, rows_per_pass: int = ROWS_PER_PASS):
+                 threads: int | None = None, rows_per_pass: int | str = "auto"):
         reason = unavailable(model, caches)
         if reason:
             raise ValueError(f"the fused decoding step is not available: {reason}")
@@ -181,7 +187,12 @@ class FusedStep:
             threads = min(torch.get_num_threads(), cfg.d_model // TILE)
         threads = max(1, min(MAX_THREADS, threads))
         self.batch, self.vocab, self.seq_len = B, cfg.vocab, caches[0].seq_len
-        self.rows_per_pass = check_int("rows_per_pass", rows_per_pass, 1)
+        if rows_per_pass != "auto" and (isinstance(rows_per_pass, bool) or not isinstance(rows_per_pass, int)
+                                        or rows_per_pass < 1):
+            raise ValueError(f'rows_per_pass must be "auto" or an integer >= 1, got {rows_per_pass!r}')
+        self.rows_per_pass = rows_per_pass
+        self.tuned_rows = B  # "auto": the rows per pass chosen by the last measurement
+        self._tune_at = 0  # "auto": the position from which the candidates run again
         d = lambda t: t.detach().contiguous()  # noqa: E731
         head_w, head_b = _pack(model.head)
         keep = [d(model.tok_emb.weight), d(model.start), pos_emb.contiguous(), d(model.norm.weight),
@@ -240,7 +251,8 @@ class FusedStep:
         the inverse CDF of softmax(logits / temperature) at uniforms[:, pos] (temperature 0: argmax),
         as models.sampler.choose_tokens without top-k / top-p. tokens [B, N] int64 and uniforms
         [B, N] float32 on the CPU, rows contiguous; tokens[:, :start] are the tokens before start.
-        The rows run ``rows_per_pass`` at a time, each group through all the positions before the next."""
+        The rows run ``rows_per_pass`` at a time, each group through all the positions before the next
+        ("auto": see TUNE_STEPS). The tokens do not depend on the grouping."""
         B = self.batch
         for name, t, dtype in (("tokens", tokens, torch.int64), ("uniforms", uniforms, torch.float32)):
             if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != B or t.stride(1) != 1:
@@ -250,10 +262,32 @@ class FusedStep:
             raise ValueError(f"positions [{start}, {stop}) must lie in the cache ({self.seq_len}) and the tensors")
         if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        for row0 in range(0, B, self.rows_per_pass):
+        if self.rows_per_pass != "auto":
+            self._sample_rows(tokens, uniforms, temperature, start, stop, self.rows_per_pass)
+            return
+        candidates = sorted({min(2**k, B) for k in range(1, B.bit_length() + 1)})
+        pos = start
+        while pos < stop:
+            if len(candidates) > 1 and pos >= self._tune_at and stop - pos >= TUNE_STEPS * len(candidates):
+                seconds = {}
+                for rows in candidates:
+                    t0 = time.perf_counter()
+                    self._sample_rows(tokens, uniforms, temperature, pos, pos + TUNE_STEPS, rows)
+                    seconds[rows] = time.perf_counter() - t0
+                    pos += TUNE_STEPS
+                self.tuned_rows = min(candidates, key=seconds.__getitem__)
+                self._tune_at = pos + RETUNE_EVERY
+            end = min(stop, self._tune_at) if self._tune_at > pos else stop
+            self._sample_rows(tokens, uniforms, temperature, pos, end, self.tuned_rows)
+            pos = end
+
+    def _sample_rows(self, tokens: torch.Tensor, uniforms: torch.Tensor, temperature: float, start: int,
+                     stop: int, rows: int) -> None:
+        """Positions [start, stop) of every row, ``rows`` rows at a time (arguments checked by sample)."""
+        for row0 in range(0, self.batch, rows):
             bad = self._lib.st_sample(self._handle, tokens.data_ptr(), tokens.stride(0), uniforms.data_ptr(),
                                       uniforms.stride(0), float(temperature), start, stop, row0,
-                                      min(self.rows_per_pass, B - row0))
+                                      min(rows, self.batch - row0))
             if bad:
                 raise ValueError(f"tokens before position {start} must be in [0, {self.vocab})")
 

@@ -119,7 +119,7 @@ def test_fused_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temp
     B, N = 3, 150
     uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(5)).clamp_(max=1 - 2**-24)
     in_c = torch.zeros(B, N, dtype=torch.long)
-    Decoder(model, B, N, fused=True).fused.sample(in_c, uniforms, temperature, 0, N)  # rows in passes of 2 and 1
+    Decoder(model, B, N, fused=True).fused.sample(in_c, uniforms, temperature, 0, N)  # "auto": 2 or 3 rows a pass
     for rows_per_pass in (1, 3):
         decoder, again = Decoder(model, B, N, fused=True), torch.zeros(B, N, dtype=torch.long)
         decoder.fused.rows_per_pass = rows_per_pass
@@ -137,6 +137,37 @@ def test_fused_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temp
     assert torch.equal(runs[0], runs[1])  # the C step + C sampling, and the PyTorch step + choose_tokens
 
 
+def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again_later(monkeypatch):
+    """"auto" runs 2, 4 and all 5 rows a pass on TUNE_STEPS positions each, keeps the fastest, and measures
+    again RETUNE_EVERY positions later; every position of every row is sampled once, as by a fixed grouping."""
+    import models.fused_step as fused_step
+    monkeypatch.setattr(fused_step, "TUNE_STEPS", 4)
+    monkeypatch.setattr(fused_step, "RETUNE_EVERY", 40)
+    model = small_model(pattern="strided")
+    B, N = 5, 150
+    uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(7))
+    fixed = torch.zeros(B, N, dtype=torch.long)
+    decoder = Decoder(model, B, N, fused=True)
+    decoder.fused.rows_per_pass = 5
+    decoder.fused.sample(fixed, uniforms, 1.0, 0, N)
+    fused, calls = Decoder(model, B, N, fused=True).fused, []
+    assert fused.rows_per_pass == "auto"
+    run = fused._sample_rows
+    monkeypatch.setattr(fused, "_sample_rows", lambda *a: (calls.append(a[3:]), run(*a)))
+    auto = torch.zeros(B, N, dtype=torch.long)
+    for start in range(0, N, 30):  # as generate() calls it: one report at a time
+        fused.sample(auto, uniforms, 1.0, start, min(N, start + 30))
+    assert torch.equal(auto, fixed)
+    assert [stop for _, stop, _ in calls[:-1]] == [start for start, _, _ in calls[1:]]  # each position once
+    assert (calls[0][0], calls[-1][1]) == (0, N)
+    tunes = [start for start, stop, rows in calls if stop - start == 4 and rows == 2]
+    assert tunes == [0, 60, 120]  # 3 x 4 positions; due again at 52 and 112, where fewer than 12 were left
+    assert [rows for _, _, rows in calls[:3]] == [2, 4, 5] and fused.tuned_rows in (2, 4, 5)
+    one = Decoder(model, 1, N, fused=True).fused
+    one.sample(torch.zeros(1, N, dtype=torch.long), uniforms[:1].contiguous(), 1.0, 0, N)
+    assert one.tuned_rows == 1  # one row: nothing to choose
+
+
 def test_fused_sampling_refuses_bad_arguments():
     fused = Decoder(small_model(), 2, 40, fused=True).fused
     tokens, uniforms = torch.zeros(2, 40, dtype=torch.long), torch.rand(2, 40)
@@ -151,8 +182,9 @@ def test_fused_sampling_refuses_bad_arguments():
     with pytest.raises(ValueError, match="temperature"):
         fused.sample(tokens, uniforms, -1.0, 0, 10)
     model = small_model()
-    with pytest.raises(ValueError, match="rows_per_pass"):
-        FusedStep(model, Decoder(model, 2, 40, fused=False).caches, torch.zeros(40, 64), rows_per_pass=0)
+    for bad in (0, "fast", True, 2.0):
+        with pytest.raises(ValueError, match='rows_per_pass must be "auto" or an integer >= 1'):
+            FusedStep(model, Decoder(model, 2, 40, fused=False).caches, torch.zeros(40, 64), rows_per_pass=bad)
     tokens[1, 4] = 300
     with pytest.raises(ValueError, match="before position 5"):
         fused.sample(tokens, uniforms, 1.0, 5, 10)
