@@ -305,10 +305,10 @@ static void combine(const Step *s, float *y) {
         for (int p = 0; p < T; p++) mx = m[p] > mx ? m[p] : mx;
         for (int p = 0; p < T; p++) w[p] = l[p] > 0 ? expf(m[p] - mx) : 0, total += w[p] * l[p];
         float *out = y + (size_t)bh * D;  /* (b, h) -> columns h * D of row b: [B, H, D] is [B, d] */
-        for (int e = 0; e < D; e++) {
-            float a = 0;
-            for (int p = 0; p < T; p++) a += w[p] * s->part_acc[((size_t)bh * T + p) * D + e];
-            out[e] = a / total;
+        for (int e = 0; e < D; e += 8) {  /* D is 32, 64 or 128 */
+            v8 a = splat(0);
+            for (int p = 0; p < T; p++) a += w[p] * ld(s->part_acc + ((size_t)bh * T + p) * D + e);
+            st(out + e, a / total);
         }
     }
 }
