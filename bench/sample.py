@@ -84,7 +84,7 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
         t0 = time.perf_counter()
         decoder.sample(tokens, uniforms, options, start, start + STEPS)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
-    step = (f"fused C step, {decoder.fused.threads} threads, {decoder.fused.tuned_rows} rows a pass"
+    step = (f"fused C step, {decoder.fused.threads} threads, rows per pass {decoder.fused.tuned_rows}"
             if decoder.fused is not None
             else f"PyTorch step, weights in {decoder.shards} shard(s)")
     return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes, "step": step}

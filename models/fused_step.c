@@ -2,8 +2,9 @@
 
    A step runs on T threads (the caller plus T - 1 workers that wait between steps) in lockstep,
    with a barrier after each phase:
-     embed | per layer: norm + qkv (keys/values written to the cache in the epilogue) | attention,
-     keys split T ways | combine + proj + residual | norm + fc + gelu | proj + residual | norm + head
+     embed | per layer: norm + qkv | attention, the keys of each (row, head) split T ways, the new key and
+     value written to the cache first | combine + proj + residual | norm + fc + gelu | proj + residual |
+     norm + head
    Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously.
    Each output is summed in the same order whatever the batch size, so a sample does not depend on
    the batch it runs in.
@@ -83,7 +84,6 @@ typedef struct {
     float *x, *qkv, *f;                   /* [B, d], [B, 3d], [B, ff] */
     float *norm, *y, *scores;             /* per thread: [B, d], [B, d], [max_keys] */
     float *part_acc, *part_m, *part_l;    /* [B, H, T, D], [B, H, T], [B, H, T] */
-    float **dst, **dst2;                  /* per step: cache rows written, [n_layers, 2, B, H] (keys, values) */
     /* the step being run: position pos of rows row0 .. row0 + nrows - 1 of the batch */
     int pos, row0, nrows;
     const int64_t *prev;
@@ -209,8 +209,9 @@ static void my_tiles(int n_out, int T, int tid, int *t0, int *t1) {
     *t1 = n * (tid + 1) / T;
 }
 
-/* Where position pos is stored in layer l for (b, which, h), and the key segments it may read. */
-static void cache_rows(const Step *s, const Layer *L, int pos, int b, int which, int h, float **dst, float **dst2,
+/* Where position pos is stored in layer l for (b, which, h), and the key segments it may read;
+   returns the index of position pos among those keys. */
+static int cache_rows(const Step *s, const Layer *L, int pos, int b, int which, int h, float **dst, float **dst2,
                        const float **seg0, int *n0, const float **seg1, int *n1) {
     int H = s->H, D = s->D;
     size_t bh = ((size_t)b * 2 + which) * H + h;
@@ -222,12 +223,14 @@ static void cache_rows(const Step *s, const Layer *L, int pos, int b, int which,
         *dst = base + (size_t)(pos % L->slots) * D;
         *seg0 = base;
         *n0 = pos + 1 < L->slots ? pos + 1 : L->slots;
+        return pos % L->slots;
     } else if (L->kind == STRIDED) {
         int r = pos / L->slots, c = pos % L->slots;
         float *base = L->kv + (bh * L->slots + c) * L->rows * D;
         *dst = base + (size_t)r * D;
         *seg0 = base;
         *n0 = r + 1;
+        return r;
     } else {
         int r = pos / L->slots, c = pos % L->slots, k = c - L->lo[h];
         float *ring = L->kv + bh * L->slots * D, *sums = L->summaries + bh * L->rows * L->summary * D;
@@ -237,6 +240,7 @@ static void cache_rows(const Step *s, const Layer *L, int pos, int b, int which,
         *n0 = r * L->summary;
         *seg1 = ring;
         *n1 = c + 1;
+        return *n0 + c;
     }
 }
 
@@ -274,26 +278,33 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
     for (int e = 0; e < D / 8; e++) st(acc_out + 8 * e, acc[e]);
 }
 
+/* The keys of every (row, head) are split T ways, whatever the batch: part p of (b, h) is item bh * T + p.
+   Each thread runs a contiguous range of the items, so that at batch 8 it reads whole segments of the
+   cache (longer streams from memory) while at batch 1 the threads still share the work evenly. The part
+   that holds position pos first writes its new key and value into the cache (no other part reads them). */
 static void attention(Step *s, const Layer *L, int tid) {
-    int B = s->nrows, H = s->H, D = s->D, d = s->d, T = s->T;
+    int H = s->H, D = s->D, d = s->d, T = s->T, items = s->nrows * H * T;
     float *scores = s->scores + (size_t)tid * (s->max_keys + 8);
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++) {
-            float *dst, *dst2;
-            const float *k0, *k1, *v0, *v1;
-            int n0, n1;
-            cache_rows(s, L, s->pos, s->row0 + b, 0, h, &dst, &dst2, &k0, &n0, &k1, &n1);
-            cache_rows(s, L, s->pos, s->row0 + b, 1, h, &dst, &dst2, &v0, &n0, &v1, &n1);
-            int n = n0 + n1, lo = (int)((int64_t)n * tid / T), hi = (int)((int64_t)n * (tid + 1) / T);
-            size_t at = ((size_t)b * H + h) * T + tid;
-            const float *q = s->qkv + (size_t)b * 3 * d + h * D;
-            if (D == 32) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
-                                     s->part_acc + at * D, 32);
-            else if (D == 64) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
-                                          s->part_acc + at * D, 64);
-            else attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
-                             s->part_acc + at * D, 128);
+    for (int it = items * tid / T; it < items * (tid + 1) / T; it++) {
+        int bh = it / T, p = it % T, b = bh / H, h = bh % H;
+        float *kdst, *kdst2, *vdst, *vdst2;
+        const float *k0, *k1, *v0, *v1;
+        int n0, n1;
+        int now = cache_rows(s, L, s->pos, s->row0 + b, 0, h, &kdst, &kdst2, &k0, &n0, &k1, &n1);
+        cache_rows(s, L, s->pos, s->row0 + b, 1, h, &vdst, &vdst2, &v0, &n0, &v1, &n1);
+        int n = n0 + n1, lo = (int)((int64_t)n * p / T), hi = (int)((int64_t)n * (p + 1) / T);
+        const float *q = s->qkv + (size_t)b * 3 * d + h * D, *k = q + d, *v = q + 2 * d;
+        if (lo <= now && now < hi) {
+            memcpy(kdst, k, D * sizeof(float)), memcpy(vdst, v, D * sizeof(float));
+            if (kdst2) memcpy(kdst2, k, D * sizeof(float)), memcpy(vdst2, v, D * sizeof(float));
         }
+        if (D == 32) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + it, s->part_l + it,
+                                 s->part_acc + (size_t)it * D, 32);
+        else if (D == 64) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + it, s->part_l + it,
+                                      s->part_acc + (size_t)it * D, 64);
+        else attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + it, s->part_l + it,
+                         s->part_acc + (size_t)it * D, 128);
+    }
 }
 
 /* y [B, d] from the T partial results of every (b, h). */
@@ -309,23 +320,6 @@ static void combine(const Step *s, float *y) {
             v8 a = splat(0);
             for (int p = 0; p < T; p++) a += w[p] * ld(s->part_acc + ((size_t)bh * T + p) * D + e);
             st(out + e, a / total);
-        }
-    }
-}
-
-/* Copy the new keys and values of this thread's qkv tiles into the cache rows of this step. */
-static void store_kv(Step *s, int l, int t0, int t1) {
-    int B = s->nrows, H = s->H, D = s->D, d = s->d;
-    float **dst = s->dst + (size_t)l * 2 * B * H, **dst2 = s->dst2 + (size_t)l * 2 * B * H;
-    for (int t = t0; t < t1; t++) {
-        int col = t * TILE;
-        if (col < d) continue;
-        int which = (col - d) / d, h = (col - d) % d / D, e = col % D;
-        for (int b = 0; b < B; b++) {
-            const float *src = s->qkv + (size_t)b * 3 * d + col;
-            size_t at = ((size_t)which * B + b) * H + h;
-            memcpy(dst[at] + e, src, TILE * sizeof(float));
-            if (dst2[at]) memcpy(dst2[at] + e, src, TILE * sizeof(float));
         }
     }
 }
@@ -346,7 +340,6 @@ static void run_step(Step *s, int tid, int *sense) {
         layer_norm(s->x, L->n1w, L->n1b, norm, B, d);
         my_tiles(3 * d, T, tid, &t0, &t1);
         matmul(norm, d, L->qkv_w, L->qkv_b, d, t0, t1, s->qkv, 3 * d, STORE, B);
-        store_kv(s, l, t0, t1);
         barrier(s, sense);
         attention(s, L, tid);
         barrier(s, sense);
@@ -420,11 +413,9 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
     s->part_l = aligned((size_t)B * H * T);
     s->own_logits = aligned((size_t)B * V);
     s->cdf = aligned(V);
-    s->dst = calloc((size_t)n_layers * 2 * B * H, sizeof(float *));
-    s->dst2 = calloc((size_t)n_layers * 2 * B * H, sizeof(float *));
     s->threads = calloc(T, sizeof(pthread_t));
     if (!s->layers || !s->x || !s->qkv || !s->f || !s->norm || !s->y || !s->scores || !s->part_acc || !s->part_m ||
-        !s->part_l || !s->own_logits || !s->cdf || !s->dst || !s->dst2 || !s->threads) {
+        !s->part_l || !s->own_logits || !s->cdf || !s->threads) {
         st_free(s);
         return NULL;
     }
@@ -458,20 +449,10 @@ int st_start(Step *s) {
    tokens at pos - 1 of those rows, NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
 static int step_rows(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits, int row0,
                      int nrows) {
-    int B = nrows, H = s->H;
-    for (int b = 0; prev && b < B; b++)
+    for (int b = 0; prev && b < nrows; b++)
         if (prev[b * prev_stride] < 0 || prev[b * prev_stride] >= s->V) return -1;
     s->pos = pos, s->prev = prev, s->prev_stride = prev_stride, s->logits = logits;
     s->row0 = row0, s->nrows = nrows;
-    for (int l = 0; l < s->n_layers; l++)
-        for (int w = 0; w < 2; w++)
-            for (int b = 0; b < B; b++)
-                for (int h = 0; h < H; h++) {
-                    size_t at = (((size_t)l * 2 + w) * B + b) * H + h;
-                    const float *a, *c;
-                    int na, nc;
-                    cache_rows(s, &s->layers[l], pos, row0 + b, w, h, &s->dst[at], &s->dst2[at], &a, &na, &c, &nc);
-                }
     if (s->T > 1) {
         pthread_mutex_lock(&s->mu);
         atomic_fetch_add(&s->gen, 1);
@@ -541,7 +522,6 @@ void st_free(Step *s) {
     }
     free(s->layers), free(s->x), free(s->qkv), free(s->f), free(s->norm), free(s->y), free(s->scores);
     free(s->part_acc), free(s->part_m), free(s->part_l), free(s->own_logits), free(s->cdf), free(s->threads);
-    free(s->dst), free(s->dst2);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);
