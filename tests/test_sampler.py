@@ -59,9 +59,10 @@ def test_weight_shards_split_the_step_and_must_divide_the_layers():
             Decoder(model, 1, 40, shards=bad)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 5, 8])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 11])
 def test_fused_step_on_any_thread_count_equals_the_pytorch_step(batch):
-    """Rows of every batch size go through each register-blocking case of the C matmul (4, 2 and 1 rows);
+    """Rows of every batch size go through each register-blocking case of the C matmul (8 rows where the CPU
+    has AVX-512, 4, 2 and 1 rows);
     the keys of each head are split across the threads and combined."""
     model = small_model(pattern="strided")
     tokens = torch.randint(0, 256, (batch, 60), generator=torch.Generator().manual_seed(4))
@@ -207,7 +208,8 @@ def test_fused_step_is_built_once_and_a_missing_or_failing_compiler_is_reported(
 
 
 def test_fused_step_built_without_march_native_gives_the_same_logits(env, tmp_path):
-    """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code."""
+    """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code, with the
+    8-wide matmul tiles of CPUs without AVX-512 (blocks of 4 and 1 rows for a batch of 5)."""
     cc = tmp_path / "cc-without-native"
     cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && { echo "no native" >&2; exit 1; }; done\n'
                   'exec cc "$@"\n')
@@ -215,8 +217,8 @@ def test_fused_step_built_without_march_native_gives_the_same_logits(env, tmp_pa
     env.setenv("CC", str(cc))
     env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = small_model(pattern="strided")
-    tokens = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(7))
-    plain, ref = Decoder(model, 2, 50, fused=True), Decoder(model, 2, 50, fused=False)
+    tokens = torch.randint(0, 256, (5, 50), generator=torch.Generator().manual_seed(7))
+    plain, ref = Decoder(model, 5, 50, fused=True), Decoder(model, 5, 50, fused=False)
     for pos in range(50):
         prev = tokens[:, pos - 1] if pos else None
         torch.testing.assert_close(plain.step(prev, pos), ref.step(prev, pos), rtol=1e-5, atol=1e-5)
