@@ -62,8 +62,7 @@ def test_weight_shards_split_the_step_and_must_divide_the_layers():
 @pytest.mark.parametrize("batch", [1, 2, 5, 8, 11])
 def test_fused_step_on_any_thread_count_equals_the_pytorch_step(batch):
     """Rows of every batch size go through each register-blocking case of the C matmul (8 rows where the CPU
-    has AVX-512, 4, 2 and 1 rows);
-    the keys of each head are split across the threads and combined."""
+    has AVX-512, 4, 2 and 1 rows); the keys of each head are split across the threads and combined."""
     model = small_model(pattern="strided")
     tokens = torch.randint(0, 256, (batch, 60), generator=torch.Generator().manual_seed(4))
     ref = Decoder(model, batch, 60, fused=False)
