@@ -40,8 +40,8 @@ MAX_THREADS = 64  # fused_step.c: the partial results combined per head
 MAX_HEADS = 64  # fused_step.c: Layer.lo
 # rows_per_pass="auto": how many sequences to step together is measured, not fixed. One pass of all rows
 # reads each weight once a step, but every sequence brings its own caches into the CPU's caches: on the
-# README's AMD VM (AVX2, 32 MB L3) batches of 8 ran 12-50% faster as 4 passes of 2 than as one pass of
-# 8, on its Intel VM (AVX-512, 480 MB L3) 1.5-1.8x slower. Each candidate (2, 4, .. rows, and all rows)
+# README's AMD VM (AVX2) batches of 8 ran 12-50% faster as 4 passes of 2 than as one pass of 8, on its
+# Intel VM (AVX-512, 480 MB L3) 1.4-2.3x slower. Each candidate (2, 4, .. rows, and all rows)
 # samples TUNE_STEPS positions of the real work, timed; the fastest runs until RETUNE_EVERY positions
 # later, when the caches have grown and the candidates run again.
 TUNE_STEPS = 16
