@@ -187,12 +187,13 @@ static inline __attribute__((always_inline)) void row_tiles(const float *x, int 
 #undef RUN
 
 /* out [B, n_out] (row stride ldo) from x [B, in] and packed w, for tiles [t0, t1) of this thread:
-   groups of 8 rows (AVX-512 only), 4, 2 and 1 in turn through 8 tiles at a time, so that each tile is
-   read from memory once for the whole batch and reused from the CPU's near caches for the next group. */
+   groups of 8 rows (AVX-512 only), 4, 2 and 1 in turn through as many tiles as the first group takes at a
+   time, so that each tile is read from memory once for the whole batch and reused from L1 by the next. */
 static void matmul(const float *x, int ldx, const float *w, const float *bias, int in, int t0, int t1,
                    float *out, int ldo, int mode, int B) {
-    for (int t = t0; t < t1; t += 8) {
-        int te = t + 8 < t1 ? t + 8 : t1, r = 0;
+    int first = COLS(8) >= 1 && B >= 8 ? 8 : B >= 4 ? 4 : B >= 2 ? 2 : 1, chunk = COLS(first);
+    for (int t = t0; t < t1; t += chunk) {
+        int te = t + chunk < t1 ? t + chunk : t1, r = 0;
 #define GROUP(R) for (; COLS(R) >= 1 && r + (R) <= B; r += (R)) \
     row_tiles(x + r * ldx, ldx, w, bias, in, t, te, out + r * ldo, ldo, mode, R)
         GROUP(8);
