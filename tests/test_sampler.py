@@ -140,9 +140,8 @@ def test_fused_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temp
 def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again_later(monkeypatch):
     """"auto" runs 2, 4 and all 5 rows a pass on TUNE_STEPS positions each, keeps the fastest, and measures
     again RETUNE_EVERY positions later; every position of every row is sampled once, as by a fixed grouping."""
-    import models.fused_step as fused_step
-    monkeypatch.setattr(fused_step, "TUNE_STEPS", 4)
-    monkeypatch.setattr(fused_step, "RETUNE_EVERY", 40)
+    monkeypatch.setattr("models.fused_step.TUNE_STEPS", 4)
+    monkeypatch.setattr("models.fused_step.RETUNE_EVERY", 40)
     model = small_model(pattern="strided")
     B, N = 5, 150
     uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(7))
