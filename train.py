@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -104,7 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--fsdp", action="store_true", help="shard the model with torch's FSDP (fully_shard)")
     o.add_argument("--init", metavar="CHECKPOINT", help="start from this exported checkpoint's weights and config "
                    "(e.g. checkpoints/image64) with a fresh optimizer and schedule; its tokens and compute "
-                   "count towards this run's totals")
+                   "count towards this run's totals; with --layers N above its own, it is deepened to N layers first "
+                   "(new blocks start as copies of the top block of their kind with zeroed output projections, "
+                   "so the run starts from the same function)")
     r = p.add_argument_group("run control")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     r.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this call")
@@ -196,9 +199,11 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         raise TrainingError(f"{settings['out']} already holds a run: pass --resume to continue it, or "
                             "choose another --out")
     if settings["init"] is not None:
-        given_model = [f"--{k.replace('_', '-')}" for k in ("config", *MODEL_FLAGS) if given.get(k) is not None]
+        given_model = [f"--{k.replace('_', '-')}" for k in ("config", *MODEL_FLAGS)
+                       if k != "layers" and given.get(k) is not None]
         if given_model and not settings["resume"]:
-            raise TrainingError(f"--init takes the model from {settings['init']}; drop {', '.join(given_model)}")
+            raise TrainingError(f"--init takes the model from {settings['init']} (--layers may deepen it); "
+                                f"drop {', '.join(given_model)}")
     if settings["config"] is None:
         settings["config"] = f"{settings['kind']}-cpu"
     positive = ("steps", "batch_size", "micro_batch", "eval_items", "save_every", "max_nonfinite")
@@ -223,7 +228,13 @@ def model_config(s: dict):
         cfg = ModelConfig.from_dict(card["config"])
         if card_kind(card, cfg) != s["kind"]:
             raise TrainingError(f"--init: {s['init']} is not an {s['kind']} model")
-        return cfg
+        if s["layers"] is None or s["layers"] == cfg.n_layers:
+            return cfg
+        if s["layers"] < cfg.n_layers or cfg.layer_patterns:
+            raise TrainingError(f"--layers {s['layers']} with --init: {s['init']} has {cfg.n_layers} layers"
+                                + (" listed in layer_patterns" if cfg.layer_patterns else "")
+                                + "; --init can only add layers to a model whose layers follow its pattern")
+        return dataclasses.replace(cfg, n_layers=s["layers"])
     overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
     if "layer_patterns" in overrides:
         overrides["layer_patterns"] = tuple(k.strip() for k in overrides["layer_patterns"].split(","))
@@ -443,9 +454,14 @@ def _train(s: dict, d: Dist) -> dict:
             source = load_model(s["init"])
         except CheckpointError as e:
             raise TrainingError(f"--init: {e}") from None
-        model.load_state_dict(source.state_dict())
         tokens_seen = int(source.card.get("tokens_seen") or 0)
         flops_done = float(source.card.get("compute_pf_days") or 0.0) * PF_DAY
+        if source.cfg.n_layers < cfg.n_layers:
+            if d.main:
+                print(f"--init: {s['init']} deepened from {source.cfg.n_layers} to {cfg.n_layers} layers (new "
+                      "blocks copy the top block of their kind, output projections zeroed)", file=sys.stderr)
+            source = source.deepened(cfg.n_layers)
+        model.load_state_dict(source.state_dict())
     model.recompute = s["recompute"]
     model.to(d.device)
     if s["fsdp"]:

@@ -271,5 +271,32 @@ class SparseTransformer(nn.Module):
             raise ValueError(f"token values must be in [0, {self.cfg.vocab}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
+    @torch.no_grad()
+    def deepened(self, n_layers: int) -> SparseTransformer:
+        """A copy of this model with ``n_layers`` blocks that computes the same function.
+
+        Blocks 0..n-1 are this model's; each new block copies the top block of its layer kind
+        (the top block where there is none) with its two residual output projections zeroed, so
+        it adds nothing until training moves them (growth by stacking).
+        """
+        cfg = self.cfg
+        check_int("n_layers", n_layers, cfg.n_layers)
+        if cfg.layer_patterns:
+            raise ValueError("deepened: a model with explicit layer_patterns has no schedule for new layers; "
+                             "give the new config's layer_patterns instead")
+        grown = SparseTransformer(dataclasses.replace(cfg, n_layers=n_layers))
+        state = self.state_dict()
+        for i in range(cfg.n_layers, n_layers):
+            same_kind = [j for j in range(cfg.n_layers) if cfg.layer_kind(j) == grown.cfg.layer_kind(i)]
+            source = same_kind[-1] if same_kind else cfg.n_layers - 1
+            for name, tensor in self.blocks[source].state_dict().items():
+                state[f"blocks.{i}.{name}"] = tensor.clone()
+            for proj in ("attn.proj", "ff.proj"):
+                state[f"blocks.{i}.{proj}.weight"].zero_()
+                state[f"blocks.{i}.{proj}.bias"].zero_()
+        grown.load_state_dict(state)
+        grown.recompute, grown.backend = self.recompute, self.backend
+        return grown.to(next(self.parameters()).device)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

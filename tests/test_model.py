@@ -132,6 +132,39 @@ def test_a_tiny_model_overfits_a_few_sequences():
     assert loss.item() < 0.5 < math.log(256)  # random tokens: only memorising gets here
 
 
+@pytest.mark.parametrize("kw, n_layers", [(dict(pattern="strided", n_layers=3), 6), (dict(pattern="all"), 3)])
+def test_a_deepened_model_computes_the_same_function_and_its_new_blocks_learn(kw, n_layers):
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config(**kw))).eval()
+    grown = model.deepened(n_layers).eval()
+    assert grown.cfg == dataclasses.replace(model.cfg, n_layers=n_layers)
+    tokens = torch.randint(0, 256, (2, 160))
+    torch.testing.assert_close(grown(tokens), model(tokens), atol=1e-6, rtol=0)
+    kinds = [grown.cfg.layer_kind(i) for i in range(n_layers)]
+    old = model.cfg.n_layers
+    for i in range(old, n_layers):
+        source = max(j for j in range(old) if kinds[j] == kinds[i])  # the top block of the same kind
+        for name, p in grown.blocks[i].named_parameters():
+            if name.endswith("proj.weight") or name.endswith("proj.bias"):
+                assert not p.any(), (i, name)
+            else:
+                assert torch.equal(p, model.blocks[source].get_parameter(name)), (i, name)
+    loss = F.cross_entropy(grown.train()(tokens).flatten(0, 1), tokens.flatten())
+    loss.backward()
+    assert grown.blocks[-1].attn.proj.weight.grad.abs().sum() > 0  # zeroed outputs still get gradients
+    assert model.deepened(old) is not model and model.cfg.n_layers == old
+
+
+def test_deepened_refuses_fewer_layers_and_explicit_layer_patterns():
+    model = SparseTransformer(small_config(n_layers=3))
+    for bad in (2, 0, True, 4.0):
+        with pytest.raises(ValueError, match="n_layers must be an integer >= 3"):
+            model.deepened(bad)
+    listed = SparseTransformer(small_config(layer_patterns=("local", "all")))
+    with pytest.raises(ValueError, match="layer_patterns"):
+        listed.deepened(3)
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(pattern="dense"), "pattern"), (dict(d_model=96, n_heads=2), "head dim"), (dict(block=48), "block"),
     (dict(dropout=1.0), "dropout"), (dict(n_layers=0), "n_layers"), (dict(seq_len=200), "pos_factors"),

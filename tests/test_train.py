@@ -87,11 +87,35 @@ def test_init_starts_a_new_run_from_an_exported_checkpoint(images, tmp_path, cap
     assert card["compute_pf_days"] > source.card["compute_pf_days"]
     for name, p in load_model(ck / "b").state_dict().items():  # lr 1e-9: one step leaves the weights as they were
         torch.testing.assert_close(p, source.state_dict()[name], atol=1e-6, rtol=0)
-    bad = ["image", "--data", str(images), "--out", str(tmp_path / "c"), "--init", str(ck / "a"), "--layers", "3"]
+    bad = ["image", "--data", str(images), "--out", str(tmp_path / "c"), "--init", str(ck / "a"), "--width", "128"]
     assert train.main(bad) == 2
     assert "--init takes the model from" in capsys.readouterr().err
+    fewer = ["image", "--data", str(images), "--out", str(tmp_path / "c"), "--init", str(ck / "a"), "--layers", "1"]
+    assert train.main(fewer) == 2
+    assert "--init can only add layers" in capsys.readouterr().err
     assert train.main(["audio", "--data", str(images), "--out", str(tmp_path / "d"), "--init", str(ck / "a")]) == 2
     assert "is not an audio model" in capsys.readouterr().err
+
+
+def test_init_with_more_layers_deepens_the_checkpoint_and_resumes_as_deepened(images, tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    first = ["image", "--data", str(images), "--out", str(tmp_path / "a"), *FAST, "--steps", "2",
+             "--eval-every", "0", "--export", "a", "--checkpoints", str(ck)]
+    assert train.main(first) == 0
+    source = load_model(ck / "a")
+    grow = ["image", "--data", str(images), "--init", str(ck / "a"), "--layers", "3", "--batch-size", "2",
+            "--peak-tflops", "1", "--quiet", "--eval-items", "2", "--eval-every", "0", "--precision", "fp32",
+            "--lr", "1e-9", "--warmup", "0", "--steps", "2", "--checkpoints", str(ck)]
+    assert train.main([*grow, "--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
+    assert "deepened from 2 to 3 layers" in capsys.readouterr().err
+    assert train.main(["image", "--data", str(images), "--out", str(tmp_path / "b"), "--resume", "--quiet",
+                       "--peak-tflops", "1", "--export", "b", "--checkpoints", str(ck)]) == 0
+    grown = load_model(ck / "b")
+    assert grown.cfg.n_layers == 3 and source.cfg.n_layers == 2
+    assert grown.card["tokens_seen"] == source.card["tokens_seen"] + 2 * 2 * 12288
+    tokens = torch.randint(0, 256, (1, 12288), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # lr 1e-9: the grown model still computes what the source did
+        torch.testing.assert_close(grown.eval()(tokens), source.eval()(tokens), atol=1e-4, rtol=0)
 
 
 def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path):
