@@ -71,12 +71,17 @@ def test_a_tiny_run_logs_checkpoints_and_exports(images, tmp_path):
     assert card["data"]["train_items"] == 10 and card["data"]["val_items"] == 2
 
 
+def export_tiny(images: Path, out: Path, checkpoint: Path) -> SparseTransformer:
+    """Train the tiny config 2 steps in ``out`` and export it as ``checkpoint``; the exported model."""
+    argv = ["image", "--data", str(images), "--out", str(out), *FAST, "--steps", "2", "--eval-every", "0",
+            "--export", checkpoint.name, "--checkpoints", str(checkpoint.parent)]
+    assert train.main(argv) == 0
+    return load_model(checkpoint)
+
+
 def test_init_starts_a_new_run_from_an_exported_checkpoint(images, tmp_path, capsys):
     ck = tmp_path / "checkpoints"
-    first = ["image", "--data", str(images), "--out", str(tmp_path / "a"), *FAST, "--steps", "2",
-             "--eval-every", "0", "--export", "a", "--checkpoints", str(ck)]
-    assert train.main(first) == 0
-    source = load_model(ck / "a")
+    source = export_tiny(images, tmp_path / "a", ck / "a")
     second = ["image", "--data", str(images), "--out", str(tmp_path / "b"), "--init", str(ck / "a"),
               "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2", "--eval-every", "0",
               "--steps", "1", "--lr", "1e-9", "--warmup", "0", "--export", "b", "--checkpoints", str(ck)]
@@ -99,10 +104,7 @@ def test_init_starts_a_new_run_from_an_exported_checkpoint(images, tmp_path, cap
 
 def test_init_with_more_layers_deepens_the_checkpoint_and_resumes_as_deepened(images, tmp_path, capsys):
     ck = tmp_path / "checkpoints"
-    first = ["image", "--data", str(images), "--out", str(tmp_path / "a"), *FAST, "--steps", "2",
-             "--eval-every", "0", "--export", "a", "--checkpoints", str(ck)]
-    assert train.main(first) == 0
-    source = load_model(ck / "a")
+    source = export_tiny(images, tmp_path / "a", ck / "a")
     grow = ["image", "--data", str(images), "--init", str(ck / "a"), "--layers", "3", "--batch-size", "2",
             "--peak-tflops", "1", "--quiet", "--eval-items", "2", "--eval-every", "0", "--precision", "fp32",
             "--lr", "1e-9", "--warmup", "0", "--steps", "2", "--checkpoints", str(ck)]
