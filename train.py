@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -230,11 +229,11 @@ def model_config(s: dict):
             raise TrainingError(f"--init: {s['init']} is not an {s['kind']} model")
         if s["layers"] is None or s["layers"] == cfg.n_layers:
             return cfg
-        if s["layers"] < cfg.n_layers or cfg.layer_patterns:
-            raise TrainingError(f"--layers {s['layers']} with --init: {s['init']} has {cfg.n_layers} layers"
-                                + (" listed in layer_patterns" if cfg.layer_patterns else "")
-                                + "; --init can only add layers to a model whose layers follow its pattern")
-        return dataclasses.replace(cfg, n_layers=s["layers"])
+        try:
+            return cfg.deepened(s["layers"])
+        except ValueError as e:
+            raise TrainingError(f"--layers {s['layers']}: --init can only add layers to {s['init']} "
+                                f"({cfg.n_layers} layers): {e}") from None
     overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
     if "layer_patterns" in overrides:
         overrides["layer_patterns"] = tuple(k.strip() for k in overrides["layer_patterns"].split(","))

@@ -111,6 +111,14 @@ class ModelConfig:
         heads = self.n_heads if kind == "fixed" and self.distinct_summaries else 1
         return _layout(kind, n, self.block, heads, self.stride, self.summary, self.distinct_summaries)
 
+    def deepened(self, n_layers: int) -> ModelConfig:
+        """This config with ``n_layers`` (at least its own) layers on the same pattern schedule."""
+        check_int("n_layers", n_layers, self.n_layers)
+        if self.layer_patterns:
+            raise ValueError("a model with explicit layer_patterns has no schedule for new layers; "
+                             "give the new config's layer_patterns instead")
+        return dataclasses.replace(self, n_layers=n_layers)
+
     def to_dict(self) -> dict:
         """JSON-ready fields (tuples as lists)."""
         return {**dataclasses.asdict(self), "pos_factors": list(self.pos_factors),
@@ -280,11 +288,7 @@ class SparseTransformer(nn.Module):
         it adds nothing until training moves them (growth by stacking).
         """
         cfg = self.cfg
-        check_int("n_layers", n_layers, cfg.n_layers)
-        if cfg.layer_patterns:
-            raise ValueError("deepened: a model with explicit layer_patterns has no schedule for new layers; "
-                             "give the new config's layer_patterns instead")
-        grown = SparseTransformer(dataclasses.replace(cfg, n_layers=n_layers))
+        grown = SparseTransformer(cfg.deepened(n_layers))
         state = self.state_dict()
         for i in range(cfg.n_layers, n_layers):
             same_kind = [j for j in range(cfg.n_layers) if cfg.layer_kind(j) == grown.cfg.layer_kind(i)]
