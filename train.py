@@ -6,6 +6,9 @@ Data parallel:  torchrun --nproc_per_node=N train.py image --data PATH --out run
 Sharded:        add --fsdp to shard parameters, gradients and optimizer state (torch's fully_shard).
 Resume:         the same command with --resume continues exactly where the last checkpoint left off.
 Export:         --export NAME writes checkpoints/NAME.safetensors + NAME.json at the end of the run.
+                Its card's training_history lists the runs behind the weights, oldest first: with --init,
+                the --init card's runs, then this one. To promote the export over the --init checkpoint
+                with its history: m = load_model("checkpoints/NAME"); save_model(m, "checkpoints/image64", m.card).
 
 The run directory holds state.pt (the latest training state, written atomically),
 run.json (the run's settings) and log.jsonl (one line per step and per evaluation).
@@ -447,7 +450,7 @@ def _train(s: dict, d: Dist) -> dict:
 
     torch.manual_seed(s["seed"])
     model = SparseTransformer(cfg)
-    step, tokens_seen, flops_done, nonfinite_total = 0, 0, 0.0, 0
+    step, tokens_seen, flops_done, nonfinite_total, history = 0, 0, 0.0, 0, []
     if s["init"] is not None and not s["resume"]:
         try:
             source = load_model(s["init"])
@@ -455,6 +458,7 @@ def _train(s: dict, d: Dist) -> dict:
             raise TrainingError(f"--init: {e}") from None
         tokens_seen = int(source.card.get("tokens_seen") or 0)
         flops_done = float(source.card.get("compute_pf_days") or 0.0) * PF_DAY
+        history = earlier_runs(source.card)
         if source.cfg.n_layers < cfg.n_layers:
             if d.main:
                 print(f"--init: {s['init']} deepened from {source.cfg.n_layers} to {cfg.n_layers} layers (new "
@@ -493,6 +497,10 @@ def _train(s: dict, d: Dist) -> dict:
             ema.load_state_dict(state["ema"][d.rank] if s["fsdp"] else state["ema"])
         step, tokens_seen, flops_done = state["step"], state["tokens_seen"], state["flops"]
         nonfinite_total = state["nonfinite_total"]
+        if "history" in state:
+            history = state["history"]
+        elif s["init"] is not None:  # a state.pt written before runs kept their history
+            history = earlier_runs(load_card(s["init"]))
         rng = state["rng"]
         if len(rng) == d.world:
             torch.set_rng_state(rng[d.rank]["cpu"])
@@ -539,7 +547,7 @@ def _train(s: dict, d: Dist) -> dict:
             atomic_torch_save({"model": model_sd, "optimizer": optim_sd, "scaler": scaler.state_dict(),
                                "data": batches.state_dict(), "ema": ema_state, "step": step,
                                "tokens_seen": tokens_seen, "flops": flops_done, "nonfinite_total": nonfinite_total,
-                               "rng": rngs}, state_path)
+                               "rng": rngs, "history": history}, state_path)
         d.barrier()
 
     bar = tqdm(total=s["steps"], initial=step, disable=s["quiet"] or not d.main, unit="step", dynamic_ncols=True)
@@ -625,15 +633,18 @@ def _train(s: dict, d: Dist) -> dict:
     if stop["signal"] is not None and d.main:
         print(f"stopped by signal {stop['signal']} at step {step}; resume with --resume", file=sys.stderr)
     if s["export"]:
-        summary["export"] = export(model, ema, s, cfg, d, train_set, val_set, step, tokens_seen, flops_done)
+        summary["export"] = export(model, ema, s, cfg, d, train_set, val_set, step, tokens_seen, flops_done,
+                                   history)
     if d.main:
         log.write(event="end", **summary)
     log.close()
     return summary
 
 
-def export(model, ema, s, cfg, d: Dist, train_set, val_set, step, tokens_seen, flops_done) -> str | None:
-    """Write the shipped checkpoint (EMA weights if kept), with held-out bits/dim of exactly those weights."""
+def export(model, ema, s, cfg, d: Dist, train_set, val_set, step, tokens_seen, flops_done,
+           history: list[dict]) -> str | None:
+    """Write the shipped checkpoint (EMA weights if kept), with held-out bits/dim of exactly those weights;
+    its card's training_history is ``history`` (the runs before this one) followed by this run."""
     if ema is None:
         params = [_full(p.detach()) for p in model.parameters()]
     elif any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP: the EMA holds local shards
@@ -662,11 +673,30 @@ def export(model, ema, s, cfg, d: Dist, train_set, val_set, step, tokens_seen, f
             "ema_decay": s["ema"] or None,
             "training": {k: s[k] for k in ("config", "init", "batch_size", "lr", "warmup", "steps", "precision",
                                            "weight_decay", "clip", "seed", "recompute")} | {"processes": d.world},
+            "training_history": [*history, run_record(s, cfg, step, d.world)],
         }
         path = str(save_model(plain.cpu(), Path(s["checkpoints"]) / s["export"], card))
         print(f"exported {path} (held-out {bits:.3f} bits/dim)", file=sys.stderr)
     d.barrier()
     return path
+
+
+def run_record(s: dict, cfg: ModelConfig, step: int, processes: int) -> dict:
+    """This run's entry in a card's training_history: the steps it took and the settings it took them with."""
+    return {"steps": step, "schedule_steps": s["steps"], "layers": cfg.n_layers, "init": s["init"],
+            "threads": torch.get_num_threads(), "processes": processes,
+            **{k: s[k] for k in ("lr", "warmup", "batch_size", "precision", "seed")}}
+
+
+def earlier_runs(card: dict) -> list[dict]:
+    """The runs that made an --init checkpoint, oldest first, for the next run's training_history to continue:
+    its card's own history, or one entry from its steps and settings for a card written before histories."""
+    if "training_history" in card:
+        return list(card["training_history"])
+    training = card.get("training") or {}
+    return [{"steps": card.get("steps"), "schedule_steps": training.get("steps"),
+             "layers": card["config"].get("n_layers"),
+             **{k: training[k] for k in ("init", "lr", "warmup", "batch_size", "precision", "seed") if k in training}}]
 
 
 def data_card(path: str) -> dict:

@@ -90,6 +90,11 @@ def test_init_starts_a_new_run_from_an_exported_checkpoint(images, tmp_path, cap
     assert card["config"] == source.card["config"] and card["training"]["init"] == str(ck / "a")
     assert card["tokens_seen"] == source.card["tokens_seen"] + 2 * 12288  # earlier training counts
     assert card["compute_pf_days"] > source.card["compute_pf_days"]
+    first, second_run = card["training_history"]  # the source's run, then this one
+    assert first == source.card["training_history"][0] and first["steps"] == 2 and first["init"] is None
+    assert second_run | {"threads": 0} == {"steps": 1, "schedule_steps": 1, "layers": 2, "init": str(ck / "a"),
+                                           "threads": 0, "processes": 1, "lr": 1e-9, "warmup": 0,
+                                           "batch_size": 2, "precision": card["training"]["precision"], "seed": 0}
     for name, p in load_model(ck / "b").state_dict().items():  # lr 1e-9: one step leaves the weights as they were
         torch.testing.assert_close(p, source.state_dict()[name], atol=1e-6, rtol=0)
     bad = ["image", "--data", str(images), "--out", str(tmp_path / "c"), "--init", str(ck / "a"), "--width", "128"]
@@ -107,17 +112,42 @@ def test_init_with_more_layers_deepens_the_checkpoint_and_resumes_as_deepened(im
     source = export_tiny(images, tmp_path / "a", ck / "a")
     grow = ["image", "--data", str(images), "--init", str(ck / "a"), "--layers", "3", "--batch-size", "2",
             "--peak-tflops", "1", "--quiet", "--eval-items", "2", "--eval-every", "0", "--precision", "fp32",
-            "--lr", "1e-9", "--warmup", "0", "--steps", "2", "--checkpoints", str(ck)]
+            "--lr", "1e-9", "--warmup", "0", "--steps", "3", "--checkpoints", str(ck)]
     assert train.main([*grow, "--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
     assert "deepened from 2 to 3 layers" in capsys.readouterr().err
-    assert train.main(["image", "--data", str(images), "--out", str(tmp_path / "b"), "--resume", "--quiet",
-                       "--peak-tflops", "1", "--export", "b", "--checkpoints", str(ck)]) == 0
+    state_path = tmp_path / "b" / "state.pt"
+    resume = ["image", "--data", str(images), "--out", str(tmp_path / "b"), "--resume", "--quiet", "--peak-tflops",
+              "1", "--checkpoints", str(ck)]
+    state = torch.load(state_path, weights_only=False)
+    assert state["history"] == source.card["training_history"]  # the runs behind the --init weights
+    del state["history"]  # as written before runs kept their history: resuming reads it from the --init card
+    torch.save(state, state_path)
+    assert train.main([*resume, "--stop-after", "1"]) == 0
+    state = torch.load(state_path, weights_only=False)
+    assert state["step"] == 2 and state["history"] == source.card["training_history"]
+    state["history"] = [{"steps": 7, "note": "kept across --resume"}]
+    torch.save(state, state_path)
+    assert train.main([*resume, "--export", "b"]) == 0
     grown = load_model(ck / "b")
     assert grown.cfg.n_layers == 3 and source.cfg.n_layers == 2
-    assert grown.card["tokens_seen"] == source.card["tokens_seen"] + 2 * 2 * 12288
+    assert grown.card["tokens_seen"] == source.card["tokens_seen"] + 3 * 2 * 12288
+    earlier, run = grown.card["training_history"]
+    assert earlier == {"steps": 7, "note": "kept across --resume"}
+    assert run["steps"] == run["schedule_steps"] == 3 and run["layers"] == 3 and run["init"] == str(ck / "a")
     tokens = torch.randint(0, 256, (1, 12288), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # lr 1e-9: the grown model still computes what the source did
         torch.testing.assert_close(grown.eval()(tokens), source.eval()(tokens), atol=1e-4, rtol=0)
+
+
+def test_a_card_without_a_history_gives_one_entry_for_the_run_that_made_it():
+    card = {"config": {"n_layers": 6}, "steps": 700,
+            "training": {"init": None, "lr": 1.5e-3, "warmup": 50, "steps": 700, "batch_size": 2,
+                         "precision": "fp32", "seed": 0, "clip": 1.0}}
+    assert train.earlier_runs(card) == [{"steps": 700, "schedule_steps": 700, "layers": 6, "init": None, "lr": 1.5e-3,
+                                         "warmup": 50, "batch_size": 2, "precision": "fp32", "seed": 0}]
+    history = [{"steps": 700}, {"steps": 201}]
+    assert train.earlier_runs({**card, "training_history": history}) == history
+    assert train.earlier_runs({**card, "training_history": history}) is not history  # a copy to extend
 
 
 def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path):
