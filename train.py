@@ -66,6 +66,8 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 # --precision auto takes bf16 on a CPU only where its matmuls run at least this many times fp32's: below
 # that, autocast's casts cost more than the matmuls save
 BF16_CPU_SPEEDUP = 2.0
+# The settings each training_history entry records besides its steps, layers and init
+HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "precision", "seed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -685,7 +687,7 @@ def run_record(s: dict, cfg: ModelConfig, step: int, processes: int) -> dict:
     """This run's entry in a card's training_history: the steps it took and the settings it took them with."""
     return {"steps": step, "schedule_steps": s["steps"], "layers": cfg.n_layers, "init": s["init"],
             "threads": torch.get_num_threads(), "processes": processes,
-            **{k: s[k] for k in ("lr", "warmup", "batch_size", "precision", "seed")}}
+            **{k: s[k] for k in HISTORY_SETTINGS}}
 
 
 def earlier_runs(card: dict) -> list[dict]:
@@ -696,7 +698,7 @@ def earlier_runs(card: dict) -> list[dict]:
     training = card.get("training") or {}
     return [{"steps": card.get("steps"), "schedule_steps": training.get("steps"),
              "layers": card["config"].get("n_layers"),
-             **{k: training[k] for k in ("init", "lr", "warmup", "batch_size", "precision", "seed") if k in training}}]
+             **{k: training[k] for k in ("init", *HISTORY_SETTINGS) if k in training}}]
 
 
 def data_card(path: str) -> dict:
