@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.registry import Registry, pick_device  # app/ switches telemetry off before gradio is imported
+from app.registry import Registry, pick_device
 from app.ui import build_demo, launch
+from sampling.compiled_step import prepare
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = Registry(a.checkpoints, device)
     found = ", ".join(f"{e.name} ({e.kind})" for e in registry.entries) or "none (the page says what to do)"
     print(f"app.py: models in {a.checkpoints}: {found}; device {device}", file=sys.stderr)
+    print(f"app.py: {prepare()}", file=sys.stderr)  # built now, not inside the first user's request
     try:
         launch(build_demo(registry), a.host, a.port)
     except OSError as e:  # the port is taken, or the address is not this machine's

@@ -29,11 +29,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models import CheckpointError, load_card, load_model
+from models import CheckpointError, load_card, load_model, model_kind
 from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, load_audio, load_image, save_wav
-from models.completion import MediaProgress, complete_image, generate_audio, model_kind
 from models.figures import make_grid, masked_prompt
-from models.sampler import SamplingOptions, decoding_step
+from sampling import MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
 

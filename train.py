@@ -45,7 +45,7 @@ from models import (
     load_model,
     save_model,
 )
-from models.completion import card_kind
+from models.checkpoint import card_kind
 from models.evaluate import sequence_bits
 from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
 from models.model import ModelConfig

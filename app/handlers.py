@@ -22,9 +22,8 @@ from PIL import Image
 
 from models import CheckpointError, SparseTransformer
 from models.codecs import SAMPLE_RATE, load_audio, load_image, save_wav, tokens_to_audio
-from models.completion import MediaProgress, complete_image, generate_audio
 from models.figures import audio_picture, make_grid, masked_prompt
-from models.sampler import SamplingOptions
+from sampling import MediaProgress, SamplingOptions, complete_image, generate_audio
 
 from .registry import Registry
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, ModelConfig, SparseTransformer, load_card, load_model
-from models.completion import card_kind
+from models import CheckpointError, ModelConfig, SparseTransformer, card_kind, load_card, load_model
 
 LOADED_MODELS = 2  # models kept in memory at once (least recently used ones are dropped)
 

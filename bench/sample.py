@@ -7,7 +7,7 @@ Models: every checkpoint in --checkpoints; when there is none of a kind, the nam
 shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, labelled so
 (decoding speed does not depend on the weights' values).
 Rows (fp32 on the CPU, temperature 1, all of torch's threads):
-  * ours: KV-cached decoding (models.sampler.generate) with the fused C step (models.fused_step):
+  * ours: KV-cached decoding (sampling.generate) with the compiled C step (sampling/compiled_step.py):
     steady tokens/s (the median of 3 runs of 256 steps) at a position past the first half, batch 1
     and 8 (per-sample seeds), and the wall time of a half-image completion (6,144 tokens after a
     32-row prompt: prefill included) and of a 65,536-sample clip from scratch (--quick: 4,096
@@ -37,10 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import CpuContention, cpu_name, fmt, print_table, sig  # noqa: E402
-from models import SparseTransformer, config_for, load_card, load_model  # noqa: E402
-from models.completion import model_kind  # noqa: E402
+from models import SparseTransformer, config_for, load_card, load_model, model_kind  # noqa: E402
 from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
-from models.sampler import Decoder, SamplingOptions, generate  # noqa: E402
+from sampling import Decoder, SamplingOptions, generate  # noqa: E402
 
 STEPS, RUNS = 256, 3
 
@@ -69,12 +68,12 @@ def read_bandwidth(nbytes: int) -> float:
 
 
 def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = False, start: int | None = None,
-                        fused: bool | None = None) -> dict:
+                        step: str = "auto") -> dict:
     """Decode STEPS tokens from position ``start`` (caches pre-filled with zeros there) with sampling;
     the median rate of RUNS such runs (this VM's speed drifts from second to second)."""
     n = model.cfg.seq_len
     start = n // 2 if start is None else start
-    decoder = Decoder(model, batch, dense=dense, fused=fused)
+    decoder = Decoder(model, batch, dense=dense, step=step)
     tokens = torch.zeros(batch, n, dtype=torch.long)
     uniforms = torch.rand(batch, n)
     options = SamplingOptions()
@@ -84,10 +83,8 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
         t0 = time.perf_counter()
         decoder.sample(tokens, uniforms, options, start, start + STEPS)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
-    step = (f"fused C step, {decoder.fused.threads} threads, rows per pass {decoder.fused.tuned_rows}"
-            if decoder.fused is not None
-            else f"PyTorch step, weights in {decoder.shards} shard(s)")
-    return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes, "step": step}
+    return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes,
+            "step": decoder.step.description}
 
 
 def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) -> float:
@@ -120,12 +117,8 @@ def step_cost(model: SparseTransformer, cache_read_per_token: float, batch: int 
 
 def keys_read_per_step(model: SparseTransformer, pos: int) -> float:
     """Cache entries (per head) all layers read at position ``pos``."""
-    cfg, total = model.cfg, 0
-    for layer in range(cfg.n_layers):
-        kind = cfg.layer_kind(layer)
-        total += {"local": min(pos, cfg.stride) + 1, "strided": pos // cfg.stride + 1, "all": pos + 1,
-                  "fixed": (pos // cfg.stride) * cfg.summary + pos % cfg.stride + 1}[kind]
-    return total
+    cfg = model.cfg
+    return sum(cfg.layer_pattern(layer).keys_read(pos) for layer in range(cfg.n_layers))
 
 
 def models_to_time(folder: Path) -> list[tuple[str, SparseTransformer]]:
@@ -162,7 +155,7 @@ def main() -> None:
         b1, b8 = steady_tokens_per_s(model, 1), steady_tokens_per_s(model, 8)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
                  cache_bytes_b1=b1["cache_bytes"], step=b1["step"], step_b8=b8["step"])
-        torch_b1, torch_b8 = (steady_tokens_per_s(model, b, fused=False) for b in (1, 8))
+        torch_b1, torch_b8 = (steady_tokens_per_s(model, b, step="pytorch") for b in (1, 8))
         r.update(torch_tokens_per_s_b1=torch_b1["tokens_per_s"], torch_tokens_per_s_b8=torch_b8["tokens_per_s"],
                  torch_step=torch_b1["step"])
         r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, dense=True)["tokens_per_s"]

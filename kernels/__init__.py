@@ -1,6 +1,8 @@
-"""Block-sparse attention for the Sparse Transformer patterns: layouts, Triton and CPU kernels."""
+"""Block-sparse attention for the Sparse Transformer patterns: patterns, layouts, Triton and CPU kernels."""
 
-from .attention import BACKENDS, attention, attention_decode
-from .layout import BLOCK_SIZES, KINDS, Layout, make_layout
+from .attention import BACKENDS, attention
+from .layout import BLOCK_SIZES, Layout, layout_of, make_layout
+from .patterns import KINDS, PATTERNS, All, DecodeSlots, Fixed, Local, Pattern, Strided, make_pattern
 
-__all__ = ["BACKENDS", "BLOCK_SIZES", "KINDS", "Layout", "attention", "attention_decode", "make_layout"]
+__all__ = ["BACKENDS", "BLOCK_SIZES", "KINDS", "PATTERNS", "All", "DecodeSlots", "Fixed", "Layout", "Local", "Pattern",
+           "Strided", "attention", "layout_of", "make_layout", "make_pattern"]

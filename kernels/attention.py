@@ -1,4 +1,6 @@
-"""Public entry points: ``attention`` (whole sequences) and ``attention_decode`` (one step)."""
+"""The public entry point ``attention``: checks its inputs once, then runs one backend.
+
+Decoding one position at a time reads the caches of sampling/kv_cache.py, not this function."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def _check_operand(name: str, x: object, ndim: int, shape_doc: str) -> torch.Ten
 
 def _check_common(q: torch.Tensor, others: dict[str, torch.Tensor], layout: object, heads: int,
                   scale: float | None) -> float:
-    """Checks shared by both entry points; returns the softmax scale."""
+    """Checks of the operands against each other and the layout; returns the softmax scale."""
     for name, t in others.items():
         if t.dtype != q.dtype:
             raise ValueError(f"q and {name} must have the same dtype, got {q.dtype} and {t.dtype}")
@@ -102,57 +104,3 @@ def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
             raise ValueError(f"backend='cpu' needs CPU tensors, got device {q.device}")
         return cpu_attention(q, k, v, layout, scale)
     return reference_attention(q, k, v, layout, scale)
-
-
-def _decode_keys(layout: Layout, pos: int, device: torch.device) -> tuple[slice, torch.Tensor | None]:
-    """Cache positions query ``pos`` may read: a (strided) slice, plus per-head summary positions."""
-    if layout.kind == "all":
-        return slice(0, pos + 1), None
-    if layout.kind == "local":
-        return slice(max(0, pos - layout.window), pos + 1), None
-    ell = layout.stride
-    if layout.kind == "strided":
-        return slice(pos % ell, pos + 1, ell), None
-    before = pos // ell  # l-blocks whose summary columns pos reads
-    ranges = [layout.summary_range(h) for h in range(layout.table_heads)]
-    cols = torch.tensor([list(range(lo, hi)) for lo, hi in ranges], device=device)  # [Ht, c]
-    starts = torch.arange(before, device=device) * ell
-    summary = (starts[None, :, None] + cols[:, None, :]).reshape(len(ranges), -1)
-    return slice(before * ell, pos + 1), summary
-
-
-def attention_decode(q_t: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                     layout: Layout, scale: float | None = None) -> torch.Tensor:
-    """Attention output of one new query at position ``pos`` against a KV cache.
-
-    q_t: [B, H, D]; k_cache, v_cache: [B, H, L, D] holding the keys/values of
-    positions 0..pos (pos included) at their own index, L > pos. Reads only what
-    the pattern allows: the last ``window`` + 1 entries (local), every l-th entry
-    (strided), the own l-block plus the summary columns (fixed), or all (all).
-    Returns [B, H, D] in q_t's dtype; equals row ``pos`` of ``attention``.
-    """
-    q_t = _check_operand("q_t", q_t, 3, "of shape [B, H, D]")
-    k_cache = _check_operand("k_cache", k_cache, 4, "of shape [B, H, L, D]")
-    v_cache = _check_operand("v_cache", v_cache, 4, "of shape [B, H, L, D]")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
-    B, H, L, D = k_cache.shape
-    if q_t.shape != (B, H, D):
-        raise ValueError(f"q_t must be [B, H, D] = {(B, H, D)} to match the cache, got {tuple(q_t.shape)}")
-    scale = _check_common(q_t, {"k_cache": k_cache, "v_cache": v_cache}, layout, H, scale)
-    if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos < layout.seq_len:
-        raise ValueError(f"pos must be an int in [0, {layout.seq_len}) (the layout's seq_len), got {pos!r}")
-    if pos >= L:
-        raise ValueError(f"pos={pos} is past the cache length L={L}: write the new key/value at index pos "
-                         "first (causal decoding reads positions 0..pos)")
-    window, summary = _decode_keys(layout, pos, q_t.device)
-    k, v = k_cache[:, :, window], v_cache[:, :, window]
-    if summary is not None and summary.shape[1] > 0:
-        idx = summary.expand(H, -1)[None, :, :, None].expand(B, H, -1, D)
-        k = torch.cat([torch.gather(k_cache, 2, idx), k], 2)
-        v = torch.cat([torch.gather(v_cache, 2, idx), v], 2)
-    with torch.autocast(q_t.device.type, enabled=False):
-        s = torch.einsum("bhd,bhnd->bhn", q_t.float(), k.float()) * scale
-        p = torch.softmax(s, -1)
-        return torch.einsum("bhn,bhnd->bhd", p, v.float()).to(q_t.dtype)

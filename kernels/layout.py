@@ -22,14 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-KINDS = ("all", "local", "strided", "fixed")
+from .patterns import KINDS, Pattern, check_int, make_pattern
+
 BLOCK_SIZES = (16, 32, 64, 128)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -65,14 +60,10 @@ class Layout:
         read it (used by the backward pass).
     """
 
-    kind: str
+    pattern: Pattern
     seq_len: int
     block: int
     heads: int
-    window: int | None
-    stride: int | None
-    summary: int | None
-    distinct_summaries: bool
     rows: int  # strided: R = ceil(N / l), rows of the [R, l] view; else N
     kv_partial: BlockTable
     kv_full: BlockTable
@@ -81,9 +72,29 @@ class Layout:
     _cache: dict = field(default_factory=dict, repr=False)  # device tables, CPU plan
 
     @property
+    def kind(self) -> str:
+        return self.pattern.name
+
+    @property
+    def window(self) -> int | None:
+        return self.pattern.window
+
+    @property
+    def stride(self) -> int | None:
+        return self.pattern.stride
+
+    @property
+    def summary(self) -> int | None:
+        return self.pattern.summary
+
+    @property
+    def distinct_summaries(self) -> bool:
+        return self.pattern.distinct_summaries
+
+    @property
     def permuted(self) -> bool:
         """True when blocks are laid out in the transposed (column-major) order."""
-        return self.kind == "strided"
+        return self.pattern.permuted
 
     @property
     def physical_len(self) -> int:
@@ -100,13 +111,10 @@ class Layout:
         return int(self.kv_full.offsets.shape[0])
 
     def summary_range(self, head: int | torch.Tensor):
-        """``fixed`` only: the column offsets [lo, hi) within each l-block that ``head`` reads
-        (ints, or tensors shaped like ``head``)."""
+        """``fixed`` only: the column offsets [lo, hi) within each l-block that ``head`` reads."""
         if self.kind != "fixed":
             raise ValueError(f"summary_range is only defined for kind='fixed', not {self.kind!r}")
-        sub = head % (self.stride // self.summary) if self.distinct_summaries else head * 0
-        hi = self.stride - sub * self.summary
-        return hi - self.summary, hi
+        return self.pattern.summary_range(head)
 
     def blocks_per_head(self) -> torch.Tensor:
         """[heads] number of (query block, key block) pairs computed for each head."""
@@ -144,16 +152,7 @@ class Layout:
 
     def allowed(self, i: torch.Tensor, j: torch.Tensor, head: int | torch.Tensor = 0) -> torch.Tensor:
         """The pattern's predicate on original positions (broadcasting): may query i read key j?"""
-        causal = j <= i
-        if self.kind == "all":
-            return causal
-        if self.kind == "local":
-            return causal & (j >= i - self.window)
-        if self.kind == "strided":
-            return causal & ((i - j) % self.stride == 0)
-        lo, hi = self.summary_range(head)
-        col = j % self.stride
-        return causal & ((j // self.stride == i // self.stride) | ((col >= lo) & (col < hi)))
+        return self.pattern.allowed(i, j, head)
 
     def dense_mask(self, head: int = 0) -> torch.Tensor:
         """[N, N] bool: what the block lists plus in-block masks let each query read.
@@ -189,7 +188,7 @@ def make_layout(
     summary: int | None = None,
     distinct_summaries: bool = False,
 ) -> Layout:
-    """Build the block-sparse layout of one attention pattern.
+    """Build the block-sparse layout of one attention pattern (kernels/patterns.py defines them).
 
     kind: "all" (j <= i), "local" (i - window <= j <= i), "strided" (j <= i and
     (i - j) % stride == 0), or "fixed" (j <= i and (j // stride == i // stride or
@@ -198,35 +197,21 @@ def make_layout(
     Any seq_len works; padding to the block is handled inside the kernels.
     A Sparse Transformer interleaves "local" and "strided" layers (one pattern per call).
     """
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    seq_len = _check_int("seq_len", seq_len, 1)
-    heads = _check_int("heads", heads, 1)
+    seq_len = check_int("seq_len", seq_len, 1)
+    heads = check_int("heads", heads, 1)
     if isinstance(block, bool) or block not in BLOCK_SIZES:
         raise ValueError(f"block must be one of {BLOCK_SIZES}, got {block!r}")
-    needs = {"all": (), "local": ("window",), "strided": ("stride",), "fixed": ("stride", "summary")}[kind]
-    given = {"window": window, "stride": stride, "summary": summary}
-    for name, value in given.items():
-        if name in needs and value is None:
-            raise ValueError(f"kind={kind!r} needs {name}=")
-        if name not in needs and value is not None:
-            raise ValueError(f"{name}= is not used by kind={kind!r} (it takes {needs or 'no parameters'})")
-    if distinct_summaries and kind != "fixed":
-        raise ValueError("distinct_summaries=True is only meaningful for kind='fixed'")
-    if window is not None:
-        window = _check_int("window", window, 1)
-    if stride is not None:
-        stride = _check_int("stride", stride, 1)
-    if summary is not None:
-        summary = _check_int("summary", summary, 1)
-        if summary > stride:
-            raise ValueError(f"summary must be <= stride ({stride}), got {summary}")
+    return layout_of(make_pattern(kind, window, stride, summary, distinct_summaries), seq_len, block, heads)
 
-    rows = -(-seq_len // stride) if kind == "strided" else seq_len
-    proto = Layout(kind, seq_len, block, heads, window, stride, summary, bool(distinct_summaries), rows,
-                   *([None] * 4))
+
+def layout_of(pattern: Pattern, seq_len: int, block: int, heads: int = 1) -> Layout:
+    """The layout of ``pattern`` for sequences of ``seq_len`` in blocks of ``block`` (arguments as make_layout's)."""
+    rows = -(-seq_len // pattern.stride) if pattern.permuted else seq_len
+    proto = Layout(pattern, seq_len, block, heads, rows, *([None] * 4))
     n_blocks = proto.num_blocks
-    head_tables = heads if (kind == "fixed" and distinct_summaries) else 1
+    head_tables = heads if pattern.distinct_summaries else 1
     per_head = [_rows_for_head(proto, h, n_blocks) for h in range(head_tables)]
     proto.kv_full = _stack([_table(qb, kb, n_blocks, full) for qb, kb, full in per_head])
     proto.kv_partial = _stack([_table(qb, kb, n_blocks, ~full) for qb, kb, full in per_head])
@@ -237,72 +222,21 @@ def make_layout(
 
 def _rows_for_head(lay: Layout, head: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All listed (query block, key block, full) triples of one head, sorted by (qb, kb)."""
-    b = lay.block
+    b, pattern = lay.block, lay.pattern
     qb = np.arange(n_blocks, dtype=np.int64)
     t_lo = qb * b
-    if lay.kind == "all":
-        first = np.zeros_like(qb)
-    elif lay.kind == "local":
-        first = np.maximum(t_lo - lay.window, 0) // b
-    elif lay.kind == "strided":
-        seg = t_lo // lay.rows  # column of the block's first row
-        # a block starting on the last row of a column that the sequence does not reach
-        # (padding) needs nothing from that column
-        seg += (t_lo % lay.rows == lay.rows - 1) & (seg >= lay.seq_len - (lay.rows - 1) * lay.stride)
-        first = seg * lay.rows // b
-    else:
-        first = (t_lo // lay.stride) * lay.stride // b
+    first = pattern.first_key_block(lay, t_lo)
     # contiguous part: key blocks first[qb] .. qb
     counts = qb - first + 1
     row = np.repeat(qb, counts)
     kb = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(first, counts)
-    k_lo = kb * b
-    below = kb < row
-    if lay.kind == "all":
-        full = below
-    elif lay.kind == "local":
-        full = below & (k_lo >= row * b + b - 1 - lay.window)
-    elif lay.kind == "strided":
-        full = below & (k_lo // lay.rows == (row * b + b - 1) // lay.rows)
-    else:
-        full = below & (k_lo // lay.stride == (row * b + b - 1) // lay.stride)
-    if lay.kind == "fixed":
-        lo, hi = lay.summary_range(head)
-        summ_kb, summ_full = _summary_prefix(lay, lo, hi, n_blocks)
-        # rows read the summary blocks of l-blocks before their first row's l-block,
-        # excluding blocks already in the contiguous part: a prefix of summ_kb.
-        first_m = _first_l_block(lay, hi, summ_kb)
-        take = np.minimum(np.searchsorted(first_m, t_lo // lay.stride, "left"),
-                          np.searchsorted(summ_kb, first, "left"))
-        s_row = np.repeat(qb, take)
-        s_pos = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
-        row = np.concatenate([s_row, row])
-        kb = np.concatenate([summ_kb[s_pos], kb])
-        full = np.concatenate([summ_full[s_pos], full])
+    full = (kb < row) & pattern.full_in_band(lay, kb * b, row * b + b - 1)
+    extra = pattern.extra_key_blocks(lay, head, qb, t_lo, first)
+    if extra is not None:
+        row, kb, full = (np.concatenate([e, x]) for e, x in zip(extra, (row, kb, full), strict=True))
         order = np.lexsort((kb, row))
         row, kb, full = row[order], kb[order], full[order]
     return row, kb, full
-
-
-def _summary_prefix(lay: Layout, lo: int, hi: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique key blocks holding summary positions, and whether each is all summary."""
-    l, b = lay.stride, lay.block
-    m = np.arange(-(-lay.seq_len // l), dtype=np.int64)
-    a, e = (m * l + lo) // b, (m * l + hi - 1) // b
-    counts = e - a + 1
-    kb = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(a, counts)
-    kb = np.unique(kb[kb < n_blocks])
-    k_lo, k_end = kb * b, kb * b + b - 1
-    one_l_block = k_lo // l == k_end // l
-    full = one_l_block & (k_lo % l >= lo) & (k_end % l < hi)
-    return kb, full
-
-
-def _first_l_block(lay: Layout, hi: int, kb: np.ndarray) -> np.ndarray:
-    """For each summary key block, the first l-block m whose summary range [m l + lo, m l + hi) meets it."""
-    l, b = lay.stride, lay.block
-    # smallest m with m*l + hi - 1 >= kb*b
-    return np.maximum(0, -(-(kb * b - hi + 1) // l))
 
 
 def _table(rows: np.ndarray, cols: np.ndarray, n_rows: int, keep: np.ndarray) -> BlockTable:

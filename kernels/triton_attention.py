@@ -18,11 +18,14 @@ import triton
 import triton.language as tl
 
 from .layout import Layout
+from .patterns import Fixed, Local, Strided
 
 LOG2E = 1.4426950408889634
 
-# pattern codes shared with the kernels
-_KIND_CODE = {"all": 0, "local": 1, "strided": 2, "fixed": 3}
+# the patterns' kind codes (kernels/patterns.py), as compile-time constants of the kernels
+LOCAL: tl.constexpr = tl.constexpr(Local.code)
+STRIDED: tl.constexpr = tl.constexpr(Strided.code)
+FIXED: tl.constexpr = tl.constexpr(Fixed.code)
 
 
 @triton.jit
@@ -51,13 +54,14 @@ def _rows(t, N, R, L, PERMUTED: tl.constexpr):
 
 @triton.jit
 def _allowed(i, j, h, WINDOW, L, C, NSUB, KIND: tl.constexpr):
-    """The pattern's predicate on original positions i [M, 1], j [1, N] for head h."""
+    """The pattern's predicate (kernels/patterns.py ``allowed``) on original positions i [M, 1], j [1, N]
+    for head h."""
     ok = j <= i
-    if KIND == 1:
+    if KIND == LOCAL:
         ok = ok & (j >= i - WINDOW)
-    elif KIND == 2:
+    elif KIND == STRIDED:
         ok = ok & ((i - j) % L == 0)
-    elif KIND == 3:
+    elif KIND == FIXED:
         hi = L - (h % NSUB) * C
         col = j % L
         ok = ok & ((j // L == i // L) | ((col >= hi - C) & (col < hi)))
@@ -241,13 +245,13 @@ def _interpreted() -> bool:
 def _launch_args(layout: Layout, full, part, q: torch.Tensor) -> tuple[list, dict]:
     """Table pointers/strides, shape scalars and constexprs shared by the three kernels."""
     B, H, N, D = q.shape
-    nsub = layout.stride // layout.summary if (layout.kind == "fixed" and layout.distinct_summaries) else 1
+    nsub = layout.pattern.subblocks if isinstance(layout.pattern, Fixed) else 1
     per_head = layout.table_heads > 1  # else every head reads head 0's lists
     args = [full.offsets, full.index, part.offsets, part.index,
             *((full.offsets.stride(0), full.index.stride(0), part.index.stride(0)) if per_head else (0, 0, 0)),
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), H, N, layout.rows,
             layout.stride or 1, layout.window or 0, layout.summary or 1, nsub]
-    meta = dict(KIND=_KIND_CODE[layout.kind], PERMUTED=layout.permuted, BLOCK=layout.block, D=D,
+    meta = dict(KIND=layout.pattern.code, PERMUTED=layout.permuted, BLOCK=layout.block, D=D,
                 PRECISION=1 if q.dtype == torch.float32 else 2 if _interpreted() else 0,
                 num_warps=8 if layout.block * D >= 128 * 128 else 4)
     return args, meta

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .codecs import IMAGE_TOKENS
 from .model import ModelConfig, SparseTransformer
 
 FORMAT = "sparse-transformer-studio/1"
@@ -170,3 +171,16 @@ def _load_strict(model: SparseTransformer, tensors: dict[str, torch.Tensor], sou
         raise CheckpointError(f"weights {source} do not fit the config: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
     model.load_state_dict(tensors)
+
+
+def card_kind(card: dict, cfg: ModelConfig) -> str:
+    """"image" or "audio": the card's codec kind when it names one, else from the config's shape."""
+    kind = (card.get("codec") or {}).get("kind")
+    if kind in ("image", "audio"):
+        return kind
+    return "image" if cfg.seq_len == IMAGE_TOKENS and cfg.pos_factors == (64, 64, 3) else "audio"
+
+
+def model_kind(model: SparseTransformer) -> str:
+    """"image" or "audio", from the card when the model has one, else from its shape."""
+    return card_kind(getattr(model, "card", None) or {}, model.cfg)

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import BLOCK_SIZES, Layout, attention, make_layout
+from kernels import BLOCK_SIZES, KINDS, PATTERNS, Layout, Pattern, attention, layout_of
 
-PATTERNS = ("strided", "fixed", "all")
-LAYER_KINDS = ("local", "strided", "fixed", "all")
+SCHEDULES = ("strided", "fixed", "all")  # ModelConfig.pattern: which kind each layer uses
 HEAD_DIMS = (32, 64, 128)
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -73,11 +72,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.pattern not in SCHEDULES:
+            raise ValueError(f"pattern must be one of {SCHEDULES}, got {self.pattern!r}")
         if self.layer_patterns and (len(self.layer_patterns) != self.n_layers
-                                    or any(k not in LAYER_KINDS for k in self.layer_patterns)):
-            raise ValueError(f"layer_patterns must list {self.n_layers} kinds from {LAYER_KINDS}, "
+                                    or any(k not in KINDS for k in self.layer_patterns)):
+            raise ValueError(f"layer_patterns must list {self.n_layers} kinds from {KINDS}, "
                              f"got {self.layer_patterns!r}")
         if self.block not in BLOCK_SIZES:
             raise ValueError(f"block must be one of {BLOCK_SIZES}, got {self.block!r}")
@@ -104,12 +103,15 @@ class ModelConfig:
             return ("local", "strided")[layer % 2]
         return self.pattern
 
+    def layer_pattern(self, layer: int) -> Pattern:
+        """The attention pattern of ``layer`` (kernels/patterns.py), from its kind and the stride."""
+        return PATTERNS[self.layer_kind(layer)].for_stride(self.stride, self.summary, self.distinct_summaries)
+
     def layout(self, layer: int, seq_len: int | None = None) -> Layout:
         """The attention layout of ``layer`` for sequences of ``seq_len`` (default: the model's)."""
-        n = self.seq_len if seq_len is None else seq_len
-        kind = self.layer_kind(layer)
-        heads = self.n_heads if kind == "fixed" and self.distinct_summaries else 1
-        return _layout(kind, n, self.block, heads, self.stride, self.summary, self.distinct_summaries)
+        pattern = self.layer_pattern(layer)
+        heads = self.n_heads if pattern.distinct_summaries else 1
+        return _layout(pattern, self.seq_len if seq_len is None else seq_len, self.block, heads)
 
     def deepened(self, n_layers: int) -> ModelConfig:
         """This config with ``n_layers`` (at least its own) layers on the same pattern schedule."""
@@ -136,16 +138,9 @@ class ModelConfig:
 
 
 @lru_cache(maxsize=64)
-def _layout(kind: str, n: int, block: int, heads: int, stride: int, summary: int, distinct: bool) -> Layout:
+def _layout(pattern: Pattern, n: int, block: int, heads: int) -> Layout:
     """Layouts are cached: they also cache the kernels' per-device tables and plans."""
-    if kind == "local":
-        return make_layout("local", n, block, window=stride)
-    if kind == "strided":
-        return make_layout("strided", n, block, stride=stride)
-    if kind == "fixed":
-        return make_layout("fixed", n, block, heads=heads, stride=stride, summary=summary,
-                           distinct_summaries=distinct)
-    return make_layout("all", n, block)
+    return layout_of(pattern, n, block, heads)
 
 
 class Attention(nn.Module):
@@ -158,7 +153,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor, backend: str = "auto", cache=None) -> torch.Tensor:
-        """x [B, N, d] -> [B, N, d]; keys/values also go into ``cache`` (a models.kv_cache.LayerCache) if given."""
+        """x [B, N, d] -> [B, N, d]; keys/values also go into ``cache`` (a sampling.kv_cache.LayerCache) if given."""
         B, N, d = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
         q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]

@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
-from models import SparseTransformer, codec_card, config_for, save_model
+from models import ModelConfig, SparseTransformer, codec_card, config_for, save_model
+
+# tests of the compiled decoding step skip where no C compiler can build it (the PyTorch step is still tested)
+needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None,
+                                    reason="no C compiler: the compiled decoding step cannot be built here")
+
+
+def small_model(seed: int = 0, **kw) -> SparseTransformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(n_layers=2, d_model=64, n_heads=2, block=16, stride=16, seq_len=160,
+                                pos_factors=(10, 16)), **kw})
+    model = SparseTransformer(cfg).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # non-trivial logits
+    return model
 
 
 def tiny_checkpoint(path: Path, kind: str, **card) -> Path:

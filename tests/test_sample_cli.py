@@ -16,9 +16,11 @@ from helpers import tiny_checkpoint
 from PIL import Image
 
 import sample
+from models import load_model
 from models.checkpoint import checkpoint_paths
 from models.codecs import load_image
 from models.figures import LINE_COLOR
+from sampling import decoding_step
 
 ROWS = 60  # prompt rows: 4 rows (768 tokens) to sample per image keeps the image runs well under a second
 
@@ -79,7 +81,7 @@ def test_image_completion_writes_pngs_grid_and_metadata(files, tmp_path):
     assert meta["checkpoint"]["steps"] == 3 and meta["checkpoint"]["held_out_bits_per_dim"] == 7.5
     assert meta["arguments"]["prompt_rows"] == ROWS and meta["arguments"]["temperature"] == 1.0
     assert meta["device"] == "cpu" and set(meta["versions"]) == {"python", "torch", "numpy"}
-    assert meta["decoding_step"] == "fused C step (models/fused_step.c)"
+    assert meta["decoding_step"] == decoding_step(load_model(files["image"]))
     timings = meta["timings"]
     assert timings["tokens_sampled"] == 2 * (64 - ROWS) * 192
     assert timings["sampling_seconds"] > 0 and timings["tokens_per_second"] > 0 and timings["total_seconds"] > 0

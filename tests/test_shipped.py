@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from models import load_card, load_model
-from models.completion import model_kind
+from models import load_card, load_model, model_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"image64": ("image", "bits/dim", {"PNG", "WebP lossless"}), "audio12k": ("audio", "bits/byte", {"FLAC"})}

@@ -1,8 +1,9 @@
 """Static KV caches for decoding, one per layer, holding only what the layer's pattern can still read.
 
 Each cache is preallocated for a batch and a sequence length, so a decoding step allocates
-nothing that grows. ``fill(k, v, rows)`` stores the keys/values of a prompt (positions 0..P-1,
-from one parallel forward pass) for some rows of the batch; ``step(pos, q, kv)`` stores position ``pos`` and returns
+nothing that grows. Its size comes from the pattern's ``decode_slots`` (kernels/patterns.py).
+``fill(k, v, rows)`` stores the keys/values of a prompt (positions 0..P-1, from one parallel
+forward pass) for some rows of the batch; ``step(pos, q, kv)`` stores position ``pos`` and returns
 the attention output of its query over what the pattern lets ``pos`` read:
 
   local (window w):  a ring of the last w + 1 positions                 [B, 2, H, w + 1, D]
@@ -11,7 +12,8 @@ the attention output of its query over what the pattern lets ``pos`` read:
   fixed (l, c):      a ring of the current l-block plus the c summary positions of each
                      block (per head when heads use distinct summaries) [B, 2, H, l + ceil(N/l) c, D]
   all:               every position                                     [B, 2, H, N, D]
-(2: keys and values side by side.)
+(2: keys and values side by side.) The compiled step (sampling/compiled_step.c) reads and writes
+the same tensors.
 
 A step reaches its slots through views made once (``select``/``narrow`` on them): parsing a
 Python index such as ``kv[:, :, :, c, r]`` costs microseconds, and a whole step is about a
@@ -23,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import ModelConfig, check_int
+from kernels import All, Fixed, Local, Pattern, Strided
+from models.model import ModelConfig, check_int
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -32,10 +35,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class LayerCache:
-    """Keys and values side by side in one tensor ``kv`` [B, 2, H, *slots, D], so a step writes both at once."""
+    """Keys and values side by side in one tensor ``kv`` [B, 2, H, *slots, D], so a step writes both at once.
 
-    def __init__(self, cfg: ModelConfig, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype):
-        self.cfg, self.batch, self.seq_len = cfg, batch, seq_len
+    ``pattern`` is the layer's attention pattern and ``slots`` its DecodeSlots for ``seq_len``."""
+
+    def __init__(self, cfg: ModelConfig, pattern: Pattern, batch: int, seq_len: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.cfg, self.pattern, self.batch, self.seq_len = cfg, pattern, batch, seq_len
+        self.slots = pattern.decode_slots(seq_len)
         self.shape = (batch, cfg.n_heads, cfg.head_dim)
         self.device, self.dtype = device, dtype
 
@@ -60,21 +67,23 @@ class LayerCache:
 
 
 class LocalCache(LayerCache):
-    def __init__(self, cfg, batch, seq_len, device, dtype, window: int):
-        super().__init__(cfg, batch, seq_len, device, dtype)
-        self.slots = min(window + 1, seq_len)
-        self.kv = self._empty(self.slots)
+    """A ring of the last window + 1 positions."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.ring = self.slots.slots
+        self.kv = self._empty(self.ring)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
     def fill(self, k, v, rows=slice(None)):
         P = k.shape[2]
-        first = max(0, P - self.slots)
-        slots = torch.arange(first, P, device=self.device) % self.slots
+        first = max(0, P - self.ring)
+        slots = torch.arange(first, P, device=self.device) % self.ring
         self.kv[rows, 0, :, slots], self.kv[rows, 1, :, slots] = k[:, :, first:], v[:, :, first:]
 
     def step(self, pos, q, kv):
-        self.kv.select(3, pos % self.slots).copy_(kv)
-        n = min(pos + 1, self.slots)  # ring slot p holds position p until the ring wraps
+        self.kv.select(3, pos % self.ring).copy_(kv)
+        n = min(pos + 1, self.ring)  # ring slot p holds position p until the ring wraps
         return _attend(q, self.k.narrow(2, 0, n), self.v.narrow(2, 0, n))
 
 
@@ -82,12 +91,12 @@ class StridedCache(LayerCache):
     """Stored column-major ([stride, rows]): the column a query reads is contiguous, so a step
     touches a few pages instead of one page per row (the audio model has 256 rows)."""
 
-    def __init__(self, cfg, batch, seq_len, device, dtype, stride: int):
-        super().__init__(cfg, batch, seq_len, device, dtype)
-        self.stride, self.rows = stride, -(-seq_len // stride)
-        self.kv = self._empty(stride, self.rows)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.stride, self.rows = self.slots.slots, self.slots.rows
+        self.kv = self._empty(self.stride, self.rows)
         # per column c: (keys and values [B, 2, H, rows, D], keys [B, H, rows, D], values)
-        self.columns = [(self.kv.select(3, c), self.kv[:, 0, :, c], self.kv[:, 1, :, c]) for c in range(stride)]
+        self.columns = [(self.kv.select(3, c), self.kv[:, 0, :, c], self.kv[:, 1, :, c]) for c in range(self.stride)]
 
     def fill(self, k, v, rows=slice(None)):
         B, H, P, D = k.shape
@@ -105,16 +114,16 @@ class StridedCache(LayerCache):
 
 
 class FixedCache(LayerCache):
-    def __init__(self, cfg, batch, seq_len, device, dtype, stride: int, summary: int, distinct: bool):
-        super().__init__(cfg, batch, seq_len, device, dtype)
-        self.stride, self.summary, self.rows = stride, summary, -(-seq_len // stride)
-        H = cfg.n_heads
-        sub = torch.arange(H) % (stride // summary) if distinct else torch.zeros(H, dtype=torch.long)
-        self.lo = (stride - (sub + 1) * summary).tolist()  # first summary column of each head
+    """A ring of the current l-block, and the summary positions of every l-block (per head if they differ)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.stride, self.summary, self.rows = self.slots.slots, self.slots.summary, self.slots.rows
+        self.lo = [self.pattern.summary_range(h)[0] for h in range(self.cfg.n_heads)]  # first summary column
         self.shared = len(set(self.lo)) == 1
-        self.kv = self._empty(stride)  # ring of the current l-block
+        self.kv = self._empty(self.stride)  # ring of the current l-block
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
-        self.summaries = self._empty(self.rows, summary)
+        self.summaries = self._empty(self.rows, self.summary)
 
     def tensors(self):
         return [self.kv, self.summaries]
@@ -155,9 +164,9 @@ class FixedCache(LayerCache):
 class FullCache(LayerCache):
     """Every past position (the ``all`` pattern; also the dense-cache baseline of bench/sample.py)."""
 
-    def __init__(self, cfg, batch, seq_len, device, dtype):
-        super().__init__(cfg, batch, seq_len, device, dtype)
-        self.kv = self._empty(seq_len)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.kv = self._empty(self.seq_len)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
     def fill(self, k, v, rows=slice(None)):
@@ -167,6 +176,10 @@ class FullCache(LayerCache):
     def step(self, pos, q, kv):
         self.kv.select(3, pos).copy_(kv)
         return _attend(q, self.k.narrow(2, 0, pos + 1), self.v.narrow(2, 0, pos + 1))
+
+
+CACHES: dict[type[Pattern], type[LayerCache]] = {Local: LocalCache, Strided: StridedCache, Fixed: FixedCache,
+                                                 All: FullCache}
 
 
 def make_caches(cfg: ModelConfig, batch: int, seq_len: int | None = None, device: torch.device | str = "cpu",
@@ -179,15 +192,5 @@ def make_caches(cfg: ModelConfig, batch: int, seq_len: int | None = None, device
     check_int("batch", batch, 1)
     n = check_int("seq_len", cfg.seq_len if seq_len is None else seq_len, 1, cfg.seq_len)
     device = torch.device(device)
-    caches: list[LayerCache] = []
-    for layer in range(cfg.n_layers):
-        kind = "all" if dense else cfg.layer_kind(layer)
-        if kind == "local":
-            caches.append(LocalCache(cfg, batch, n, device, dtype, window=cfg.stride))
-        elif kind == "strided":
-            caches.append(StridedCache(cfg, batch, n, device, dtype, stride=cfg.stride))
-        elif kind == "fixed":
-            caches.append(FixedCache(cfg, batch, n, device, dtype, cfg.stride, cfg.summary, cfg.distinct_summaries))
-        else:
-            caches.append(FullCache(cfg, batch, n, device, dtype))
-    return caches
+    patterns = [All() if dense else cfg.layer_pattern(layer) for layer in range(cfg.n_layers)]
+    return [CACHES[type(p)](cfg, p, batch, n, device, dtype) for p in patterns]

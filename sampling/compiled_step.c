@@ -1,4 +1,4 @@
-/* One decoding step of a Sparse Transformer on the CPU, fp32, in one call (see models/fused_step.py).
+/* One decoding step of a Sparse Transformer on the CPU, fp32, in one call (see sampling/compiled_step.py).
 
    A step runs on T threads (the caller plus T - 1 workers that wait between steps) in lockstep,
    with a barrier after each phase:
@@ -36,7 +36,7 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 #define PAUSE() ((void)0)
 #endif
 
-enum { LOCAL = 0, STRIDED = 1, FIXED = 2, ALL = 3 };
+enum { ALL = 0, LOCAL = 1, STRIDED = 2, FIXED = 3 }; /* the patterns' kind codes (kernels/patterns.py) */
 
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
@@ -73,7 +73,7 @@ static inline v8 vgelu(v8 x) {
 typedef struct {
     int kind, slots, rows, summary;       /* slots: local ring / stride / sequence (all) */
     int lo[MAX_HEADS];                    /* fixed: first summary column of each head */
-    float *kv, *summaries;                /* the cache's tensors (models/kv_cache.py layouts) */
+    float *kv, *summaries;                /* the cache's tensors (sampling/kv_cache.py layouts) */
     const float *n1w, *n1b, *qkv_w, *qkv_b, *pw, *pb, *n2w, *n2b, *fw, *fb, *f2w, *f2b;
 } Layer;
 
@@ -211,7 +211,7 @@ static void my_tiles(int n_out, int T, int tid, int *t0, int *t1) {
 }
 
 /* Where position pos is stored in layer l for (b, which, h), and the key segments it may read;
-   returns the index of position pos among those keys. */
+   returns the index of position pos among those keys. The cache geometry per pattern is its decode_slots. */
 static int cache_rows(const Step *s, const Layer *L, int pos, int b, int which, int h, float **dst, float **dst2,
                        const float **seg0, int *n0, const float **seg1, int *n1) {
     int H = s->H, D = s->D;

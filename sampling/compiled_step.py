@@ -1,27 +1,32 @@
-"""A whole decoding step in one call: C code (models/fused_step.c) compiled on first use.
+"""A whole decoding step in one call: C code (sampling/compiled_step.c), compiled once per machine.
 
 At batch 1 on a CPU a step of the shipped models is about 80 small operations; through PyTorch
 each costs microseconds of dispatch, and together they cost as much as reading the weights.
-The C step does the same maths (embedding, every layer's norm, qkv, cache write, attention over
-the pattern's cache rows, projection, feed-forward, final norm and head) in one call, on all
+The compiled step does the same maths (embedding, every layer's norm, qkv, cache write, attention
+over the pattern's cache rows, projection, feed-forward, final norm and head) in one call, on all
 threads in lockstep, with each weight matrix packed so that a tile of 16 outputs streams
-contiguously. It reads and writes the same caches as the PyTorch step (models.kv_cache), so a
+contiguously. It reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a
 prompt prefilled by the parallel forward pass continues in C.
 
-The library is compiled once per source, compiler and CPU with the system's C compiler (``$CC``,
-else ``cc``) into ``$XDG_CACHE_HOME/sparse-transformer-studio`` (default ``~/.cache/...``).
-Without a working compiler, or with ``STS_FUSED_STEP=0`` in the environment, :func:`library`
-returns None and the decoder uses its PyTorch step.
+Building and loading (:func:`library`). The system's C compiler (``$CC``, else ``cc``) builds the
+library into this user's cache folder, ``$XDG_CACHE_HOME/sparse-transformer-studio`` (default
+``~/.cache/...``), created with mode 0700. Before anything is loaded, the folder and the file are
+checked: a real folder and a regular file (no links) owned by this user that no one else can write
+to. A cache folder that fails the check is not used: the library is built into a fresh private
+temporary folder instead. Nothing is ever loaded from a shared folder. The file name is a hash of
+the source, the compiler's path and ``--version``, the flags and the CPU's feature flags. The app
+builds it at start-up (:func:`prepare`). Without a working compiler, or with ``STS_FUSED_STEP=0``
+in the environment, there is no library and the sampler uses the PyTorch step.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -31,28 +36,64 @@ from pathlib import Path
 
 import torch
 
-from .kv_cache import FixedCache, FullCache, LayerCache, LocalCache, StridedCache
-from .model import SparseTransformer
+from kernels import All, Fixed, Local, Strided
+from models.model import SparseTransformer
 
-SOURCE = Path(__file__).with_name("fused_step.c")
-TILE = 16  # outputs per packed weight tile (fused_step.c)
-MAX_THREADS = 64  # fused_step.c: the partial results combined per head
-MAX_HEADS = 64  # fused_step.c: Layer.lo
+from .kv_cache import FixedCache, LayerCache
+from .options import SamplingOptions
+from .step import DecodeStep
+
+SOURCE = Path(__file__).with_name("compiled_step.c")
+FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+ARCH_FLAGS = (["-march=native"], [])  # -march=native is not known to every compiler: then a plain build
+BUILD_TIMEOUT = 300  # seconds for one compile
+TILE = 16  # outputs per packed weight tile (compiled_step.c)
+MAX_THREADS = 64  # compiled_step.c: the partial results combined per head
+MAX_HEADS = 64  # compiled_step.c: Layer.lo
+PATTERNS = (All, Local, Strided, Fixed)  # the patterns compiled_step.c's cache_rows knows
 # rows_per_pass="auto": how many sequences to step together is measured, not fixed. One pass of all rows
-# reads each weight once a step, but every sequence brings its own caches into the CPU's caches: on the
-# README's AMD VM (AVX2) batches of 8 ran 12-50% faster as 4 passes of 2 than as one pass of 8, on its
+# reads each weight once a step, but every sequence brings its own caches into the CPU's caches: on an
+# AMD VM (AVX2) batches of 8 ran 12-50% faster as 4 passes of 2 than as one pass of 8, on an
 # Intel VM (AVX-512, 480 MB L3) 1.4-2.3x slower. Each candidate (2, 4, .. rows, and all rows)
 # samples TUNE_STEPS positions of the real work, timed; the fastest runs until RETUNE_EVERY positions
 # later, when the caches have grown and the candidates run again.
 TUNE_STEPS = 16
 RETUNE_EVERY = 4096
-_KINDS = {LocalCache: 0, StridedCache: 1, FixedCache: 2, FullCache: 3}
 _P = ctypes.c_void_p
 
 
-def _cache_dir() -> Path:
+class UnsafeFolder(Exception):
+    """A cache folder or file that someone other than this user could have written."""
+
+
+def cache_dir() -> Path:
+    """This user's cache folder for the compiled library."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "sparse-transformer-studio"
+
+
+def _check_private(path: Path, folder: bool) -> None:
+    """UnsafeFolder unless ``path`` is a folder (or regular file), not a link, owned by this user, that
+    neither its group nor others can write to."""
+    st = os.lstat(path)
+    kind_ok = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    if not kind_ok:
+        raise UnsafeFolder(f"{path} is not a {'folder' if folder else 'regular file'}")
+    if st.st_uid != os.getuid():
+        raise UnsafeFolder(f"{path} belongs to user {st.st_uid}, not to this user ({os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeFolder(f"{path} can be written by others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _private_cache() -> tuple[Path, str]:
+    """(a folder only this user can write, a note when it is not the usual cache folder)."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(folder, folder=True)
+        return folder, ""
+    except (OSError, UnsafeFolder) as e:
+        return Path(tempfile.mkdtemp(prefix="sparse-transformer-studio-")), f"cache folder not used: {e}"
 
 
 def _cpu_id() -> str:
@@ -66,67 +107,85 @@ def _cpu_id() -> str:
     return f"{platform.system()} {platform.machine()} {flags}"
 
 
-def _compile(cc: str, out: Path) -> str | None:
+def _compiler_version(cc: str) -> str:
+    """``cc --version`` (a ValueError if the compiler does not run)."""
+    try:
+        run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"{cc} does not run: {e}") from None
+    return run.stdout.strip()
+
+
+def _command(cc: str, arch: list[str], out: Path) -> list[str]:
+    return [cc, *FLAGS, *arch, str(SOURCE), "-o", str(out), "-lm"]
+
+
+def _library_name(cc: str, version: str, arch: list[str]) -> str:
+    """The file name: a hash of everything the compiled code depends on."""
+    key = "\0".join([SOURCE.read_text(), cc, version, " ".join(_command(cc, arch, Path("out"))), _cpu_id()])
+    return f"compiled_step-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
+
+
+def _compile(cc: str, arch: list[str], out: Path) -> str | None:
     """Compile SOURCE into ``out``; None on success, else the compiler's complaint."""
+    try:
+        run = subprocess.run(_command(cc, arch, out), capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if run.returncode == 0:
+        return None
+    lines = run.stderr.strip().splitlines()
+    return lines[-1] if lines else f"{cc} exited with {run.returncode}"
+
+
+_status = {"path": None, "error": "", "note": ""}  # what the last library() did (see status())
+
+
+def _find_or_build() -> Path:
+    """The path of a checked library for this machine, built if need be; a ValueError saying why not."""
+    name = os.environ.get("CC", "cc")
+    cc = shutil.which(name)
+    if cc is None:
+        raise ValueError(f"no C compiler ({name}) on the PATH")
+    version = _compiler_version(cc)
+    folder, _status["note"] = _private_cache()
+    names = [_library_name(cc, version, arch) for arch in ARCH_FLAGS]
+    for lib_name in names:  # built before (by this user)
+        path = folder / lib_name
+        if path.exists():
+            try:
+                _check_private(path, folder=False)
+                return path
+            except UnsafeFolder as e:
+                _status["note"] = f"{e}: not loaded"
     error = f"{cc} did not run"
-    for arch in (["-march=native"], []):  # -march=native is not known to every compiler
-        cmd = [cc, "-O3", *arch, "-std=gnu11", "-shared", "-fPIC", "-pthread", str(SOURCE), "-o", str(out), "-lm"]
-        try:
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return str(e)
-        if run.returncode == 0:
-            return None
-        lines = run.stderr.strip().splitlines()
-        error = lines[-1] if lines else f"{cc} exited with {run.returncode}"
-    return error
-
-
-_build_error = ""  # why the last build failed (shown by unavailable())
-
-
-def _build(cc: str, name: str) -> Path | None:
-    """Compile into the first writable cache folder; the library's path, or None (see _build_error)."""
-    global _build_error
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "sparse-transformer-studio"):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-            os.close(fd)
-        except OSError as e:
-            _build_error = str(e)
-            continue
-        error = _compile(cc, Path(tmp))
-        if error is not None:
-            os.unlink(tmp)
-            _build_error = f"{cc}: {error}"
-            return None
-        os.replace(tmp, folder / name)  # atomic: a concurrent build writes the same bytes
-        return folder / name
-    return None
+    for arch, lib_name in zip(ARCH_FLAGS, names, strict=True):
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
+        os.close(fd)
+        error = _compile(cc, arch, Path(tmp))
+        if error is None:
+            os.chmod(tmp, 0o700)
+            os.replace(tmp, folder / lib_name)  # atomic: a concurrent build writes the same bytes
+            return folder / lib_name
+        os.unlink(tmp)
+    raise ValueError(f"{cc}: {error}")
 
 
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    """The compiled step (built on first use, then reused from the cache folder), or None where it cannot be."""
-    global _build_error
+    """The compiled step for this machine (built on first use, then reused from the cache folder), or None
+    where it cannot be (:func:`status` says why)."""
+    _status.update(path=None, error="", note="")
     if os.environ.get("STS_FUSED_STEP", "1") == "0":
-        return None
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        _build_error = f"no C compiler ({os.environ.get('CC', 'cc')}) on the PATH"
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{cc} {_cpu_id()}".encode()).hexdigest()[:16]
-    name = f"fused_step-{key}.so"
-    folders = (_cache_dir(), Path(tempfile.gettempdir()) / "sparse-transformer-studio")
-    path = next((f / name for f in folders if (f / name).exists()), None) or _build(cc, name)
-    if path is None:
+        _status["error"] = "it is turned off (STS_FUSED_STEP=0)"
         return None
     try:
+        path = _find_or_build()
         lib = ctypes.CDLL(str(path))
-    except OSError as e:  # e.g. a library built for another machine sharing this home folder
-        _build_error = f"{path} does not load: {e}"
+    except (OSError, ValueError) as e:  # no compiler, a failed build, a library that does not load here
+        _status["error"] = f"it could not be built ({e}; install a C compiler, or name one in $CC)"
         return None
+    _status["path"] = path
     lib.st_new.restype = _P
     lib.st_new.argtypes = [ctypes.c_int] * 8 + [_P] * 7
     lib.st_layer.restype = None
@@ -142,8 +201,18 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def prepare() -> str:
+    """Build (or find) the library now, e.g. at an app's start-up; one line saying what is ready."""
+    t0 = time.perf_counter()
+    lib = library()
+    if lib is None:
+        return f"compiled decoding step unavailable: {_status['error']}; the PyTorch step is used"
+    note = f"; {_status['note']}" if _status["note"] else ""
+    return f"compiled decoding step ready ({_status['path']}, {time.perf_counter() - t0:.1f} s{note})"
+
+
 def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | None:
-    """Why the fused step cannot run this model with these caches here (None: it can).
+    """Why the compiled step cannot run this model with these caches here (None: it can).
     The model is checked first, so that nothing is compiled for a model the step cannot run."""
     cfg = model.cfg
     param = next(model.parameters())
@@ -153,11 +222,10 @@ def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | Non
         return f"vocab and the feed-forward width must be multiples of {TILE}"
     if cfg.n_heads > MAX_HEADS:
         return f"at most {MAX_HEADS} heads"
-    if any(type(c) not in _KINDS for c in caches):
-        return "a cache kind it does not know"
+    if any(type(c.pattern) not in PATTERNS for c in caches):
+        return "a pattern it does not know"
     if library() is None:
-        return ("it is turned off (STS_FUSED_STEP=0)" if os.environ.get("STS_FUSED_STEP") == "0"
-                else f"it could not be built ({_build_error}; install a C compiler, or name one in $CC)")
+        return _status["error"]
     return None
 
 
@@ -168,8 +236,8 @@ def _pack(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     return w.view(out // TILE, TILE, inp).transpose(1, 2).contiguous(), linear.bias.detach().contiguous()
 
 
-class FusedStep:
-    """``self(prev, pos)`` -> logits [B, V] for one model, one batch and its caches (see the module notes).
+class CompiledStep(DecodeStep):
+    """The decoding step in C for one model, one batch and its caches (see the module notes).
 
     threads: default torch's thread count, at most d_model / 16 (the tiles of the smallest matrix).
     rows_per_pass: how many sequences :meth:`sample` steps together, or "auto" (the default: measured
@@ -181,7 +249,7 @@ class FusedStep:
                  threads: int | None = None, rows_per_pass: int | str = "auto"):
         reason = unavailable(model, caches)
         if reason:
-            raise ValueError(f"the fused decoding step is not available: {reason}")
+            raise ValueError(f"the compiled decoding step is not available: {reason}")
         lib, cfg, B = library(), model.cfg, caches[0].batch
         if threads is None:  # more threads than the smallest matrix has tiles would wait at every barrier
             threads = min(torch.get_num_threads(), cfg.d_model // TILE)
@@ -197,38 +265,30 @@ class FusedStep:
         head_w, head_b = _pack(model.head)
         keep = [d(model.tok_emb.weight), d(model.start), pos_emb.contiguous(), d(model.norm.weight),
                 d(model.norm.bias), head_w, head_b]
-        geometry = [self._geometry(c) for c in caches]
-        max_keys = max(g[4] for g in geometry)
+        max_keys = max(c.slots.keys for c in caches)
         handle = lib.st_new(B, cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.vocab, cfg.n_layers,
                             threads, max_keys, *(t.data_ptr() for t in keep))
         if not handle:
-            raise MemoryError("the fused decoding step could not allocate its buffers")
+            raise MemoryError("the compiled decoding step could not allocate its buffers")
         self._finalizer = weakref.finalize(self, lib.st_free, handle)
-        for i, (block, cache, (slots, rows, summary, lo, _)) in enumerate(zip(model.blocks, caches, geometry,
-                                                                               strict=True)):
+        for i, (block, cache) in enumerate(zip(model.blocks, caches, strict=True)):
             weights = [d(block.norm1.weight), d(block.norm1.bias), *_pack(block.attn.qkv), *_pack(block.attn.proj),
                        d(block.norm2.weight), d(block.norm2.bias), *_pack(block.ff.fc), *_pack(block.ff.proj)]
             keep += weights
             pointers = (_P * len(weights))(*(w.data_ptr() for w in weights))
-            lo = (ctypes.c_int * len(lo))(*lo) if lo else None
-            summaries = cache.summaries.data_ptr() if isinstance(cache, FixedCache) else None
-            lib.st_layer(handle, i, _KINDS[type(cache)], cache.kv.data_ptr(), summaries, slots, rows, summary, lo,
+            fixed = isinstance(cache, FixedCache)
+            lo = (ctypes.c_int * len(cache.lo))(*cache.lo) if fixed else None  # first summary column per head
+            slots = cache.slots
+            lib.st_layer(handle, i, cache.pattern.code, cache.kv.data_ptr(),
+                         cache.summaries.data_ptr() if fixed else None, slots.slots, slots.rows, slots.summary, lo,
                          pointers)
         keep += [t for c in caches for t in c.tensors()]
         self._keep, self._lib, self._handle = keep, lib, handle
         self.threads = lib.st_start(handle)  # fewer than asked if a worker could not start
 
-    @staticmethod
-    def _geometry(cache: LayerCache) -> tuple[int, int, int, list[int], int]:
-        """(slots, rows, summary, first summary column per head) as fused_step.c's Layer holds them, and
-        the most keys a query of the layer reads."""
-        if isinstance(cache, LocalCache):
-            return cache.slots, 0, 0, [], cache.slots
-        if isinstance(cache, StridedCache):
-            return cache.stride, cache.rows, 0, [], cache.rows
-        if isinstance(cache, FixedCache):
-            return cache.stride, cache.rows, cache.summary, cache.lo, cache.rows * cache.summary + cache.stride
-        return cache.seq_len, 0, 0, [], cache.seq_len
+    @property
+    def description(self) -> str:
+        return f"compiled C step (sampling/compiled_step.c), {self.threads} threads, rows per pass {self.tuned_rows}"
 
     def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
         """Logits [B, V] (float32) of position ``pos``; prev [B] int64 are the tokens at pos - 1 (None at 0)."""
@@ -245,23 +305,24 @@ class FusedStep:
             raise ValueError(f"prev tokens must be in [0, {self.vocab}), got {prev.tolist()}")
         return logits
 
-    def sample(self, tokens: torch.Tensor, uniforms: torch.Tensor, temperature: float, start: int,
+    def sample(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,
                stop: int) -> None:
-        """Sample tokens[:, start:stop] in place, one step per position, without returning to Python:
-        the inverse CDF of softmax(logits / temperature) at uniforms[:, pos] (temperature 0: argmax),
-        as models.sampler.choose_tokens without top-k / top-p. tokens [B, N] int64 and uniforms
-        [B, N] float32 on the CPU, rows contiguous; tokens[:, :start] are the tokens before start.
-        The rows run ``rows_per_pass`` at a time, each group through all the positions before the next
-        ("auto": see TUNE_STEPS). The tokens do not depend on the grouping."""
-        B = self.batch
+        """Sample tokens[:, start:stop] in place (see DecodeStep.sample). Without top-k / top-p every step
+        and draw runs in C without returning to Python: the inverse CDF of softmax(logits / temperature)
+        at uniforms[:, pos] (temperature 0: argmax), the rule of sampling.options.choose_tokens.
+        tokens [B, N] int64 and uniforms [B, N] float32 on the CPU, rows contiguous; tokens[:, :start]
+        are the tokens before start. The rows run ``rows_per_pass`` at a time, each group through all the
+        positions before the next ("auto": see TUNE_STEPS). The tokens do not depend on the grouping."""
+        if options.filters(self.vocab):
+            super().sample(tokens, uniforms, options, start, stop)
+            return
+        B, temperature = self.batch, options.temperature
         for name, t, dtype in (("tokens", tokens, torch.int64), ("uniforms", uniforms, torch.float32)):
             if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != B or t.stride(1) != 1:
                 raise ValueError(f"{name} must be a CPU {dtype} tensor [{B}, N] with contiguous rows, got "
                                  f"{t.dtype} {tuple(t.shape)} on {t.device}")
         if not 0 <= start <= stop <= min(self.seq_len, tokens.shape[1], uniforms.shape[1]):
             raise ValueError(f"positions [{start}, {stop}) must lie in the cache ({self.seq_len}) and the tensors")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if self.rows_per_pass != "auto":
             self._sample_rows(tokens, uniforms, temperature, start, stop, self.rows_per_pass)
             return

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codecs import IMAGE_SIZE, IMAGE_TOKENS, SAMPLE_RATE, image_to_tokens, mu_law_encode, tokens_to_image
-from .model import ModelConfig, SparseTransformer, check_int
-from .sampler import SamplingOptions, generate
+from models.checkpoint import model_kind
+from models.codecs import IMAGE_SIZE, IMAGE_TOKENS, SAMPLE_RATE, image_to_tokens, mu_law_encode, tokens_to_image
+from models.model import SparseTransformer, check_int
+
+from .options import SamplingOptions
+from .sampler import generate
 
 ROW_TOKENS = IMAGE_SIZE * 3  # tokens per image row
 
@@ -31,19 +34,6 @@ class MediaProgress:
     media: np.ndarray
     seconds: float
     finished: bool
-
-
-def card_kind(card: dict, cfg: ModelConfig) -> str:
-    """"image" or "audio": the card's codec kind when it names one, else from the config's shape."""
-    kind = (card.get("codec") or {}).get("kind")
-    if kind in ("image", "audio"):
-        return kind
-    return "image" if cfg.seq_len == IMAGE_TOKENS and cfg.pos_factors == (64, 64, 3) else "audio"
-
-
-def model_kind(model: SparseTransformer) -> str:
-    """"image" or "audio", from the card when the model has one, else from its shape."""
-    return card_kind(getattr(model, "card", None) or {}, model.cfg)
 
 
 def _check(model: SparseTransformer, kind: str, seeds: list[int], batch_size: int) -> None:

@@ -1,0 +1,218 @@
+"""The compiled decoding step: equal to the PyTorch step on any thread count and batch, its C sampling,
+rows per pass, argument checks, and how the library is built, cached and (never) loaded from elsewhere."""
+
+import os
+import stat
+import subprocess
+import tempfile
+
+import pytest
+import torch
+from helpers import needs_compiler, small_model
+
+from sampling import Decoder, SamplingOptions, choose_tokens
+from sampling import compiled_step as cs
+from sampling.compiled_step import CompiledStep, library, prepare
+
+pytestmark = needs_compiler
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """monkeypatch for the environment library() reads; the library is looked up afresh under it
+    (call library.cache_clear() after each change), and the normal one is restored afterwards."""
+    library.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    library.cache_clear()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 11])
+def test_compiled_step_on_any_thread_count_equals_the_pytorch_step(batch):
+    """Rows of every batch size go through each register-blocking case of the C matmul (8 rows where the CPU
+    has AVX-512, 4, 2 and 1 rows); the keys of each head are split across the threads and combined."""
+    model = small_model(pattern="strided")
+    tokens = torch.randint(0, 256, (batch, 60), generator=torch.Generator().manual_seed(4))
+    ref = Decoder(model, batch, 60, step="pytorch")
+    one, three = Decoder(model, batch, 60, step="pytorch"), Decoder(model, batch, 60, step="pytorch")
+    three.step = CompiledStep(model, three.caches, three.pos_emb, threads=3)
+    one.step = CompiledStep(model, one.caches, one.pos_emb, threads=1)
+    for pos in range(60):
+        prev = tokens[:, pos - 1] if pos else None
+        want = ref.step(prev, pos)
+        for decoder in (one, three):
+            torch.testing.assert_close(decoder.step(prev, pos), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_refuses_what_it_cannot_run(env):
+    model = small_model()
+    decoder = Decoder(model, 2, 40, step="compiled")
+    with pytest.raises(ValueError, match="prev tokens must be in \\[0, 256\\)"):
+        decoder.step(torch.tensor([3, 256]), 1)
+    with pytest.raises(ValueError, match="pos must be in \\[0, 40\\)"):
+        decoder.step(torch.tensor([3, 4]), 40)
+    with pytest.raises(ValueError, match="prev given exactly when pos > 0"):
+        decoder.step(None, 5)
+    with pytest.raises(ValueError, match="fp32 on the CPU"):
+        Decoder(small_model().to(torch.float64), 1, 40, step="compiled")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Decoder(small_model(vocab=250), 1, 40, step="compiled")
+    env.setenv("STS_FUSED_STEP", "0")
+    library.cache_clear()
+    assert not isinstance(Decoder(model, 1, 40).step, CompiledStep)
+    with pytest.raises(ValueError, match="turned off"):
+        Decoder(model, 1, 40, step="compiled")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temperature):
+    model = small_model(pattern="strided")
+    B, N = 3, 150
+    options = SamplingOptions(temperature)
+    uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(5)).clamp_(max=1 - 2**-24)
+    in_c = torch.zeros(B, N, dtype=torch.long)
+    Decoder(model, B, N, step="compiled").step.sample(in_c, uniforms, options, 0, N)  # "auto": 2 or 3 rows a pass
+    for rows_per_pass in (1, 3):
+        decoder, again = Decoder(model, B, N, step="compiled"), torch.zeros(B, N, dtype=torch.long)
+        decoder.step.rows_per_pass = rows_per_pass
+        decoder.step.sample(again, uniforms, options, 0, N)
+        assert torch.equal(again, in_c)
+    replay = Decoder(model, B, N, step="compiled")
+    in_python = torch.zeros(B, N, dtype=torch.long)
+    for pos in range(N):
+        logits = replay.step(in_python[:, pos - 1] if pos else None, pos)
+        in_python[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
+    assert torch.equal(in_c, in_python)
+    assert len(in_c.unique()) > (1 if temperature == 0 else 50)
+
+
+def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again_later(monkeypatch):
+    """"auto" runs 2, 4 and all 5 rows a pass on TUNE_STEPS positions each, keeps the fastest, and measures
+    again RETUNE_EVERY positions later; every position of every row is sampled once, as by a fixed grouping."""
+    monkeypatch.setattr("sampling.compiled_step.TUNE_STEPS", 4)
+    monkeypatch.setattr("sampling.compiled_step.RETUNE_EVERY", 40)
+    model = small_model(pattern="strided")
+    B, N = 5, 150
+    options = SamplingOptions()
+    uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(7))
+    fixed = torch.zeros(B, N, dtype=torch.long)
+    decoder = Decoder(model, B, N, step="compiled")
+    decoder.step.rows_per_pass = 5
+    decoder.step.sample(fixed, uniforms, options, 0, N)
+    step, calls = Decoder(model, B, N, step="compiled").step, []
+    assert step.rows_per_pass == "auto"
+    run = step._sample_rows
+    monkeypatch.setattr(step, "_sample_rows", lambda *a: (calls.append(a[3:]), run(*a)))
+    auto = torch.zeros(B, N, dtype=torch.long)
+    for start in range(0, N, 30):  # as generate() calls it: one report at a time
+        step.sample(auto, uniforms, options, start, min(N, start + 30))
+    assert torch.equal(auto, fixed)
+    assert [stop for _, stop, _ in calls[:-1]] == [start for start, _, _ in calls[1:]]  # each position once
+    assert (calls[0][0], calls[-1][1]) == (0, N)
+    tunes = [start for start, stop, rows in calls if stop - start == 4 and rows == 2]
+    assert tunes == [0, 60, 120]  # 3 x 4 positions; due again at 52 and 112, where fewer than 12 were left
+    assert [rows for _, _, rows in calls[:3]] == [2, 4, 5] and step.tuned_rows in (2, 4, 5)
+    one = Decoder(model, 1, N, step="compiled").step
+    one.sample(torch.zeros(1, N, dtype=torch.long), uniforms[:1].contiguous(), options, 0, N)
+    assert one.tuned_rows == 1  # one row: nothing to choose
+
+
+def test_c_sampling_refuses_bad_arguments():
+    step = Decoder(small_model(), 2, 40, step="compiled").step
+    options = SamplingOptions()
+    tokens, uniforms = torch.zeros(2, 40, dtype=torch.long), torch.rand(2, 40)
+    for bad_tokens, bad_uniforms, match in ((tokens.int(), uniforms, "tokens must be"),
+                                            (tokens[:1], uniforms, "tokens must be"),
+                                            (tokens, uniforms.double(), "uniforms must be"),
+                                            (tokens.t().contiguous().t(), uniforms, "contiguous rows")):
+        with pytest.raises(ValueError, match=match):
+            step.sample(bad_tokens, bad_uniforms, options, 0, 10)
+    with pytest.raises(ValueError, match="positions \\[5, 41\\)"):
+        step.sample(tokens, uniforms, options, 5, 41)
+    model = small_model()
+    for bad in (0, "fast", True, 2.0):
+        with pytest.raises(ValueError, match='rows_per_pass must be "auto" or an integer >= 1'):
+            CompiledStep(model, Decoder(model, 2, 40, step="pytorch").caches, torch.zeros(40, 64), rows_per_pass=bad)
+    tokens[1, 4] = 300
+    with pytest.raises(ValueError, match="before position 5"):
+        step.sample(tokens, uniforms, options, 5, 10)
+
+
+def test_library_is_built_once_into_a_private_folder_and_a_missing_or_failing_compiler_is_reported(env, tmp_path):
+    model = small_model()
+    env.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert "compiled decoding step ready" in prepare()
+    folder = tmp_path / "sparse-transformer-studio"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    built = list(folder.glob("compiled_step-*.so"))
+    assert len(built) == 1 and not stat.S_IMODE(built[0].stat().st_mode) & 0o022
+    library.cache_clear()
+    assert library() is not None  # the built library is reused
+    assert list(folder.glob("*")) == built
+    for cc, match in (("no-such-compiler", "no C compiler \\(no-such-compiler\\)"), ("false", "false")):
+        env.setenv("CC", cc)
+        library.cache_clear()
+        assert not isinstance(Decoder(model, 1, 40).step, CompiledStep)  # auto: the PyTorch step
+        with pytest.raises(ValueError, match=f"could not be built.*{match}"):
+            Decoder(model, 1, 40, step="compiled")
+        assert "unavailable" in prepare() and "PyTorch step" in prepare()
+
+
+def test_library_built_without_march_native_gives_the_same_logits(env, tmp_path):
+    """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code, with the
+    8-wide matmul tiles of CPUs without AVX-512 (blocks of 4 and 1 rows for a batch of 5)."""
+    cc = tmp_path / "cc-without-native"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && { echo "no native" >&2; exit 1; }; done\n'
+                  'exec cc "$@"\n')
+    cc.chmod(0o755)
+    env.setenv("CC", str(cc))
+    env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = small_model(pattern="strided")
+    tokens = torch.randint(0, 256, (5, 50), generator=torch.Generator().manual_seed(7))
+    plain, ref = Decoder(model, 5, 50, step="compiled"), Decoder(model, 5, 50, step="pytorch")
+    for pos in range(50):
+        prev = tokens[:, pos - 1] if pos else None
+        torch.testing.assert_close(plain.step(prev, pos), ref.step(prev, pos), rtol=1e-5, atol=1e-5)
+
+
+def _planted_library(path, marker):
+    """A shared library at ``path`` that creates the file ``marker`` as soon as it is loaded."""
+    source = path.with_suffix(".c")
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void planted(void) {\n'
+                      f'  FILE *f = fopen("{marker}", "w"); if (f) fclose(f);\n}}\n')
+    subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", str(source), "-o", str(path)], check=True)
+    source.unlink()
+
+
+def test_a_library_planted_in_a_shared_or_unsafe_folder_is_never_loaded(env, tmp_path):
+    """Plant a library of the expected name (it leaves a marker file when loaded) in the shared temp folder,
+    where an earlier version also looked, and in a cache folder that others can write to: neither is loaded;
+    the step is built into a private folder and runs."""
+    cc = os.environ.get("CC", "cc")
+    name = cs._library_name(cs.shutil.which(cc), cs._compiler_version(cs.shutil.which(cc)), cs.ARCH_FLAGS[0])
+    marker = tmp_path / "planted-library-was-loaded"
+    shared = tmp_path / "shared-tmp" / "sparse-transformer-studio"
+    shared.mkdir(parents=True)
+    _planted_library(shared / name, marker)
+    env.setattr(tempfile, "tempdir", str(tmp_path / "shared-tmp"))  # the shared temp folder of this test
+    unsafe = tmp_path / "xdg"
+    (unsafe / "sparse-transformer-studio").mkdir(parents=True)
+    _planted_library(unsafe / "sparse-transformer-studio" / name, marker)
+    os.chmod(unsafe / "sparse-transformer-studio", 0o777)  # anyone could have put the library there
+    env.setenv("XDG_CACHE_HOME", str(unsafe))
+    message = prepare()
+    assert "ready" in message and "can be written by others" in message, message
+    assert not marker.exists()
+    assert cs._status["path"].parent not in (shared, unsafe / "sparse-transformer-studio")
+    assert stat.S_IMODE(cs._status["path"].parent.stat().st_mode) == 0o700
+    model = small_model()
+    assert isinstance(Decoder(model, 1, 40).step, CompiledStep)
+    # a planted file in the user's own (private) folder is refused when others may write to the file itself
+    library.cache_clear()
+    private = tmp_path / "private"
+    env.setenv("XDG_CACHE_HOME", str(private))
+    (private / "sparse-transformer-studio").mkdir(parents=True, mode=0o700)
+    _planted_library(private / "sparse-transformer-studio" / name, marker)
+    os.chmod(private / "sparse-transformer-studio" / name, 0o666)
+    assert "can be written by others" in prepare()
+    assert not marker.exists()
