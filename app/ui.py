@@ -6,6 +6,7 @@ their place in the queue) instead of running several jobs into the device's memo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -17,6 +18,10 @@ from .handlers import CONTINUE, FROM_SCRATCH, MAX_SAMPLES, MAX_SEED, MAX_TEMPERA
 from .registry import Registry
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+# No outbound network: gradio reads its telemetry switch when it serves; the hub variables keep any hub
+# client offline (nothing here calls the hub). Set by launch(), before the server starts.
+OFFLINE_ENVIRONMENT = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                       "DO_NOT_TRACK": "1"}
 QUEUE_SIZE = 32  # jobs waiting at most; more are turned away with a message
 MAX_UPLOAD = "20mb"
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",  # system fonts: no requests to font hosts
@@ -200,6 +205,7 @@ def build_demo(registry: Registry) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> None:
     """Serve ``demo`` on host:port: queue on, no share link, bounded uploads, no telemetry."""
+    os.environ.update(OFFLINE_ENVIRONMENT)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
     demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
                 max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], theme=THEME, css=CSS, show_error=True,

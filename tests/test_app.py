@@ -247,11 +247,11 @@ def test_each_tab_has_a_model_selector_only_when_there_is_a_choice(checkpoints):
 
 
 def test_the_server_is_local_private_and_bounded(checkpoints, tmp_path):
-    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and os.environ["HF_HUB_OFFLINE"] == "1"
     demo = build_demo(Registry(checkpoints, torch.device("cpu")))
     port = free_port()
     launch(demo, "127.0.0.1", port, block=False)
     try:
+        assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and os.environ["HF_HUB_OFFLINE"] == "1"
         assert demo.server_name == "127.0.0.1" and demo.share is False and demo.analytics_enabled is False
         assert demo._queue.max_size == QUEUE_SIZE
         big = tmp_path / "big.png"
