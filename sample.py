@@ -29,10 +29,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from media.audio import AUDIO_TOKENS, SAMPLE_RATE, load_audio, save_wav
+from media.image import load_image
+from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model
-from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, load_audio, load_image, save_wav
 from models.completion import MediaProgress, complete_image, generate_audio, model_kind
-from models.figures import make_grid, masked_prompt
 from models.sampler import SamplingOptions, decoding_step
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}

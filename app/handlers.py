@@ -20,10 +20,11 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from media.audio import SAMPLE_RATE, load_audio, save_wav, tokens_to_audio
+from media.image import load_image
+from media.pictures import audio_picture, make_grid, masked_prompt
 from models import CheckpointError, SparseTransformer
-from models.codecs import SAMPLE_RATE, load_audio, load_image, save_wav, tokens_to_audio
 from models.completion import MediaProgress, complete_image, generate_audio
-from models.figures import audio_picture, make_grid, masked_prompt
 from models.sampler import SamplingOptions
 
 from .registry import Registry

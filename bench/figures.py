@@ -24,10 +24,11 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data.loader import open_dataset  # noqa: E402
+from media.audio import SAMPLE_RATE, save_wav, tokens_to_audio  # noqa: E402
+from media.image import tokens_to_image  # noqa: E402
+from media.pictures import GRID_GAP, audio_picture, make_grid, masked_prompt  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
-from models.codecs import SAMPLE_RATE, save_wav, tokens_to_audio, tokens_to_image  # noqa: E402
 from models.completion import complete_image, generate_audio, model_kind  # noqa: E402
-from models.figures import GRID_GAP, audio_picture, make_grid, masked_prompt  # noqa: E402
 
 PROMPT_ROWS = 32
 

@@ -30,8 +30,9 @@ from PIL import Image  # noqa: E402
 
 from bench.common import fmt, print_table, sig  # noqa: E402
 from data.loader import eval_batches, open_dataset  # noqa: E402
+from media.audio import SAMPLE_RATE  # noqa: E402
+from media.image import tokens_to_image  # noqa: E402
 from models.checkpoint import checkpoint_paths, load_model, update_card  # noqa: E402
-from models.codecs import SAMPLE_RATE, tokens_to_image  # noqa: E402
 from models.completion import model_kind  # noqa: E402
 from models.evaluate import sequence_bits  # noqa: E402
 

@@ -58,7 +58,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from models.codecs import SAMPLE_RATE, load_audio
+from media.audio import SAMPLE_RATE, load_audio
 
 from .loader import DESCRIPTION, hash_split, list_files
 

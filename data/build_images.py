@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # python data/build_images.py
 
 from data.imagenet64 import write_imagenet64_npz  # noqa: E402
 from data.loader import DESCRIPTION, check_fraction, hash_split  # noqa: E402
-from models.codecs import IMAGE_SIZE, load_image, to_rgb  # noqa: E402
+from media.image import IMAGE_SIZE, load_image, to_rgb  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.codecs import IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_TOKENS
+from media.image import IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_TOKENS
 
 from .loader import locate
 

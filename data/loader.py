@@ -19,6 +19,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from media.audio import AUDIO_TOKENS
+from media.image import IMAGE_TOKENS
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("image", "audio")
@@ -123,8 +126,6 @@ def open_dataset(kind: str, path: str | Path, split: str, seq_len: int | None = 
     kind "audio": a directory of audio files -> AudioFolder (seq_len default 65536).
     Extra keyword arguments go to the reader (cache_dir, val_fraction, seed, ...).
     """
-    from models.codecs import AUDIO_TOKENS, IMAGE_TOKENS
-
     from .audio_folder import AudioFolder
     from .image_folder import ImageFolder
     from .imagenet64 import ImageNet64

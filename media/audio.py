@@ -1,180 +1,25 @@
-"""Media <-> tokens: 64x64 RGB images and 12 kHz 8-bit mu-law audio, each as uint8 token sequences.
+"""12 kHz 8-bit mu-law audio <-> tokens, resampling, audio files in and 16-bit WAV files out.
 
-Images: [64, 64, 3] uint8 in raster order with the channel innermost (a plain reshape of HWC),
-so token (r * 64 + c) * 3 + ch is channel ch of pixel (r, c): 12,288 tokens.
 Audio: mono, 12 kHz, mu-law companded to 256 levels: one token per sample.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
-logger = logging.getLogger(__name__)
+from .tokens import VOCAB, as_token_array
 
-IMAGE_SIZE = 64
-IMAGE_CHANNELS = 3
-IMAGE_TOKENS = IMAGE_SIZE * IMAGE_SIZE * IMAGE_CHANNELS  # 12288
 SAMPLE_RATE = 12000
 AUDIO_TOKENS = 65536
-VOCAB = 256
 
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard of load_image
 RESAMPLE_ZERO_CROSSINGS = 16  # per side of the windowed-sinc kernel
 RESAMPLE_ROLLOFF = 0.99  # lowpass at rolloff * min(orig, new) / 2
 RESAMPLE_KAISER_BETA = 8.0  # Kaiser window; about 80 dB stopband
 _RESAMPLE_CHUNK = 1 << 20  # output samples per channel computed per conv call (bounds the im2col memory)
-
-
-# ---------------------------------------------------------------- tokens
-
-
-def _as_token_array(tokens: object, name: str = "tokens") -> np.ndarray:
-    """numpy/torch integer tokens in 0..255 -> uint8 numpy array (same shape)."""
-    if isinstance(tokens, torch.Tensor):
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor with values 0..255, got dtype {tokens.dtype}")
-        tokens = tokens.detach().cpu().numpy()
-    if not isinstance(tokens, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array or torch tensor of integers 0..255, "
-                         f"got {type(tokens).__name__}")
-    if tokens.dtype == np.uint8:
-        return tokens
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{name} must hold integers 0..255, got dtype {tokens.dtype}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() > VOCAB - 1):
-        raise ValueError(f"{name} values must be in 0..{VOCAB - 1}, got range {tokens.min()}..{tokens.max()}")
-    return tokens.astype(np.uint8)
-
-
-def image_to_tokens(img: np.ndarray) -> np.ndarray:
-    """uint8 image [64, 64, 3] (or a batch [B, 64, 64, 3]) -> uint8 tokens [12288] (or [B, 12288])."""
-    if not isinstance(img, np.ndarray):
-        raise ValueError(f"img must be a numpy array, got {type(img).__name__}")
-    if img.dtype != np.uint8:
-        raise ValueError(f"img must be uint8, got dtype {img.dtype} (use load_image to convert media)")
-    shape = (IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
-    if img.ndim not in (3, 4) or img.shape[-3:] != shape:
-        raise ValueError(f"img must be [64, 64, 3] or [B, 64, 64, 3], got shape {img.shape}")
-    return np.ascontiguousarray(img).reshape(*img.shape[:-3], IMAGE_TOKENS)
-
-
-def tokens_to_image(tokens: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Tokens [12288] (or [B, 12288]), integers 0..255, numpy or torch -> uint8 image [64, 64, 3] (or batch)."""
-    t = _as_token_array(tokens)
-    if t.ndim not in (1, 2) or t.shape[-1] != IMAGE_TOKENS:
-        raise ValueError(f"tokens must be [{IMAGE_TOKENS}] or [B, {IMAGE_TOKENS}], got shape {t.shape}")
-    return np.ascontiguousarray(t).reshape(*t.shape[:-1], IMAGE_SIZE, IMAGE_SIZE, IMAGE_CHANNELS)
-
-
-# ---------------------------------------------------------------- images
-
-
-def _check_pixels(w: int, h: int, what: str) -> None:
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{what} is {w}x{h} = {w * h:,} pixels, more than the limit of "
-                         f"{MAX_IMAGE_PIXELS:,} (decompression-bomb guard)")
-    if w < 1 or h < 1:
-        raise ValueError(f"{what} is empty ({w}x{h})")
-
-
-def _composite_on_white(im: Image.Image) -> Image.Image:
-    """RGBA -> RGB with the alpha composited on a white background."""
-    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-    return Image.alpha_composite(bg, im).convert("RGB")
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB (alpha on white; 16-bit and float greyscale scaled to 8 bits)."""
-    mode = im.mode
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in im.info):
-        return _composite_on_white(im.convert("RGBA"))
-    if mode == "RGB":
-        return im
-    if mode.startswith("I") or mode == "F":
-        a = np.asarray(im)
-        if mode == "F":
-            a = a.astype(np.float64)
-            a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
-            a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else a
-        elif mode.startswith("I;16") or (a.size and a.max() > 255):
-            a = a.astype(np.float64) / 257.0  # 16-bit range 0..65535 -> 0..255
-        a8 = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-        return Image.fromarray(a8, "L").convert("RGB")
-    return im.convert("RGB")
-
-
-def _from_array(a: np.ndarray) -> Image.Image:
-    if a.dtype != np.uint8:
-        raise ValueError(f"image array must be uint8, got dtype {a.dtype}")
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(a), "L")
-    if a.ndim == 3 and a.shape[2] in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(a), "RGB" if a.shape[2] == 3 else "RGBA")
-    raise ValueError(f"image array must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got shape {a.shape}")
-
-
-def _square_resize(im: Image.Image, size: int) -> np.ndarray:
-    """Centre crop to a square, box-resample to size x size, uint8 [size, size, 3]."""
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    out = to_rgb(im).resize((size, size), Image.Resampling.BOX, box=(left, top, left + s, top + s))
-    a = np.array(out, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
-    return np.ascontiguousarray(a.reshape(size, size, 3))
-
-
-def load_image(source: str | Path | Image.Image | np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Any image -> uint8 [size, size, 3]: EXIF orientation, centre square crop, box resample.
-
-    source: a path to any file Pillow reads (any mode: alpha is composited on white, 16-bit
-      greyscale scaled to 8 bits, CMYK/palette converted), a PIL image, or a uint8 array
-      [H, W], [H, W, 1|3|4]. Images over 64 million pixels are refused (decompression bombs).
-      Large JPEGs are decoded at a reduced DCT scale that keeps at least 4 * size pixels on the
-      short side, which is much faster and indistinguishable after the box downsample.
-    Raises ValueError for unreadable or corrupt files, naming the path.
-    """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    if isinstance(source, np.ndarray):
-        if source.ndim >= 2:
-            _check_pixels(source.shape[1], source.shape[0], "image array")
-        return _square_resize(_from_array(source), size)
-    if isinstance(source, Image.Image):
-        _check_pixels(*source.size, "image")
-        try:
-            return _square_resize(ImageOps.exif_transpose(source), size)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise ValueError(f"cannot convert image: {e}") from e
-    if not isinstance(source, (str, Path)):
-        raise ValueError(f"source must be a path, PIL image or numpy array, got {type(source).__name__}")
-    path = Path(source)
-    if not path.is_file():
-        raise ValueError(f"cannot read image {path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                _check_pixels(*im.size, "it")
-                if im.format == "JPEG":
-                    w, h = im.size
-                    k = 4 * size / min(w, h)
-                    im.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return _square_resize(im, size)
-    except (Image.DecompressionBombError, ValueError, OSError, SyntaxError, EOFError, TypeError, KeyError,
-            IndexError, struct.error) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 # ---------------------------------------------------------------- mu-law
@@ -206,7 +51,7 @@ def mu_law_encode(x: np.ndarray, mu: int = 255) -> np.ndarray:
 def mu_law_decode(tokens: np.ndarray | torch.Tensor, mu: int = 255) -> np.ndarray:
     """uint8 levels 0..mu -> float32 samples in [-1, 1] (inverse of mu_law_encode up to quantisation)."""
     mu = _check_mu(mu)
-    t = _as_token_array(tokens)
+    t = as_token_array(tokens)
     if t.size and t.max() > mu:
         raise ValueError(f"tokens must be in 0..{mu} for mu={mu}, got max {t.max()}")
     y = t.astype(np.float64) * (2.0 / mu) - 1.0
