@@ -791,9 +791,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.exit("fluidsynth not found (apt-get install fluidsynth)")
     if args.recordings is not None and not args.recordings.is_dir():
         sys.exit(f"--recordings {args.recordings} is not a folder")
-    import torch
-
-    torch.set_num_threads(max(1, args.workers))
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / ".tmp", ignore_errors=True)  # render scratch of an interrupted run
     for stale in out.rglob(".*.tmp*"):  # half-written files of an interrupted run

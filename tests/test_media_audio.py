@@ -100,6 +100,32 @@ def test_resample_sine_44100_to_12000():
     assert np.abs(y - want)[200:-200].max() < 0.005  # phase kept: sample j is time j / new_sr
 
 
+@pytest.mark.parametrize("orig_sr, new_sr", [(44100, 12000), (48000, 12000), (22050, 12000), (12000, 44100),
+                                              (8000, 12000), (12000, 48000)])
+def test_resample_sine_keeps_frequency_and_level(orig_sr, new_sr):
+    x = _tone(440, orig_sr, 1.0)
+    y = resample(x, orig_sr, new_sr)
+    assert y.dtype == np.float32 and y.shape == (math.ceil(len(x) * new_sr / orig_sr),)
+    spec = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    assert abs(np.argmax(spec) * new_sr / len(y) - 440) <= new_sr / len(y)  # the peak within one bin
+    mid = y[len(y) // 10: -len(y) // 10].astype(np.float64)
+    rms_in = np.sqrt(np.mean(x[len(x) // 10: -len(x) // 10].astype(np.float64) ** 2))
+    assert abs(np.sqrt(np.mean(mid**2)) / rms_in - 1) < 0.01  # the level within 1 %
+
+
+def test_resample_inputs_keep_their_contract():
+    x = RNG.standard_normal((3, 999)).astype(np.float64)
+    y = resample(torch.from_numpy(x), 44100, 12000)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == (3, math.ceil(999 * 12000 / 44100))
+    np.testing.assert_allclose(y[2], resample(x[2].astype(np.float32), 44100, 12000), atol=1e-6)
+    assert resample(np.arange(10, dtype=np.int16), 8000, 16000).dtype == np.float32
+    assert resample(np.zeros((2, 0), np.float32), 8000, 12000).shape == (2, 0)
+    with pytest.raises(ValueError, match="float"):
+        resample(np.array(["a", "b"]), 8000, 12000)
+    with pytest.raises(ValueError, match="orig_sr"):
+        resample(x, True, 12000)
+
+
 def test_resample_band_limit():
     y5 = resample(_tone(5000, 24000, 1.0), 24000, 12000)
     assert abs(_amplitude_db(y5)) < 0.09  # within 1 %
