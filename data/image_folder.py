@@ -11,7 +11,8 @@ from PIL import Image
 
 from media.image import IMAGE_TOKENS, MAX_IMAGE_PIXELS, image_to_tokens, load_image
 
-from .loader import check_fraction, check_split, hash_split, list_files
+from .files import list_files
+from .splits import check_fraction, check_split, hash_split
 
 logger = logging.getLogger(__name__)
 
