@@ -29,9 +29,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from media.audio import AUDIO_TOKENS, SAMPLE_RATE, load_audio, save_wav
+from media.image import load_image
+from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model, model_kind
-from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, load_audio, load_image, save_wav
-from models.figures import make_grid, masked_prompt
 from sampling import MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}

@@ -20,9 +20,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from media.audio import SAMPLE_RATE, load_audio, save_wav, tokens_to_audio
+from media.image import load_image
+from media.pictures import audio_picture, make_grid, masked_prompt
 from models import CheckpointError, SparseTransformer
-from models.codecs import SAMPLE_RATE, load_audio, load_image, save_wav, tokens_to_audio
-from models.figures import audio_picture, make_grid, masked_prompt
 from sampling import MediaProgress, SamplingOptions, complete_image, generate_audio
 
 from .registry import Registry

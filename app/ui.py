@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from models.codecs import SAMPLE_RATE
+from media.audio import SAMPLE_RATE
 
 from .cards import card_markdown, layout_picture
 from .handlers import CONTINUE, FROM_SCRATCH, MAX_SAMPLES, MAX_SEED, MAX_TEMPERATURE, Studio, crop_preview

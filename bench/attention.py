@@ -1,6 +1,6 @@
 """Benchmark the block-sparse attention kernels on the Sparse Transformer's local + strided "pair".
 
-Run: ``python bench/attention.py [--quick] [--ns 3072,12288,65536] [--no-flex] [--repeats R]``.
+Run: ``python -m bench.attention [--quick] [--ns 3072,12288,65536] [--no-flex] [--repeats R]``.
 Prints readable tables; the LAST line printed is one line of JSON with the headline figures.
 
 What is measured (CPU, always; B=1, H=4, D=64, float32, causal):
@@ -33,18 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     CpuContention,
     cpu_name,
     error_text,
@@ -54,7 +50,7 @@ from bench.common import (  # noqa: E402
     ratio,
     sig,
 )
-from kernels import attention, make_layout  # noqa: E402
+from kernels import attention, make_layout
 
 B, H, D = 1, 4, 64  # CPU problem: batch, heads, head dim
 CPU_BLOCKS = (32, 64)

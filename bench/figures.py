@@ -1,6 +1,6 @@
 """The README's pictures of the shipped models: completions of validation images and audio spectrograms.
 
-Run: ``python bench/figures.py [--checkpoints DIR | --checkpoint PATH ...] [--out docs] [--images 4]
+Run: ``python -m bench.figures [--checkpoints DIR | --checkpoint PATH ...] [--out docs] [--images 4]
 [--samples 3] [--clips 2] [--seconds 2]``.
 
 Image: ``--images`` validation images of the model's data (items 0, len(val) / images, ...), each as
@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data.loader import open_dataset  # noqa: E402
-from models import model_kind  # noqa: E402
-from models.checkpoint import load_model  # noqa: E402
-from models.codecs import SAMPLE_RATE, save_wav, tokens_to_audio, tokens_to_image  # noqa: E402
-from models.figures import GRID_GAP, audio_picture, make_grid, masked_prompt  # noqa: E402
-from sampling import complete_image, generate_audio  # noqa: E402
+from data.loader import open_dataset
+from media.audio import SAMPLE_RATE, save_wav, tokens_to_audio
+from media.image import tokens_to_image
+from media.pictures import GRID_GAP, audio_picture, make_grid, masked_prompt
+from models import model_kind
+from models.checkpoint import load_model
+from sampling import complete_image, generate_audio
 
 PROMPT_ROWS = 32
 

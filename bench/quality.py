@@ -1,6 +1,6 @@
 """Held-out quality of each checkpoint next to lossless codecs on the very same validation data.
 
-Run: ``python bench/quality.py [--checkpoints DIR | --checkpoint PATH ...] [--data PATH] [--items N]
+Run: ``python -m bench.quality [--checkpoints DIR | --checkpoint PATH ...] [--data PATH] [--items N]
 [--update-card]``. Prints a table per model; the LAST line printed is one line of JSON.
 
 Images: the model's bits per sub-pixel (bits/dim) on the validation split of its training data, next
@@ -17,23 +17,21 @@ import argparse
 import io
 import json
 import math
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import soundfile as sf
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import soundfile as sf  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from bench.common import fmt, print_table, sig  # noqa: E402
-from data.loader import eval_batches, open_dataset  # noqa: E402
-from models import model_kind  # noqa: E402
-from models.checkpoint import checkpoint_paths, load_model, update_card  # noqa: E402
-from models.codecs import SAMPLE_RATE, tokens_to_image  # noqa: E402
-from models.evaluate import sequence_bits  # noqa: E402
+from bench.common import fmt, print_table, sig
+from data.loader import eval_batches, open_dataset
+from media.audio import SAMPLE_RATE
+from media.image import tokens_to_image
+from models import model_kind
+from models.checkpoint import checkpoint_paths, load_model, update_card
+from models.evaluate import sequence_bits
 
 
 def png_bits(image: np.ndarray) -> int:
@@ -135,7 +133,7 @@ def main() -> None:
                 "split": "val", "items": r["items"], "unit": r["unit"], "model": sig(r["model"]),
                 "codecs": {k: sig(v) for k, v in r["codecs"].items()}, "data": r["data"],
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                "command": "python bench/quality.py --update-card" + (f" --items {a.items}" if a.items else "")}})
+                "command": "python -m bench.quality --update-card" + (f" --items {a.items}" if a.items else "")}})
         results.append({k: sig(v) if isinstance(v, float) and math.isfinite(v) else v for k, v in r.items()})
     print(json.dumps(results))
 

@@ -1,6 +1,6 @@
 """Benchmark sampling: tokens/s at batch 1 and 8, a half-image completion, a 65,536-sample clip.
 
-Run: ``python bench/sample.py [--quick] [--checkpoints DIR]``. Prints a table per model; the LAST
+Run: ``python -m bench.sample [--quick] [--checkpoints DIR]``. Prints a table per model; the LAST
 line printed is one line of JSON.
 
 Models: every checkpoint in --checkpoints; when there is none of a kind, the named config the
@@ -28,18 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from bench.common import CpuContention, cpu_name, fmt, print_table, sig  # noqa: E402
-from models import SparseTransformer, config_for, load_card, load_model, model_kind  # noqa: E402
-from models.flops import device_peak_flops, matmul_parameters  # noqa: E402
-from sampling import Decoder, SamplingOptions, generate  # noqa: E402
+from bench.common import CpuContention, cpu_name, fmt, print_table, sig
+from models import SparseTransformer, config_for, load_card, load_model, model_kind
+from models.flops import device_peak_flops, matmul_parameters
+from sampling import Decoder, SamplingOptions, generate
 
 STEPS, RUNS = 256, 3
 

@@ -1,6 +1,6 @@
 """Benchmark training throughput: tokens/s, seconds per 64x64 image, model FLOP utilisation.
 
-Run: ``python bench/train.py [--quick] [--configs small,image-cpu] [--repeats R]``.
+Run: ``python -m bench.train [--quick] [--configs small,image-cpu] [--repeats R]``.
 Prints a table; the LAST line printed is one line of JSON with the figures.
 
 Each row times full optimizer steps of train.py's pieces (forward, cross-entropy, backward,
@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import CpuContention, cpu_name, fmt, median_time, print_table, sig  # noqa: E402
-from models import SparseTransformer, config_for  # noqa: E402
-from models.flops import device_peak_flops, matmul_parameters, training_flops_per_sequence  # noqa: E402
+from bench.common import CpuContention, cpu_name, fmt, median_time, print_table, sig
+from models import SparseTransformer, config_for
+from models.flops import device_peak_flops, matmul_parameters, training_flops_per_sequence
 from train import autocast, make_optimizer  # noqa: E402
 
 CPU_VARIANTS = (("bf16", True), ("bf16", False), ("fp32", True))

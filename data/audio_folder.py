@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.codecs import AUDIO_TOKENS, SAMPLE_RATE, audio_to_tokens, load_audio
+from media.audio import AUDIO_TOKENS, SAMPLE_RATE, audio_to_tokens, load_audio
 
-from .loader import check_fraction, check_split, hash_split, list_files, locate
+from .files import list_files, locate
+from .splits import check_fraction, check_split, hash_split
 
 logger = logging.getLogger(__name__)
 

@@ -58,9 +58,11 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from models.codecs import SAMPLE_RATE, load_audio
+from media.audio import SAMPLE_RATE, load_audio
 
-from .loader import DESCRIPTION, hash_split, list_files
+from .files import list_files
+from .loader import DESCRIPTION
+from .splits import hash_split
 
 logger = logging.getLogger("data.build_audio")
 
@@ -649,7 +651,7 @@ class State:
             f["split"] = hash_split(rel, 0.05, 0)
             files.append(f)
         return {"root": "audio", "sample_rate": SAMPLE_RATE, "format": "FLAC, 16-bit PCM, mono",
-                "split": "data.loader.hash_split(path relative to audio/, val_fraction, seed); 'split' below is "
+                "split": "data.splits.hash_split(path relative to audio/, val_fraction, seed); 'split' below is "
                          "for AudioFolder's defaults val_fraction=0.05, seed=0",
                 "runs": self.runs, "files": files}
 
@@ -717,7 +719,7 @@ def write_readme(out: Path, state: State, soundfonts: Sequence[Path]) -> None:
         "## Split",
         "",
         "AudioFolder assigns each file to train or val by a stable hash of its path relative to audio/",
-        "(`data.loader.hash_split`, default val_fraction=0.05, seed=0). One file is one piece (a movement",
+        "(`data.splits.hash_split`, default val_fraction=0.05, seed=0). One file is one piece (a movement",
         "or a chorale), so the split is by piece; adding files moves no others. manifest.json lists the",
         "split of each file under those defaults.",
         "",
@@ -791,9 +793,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.exit("fluidsynth not found (apt-get install fluidsynth)")
     if args.recordings is not None and not args.recordings.is_dir():
         sys.exit(f"--recordings {args.recordings} is not a folder")
-    import torch
-
-    torch.set_num_threads(max(1, args.workers))
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / ".tmp", ignore_errors=True)  # render scratch of an interrupted run
     for stale in out.rglob(".*.tmp*"):  # half-written files of an interrupted run

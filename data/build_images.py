@@ -33,12 +33,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # python data/build_images.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from media.image import IMAGE_SIZE, load_image, to_rgb
 
-from data.imagenet64 import write_imagenet64_npz  # noqa: E402
-from data.loader import DESCRIPTION, check_fraction, hash_split  # noqa: E402
-from models.codecs import IMAGE_SIZE, load_image, to_rgb  # noqa: E402
+from .imagenet64 import write_imagenet64_npz
+from .loader import DESCRIPTION
+from .splits import check_fraction, hash_split
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.codecs import IMAGE_TOKENS, MAX_IMAGE_PIXELS, image_to_tokens, load_image
+from media.image import IMAGE_TOKENS, MAX_IMAGE_PIXELS, image_to_tokens, load_image
 
-from .loader import check_fraction, check_split, hash_split, list_files
+from .files import list_files
+from .splits import check_fraction, check_split, hash_split
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _valid_image(path: Path) -> str | None:
 class ImageFolder:
     """Every image Pillow reads under ``path`` (recursive; hidden files and folders ignored), as uint8 [12288].
 
-    Each image goes through models.codecs.load_image (EXIF orientation, centre crop, box resample to
+    Each image goes through media.image.load_image (EXIF orientation, centre crop, box resample to
     64x64) and image_to_tokens. The train/val split is a stable hash of (seed, relative path), so adding
     files never moves existing ones across it. Files failing the validating scan at construction are
     skipped (counted in ``skipped``, logged); one failing later is replaced by the next good item.

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from models.codecs import IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_TOKENS
+from media.image import IMAGE_CHANNELS, IMAGE_SIZE, IMAGE_TOKENS
 
-from .loader import locate
+from .files import locate
+from .splits import check_split
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 TRAIN_PATTERNS = ("Imagenet64_train_part*.npz", "train_data_batch_*.npz")
 VAL_PATTERNS = ("val_data.npz", "val_data_batch_*.npz", "Imagenet64_val*.npz")
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
@@ -36,8 +36,7 @@ def _natural_key(p: Path) -> tuple:
 
 def find_parts(path: str | Path, split: str) -> list[Path]:
     """The npz files of ``split`` under directory ``path`` (natural order), or [path] for an .npz file."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split)
     path = Path(path)
     if path.is_file():
         return [path]

@@ -7,11 +7,9 @@ A dataset has ``__len__()``, ``__getitem__(i) -> np.ndarray uint8 [seq_len]``, a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import operator
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -19,10 +17,17 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from media.audio import AUDIO_TOKENS
+from media.image import IMAGE_TOKENS
+
+from .audio_folder import AudioFolder
+from .image_folder import ImageFolder
+from .imagenet64 import ImageNet64
+from .splits import check_split
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("image", "audio")
-SPLITS = ("train", "val")
 DESCRIPTION = "dataset.json"  # what a builder in data/ says about the data set it wrote
 
 
@@ -39,36 +44,6 @@ class TokenDataset(Protocol):
     def __getitem__(self, i: int) -> np.ndarray: ...
 
 
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return split
-
-
-def check_fraction(val_fraction: float) -> float:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction <= 1:
-        raise ValueError(f"val_fraction must be a number in [0, 1], got {val_fraction!r}")
-    return float(val_fraction)
-
-
-def hash_split(relpath: str, val_fraction: float, seed: int = 0) -> str:
-    """"val" or "train" for a file, from a stable hash of (seed, relative path): adding files moves no others."""
-    h = hashlib.sha1(f"{seed}:{relpath}".encode()).digest()
-    return "val" if int.from_bytes(h[:8], "big") / 2.0**64 < val_fraction else "train"
-
-
-def list_files(root: str | Path) -> list[str]:
-    """Relative POSIX paths of all regular files under ``root`` (recursive, sorted), hidden ones excluded."""
-    root = Path(root)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.isfile(os.path.join(dirpath, name)):
-                out.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(out)
-
-
 def dataset_description(path: str | Path) -> dict | None:
     """The ``dataset.json`` a builder (data/build_images.py, data/build_audio.py) wrote: name, builder,
     sources, licences, size. Looked for in the data folder and then in the folder above it (build_audio
@@ -82,19 +57,6 @@ def dataset_description(path: str | Path) -> dict | None:
                 return None
             return description if isinstance(description, dict) else None
     return None
-
-
-def locate(ends: np.ndarray, i: int, what: str) -> tuple[int, int, int]:
-    """Item ``i`` of a concatenation whose parts end at cumulative counts ``ends`` ->
-    (part, offset inside it, i made non-negative). Negative i counts from the end."""
-    n = int(ends[-1]) if len(ends) else 0
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-        raise TypeError(f"index must be an int, got {type(i).__name__}")
-    i = int(i) + n if i < 0 else int(i)
-    if not 0 <= i < n:
-        raise IndexError(f"index {i} out of range for {n} {what}")
-    k = int(np.searchsorted(ends, i, side="right"))
-    return k, i - (int(ends[k - 1]) if k else 0), i
 
 
 def _check_int(name: str, v: object, lo: int) -> int:
@@ -123,12 +85,6 @@ def open_dataset(kind: str, path: str | Path, split: str, seq_len: int | None = 
     kind "audio": a directory of audio files -> AudioFolder (seq_len default 65536).
     Extra keyword arguments go to the reader (cache_dir, val_fraction, seed, ...).
     """
-    from models.codecs import AUDIO_TOKENS, IMAGE_TOKENS
-
-    from .audio_folder import AudioFolder
-    from .image_folder import ImageFolder
-    from .imagenet64 import ImageNet64
-
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     check_split(split)

@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .codecs import IMAGE_TOKENS
+from media.image import IMAGE_TOKENS
+
 from .model import ModelConfig, SparseTransformer
 
 FORMAT = "sparse-transformer-studio/1"

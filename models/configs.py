@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .codecs import AUDIO_TOKENS, IMAGE_TOKENS, SAMPLE_RATE
+from media.audio import AUDIO_TOKENS, SAMPLE_RATE
+from media.image import IMAGE_TOKENS
+
 from .model import ModelConfig
 
 KINDS = ("image", "audio")

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from media.audio import SAMPLE_RATE, mu_law_encode
+from media.image import IMAGE_SIZE, IMAGE_TOKENS, image_to_tokens, tokens_to_image
 from models.checkpoint import model_kind
-from models.codecs import IMAGE_SIZE, IMAGE_TOKENS, SAMPLE_RATE, image_to_tokens, mu_law_encode, tokens_to_image
 from models.model import SparseTransformer, check_int
 
 from .options import SamplingOptions
@@ -65,11 +66,11 @@ def _batched(model, prompt: np.ndarray, length: int, seeds: list[int], options: 
 def complete_image(model: SparseTransformer, image: np.ndarray, prompt_rows: int, seeds: list[int],
                    options: SamplingOptions | None = None, batch_size: int = 8, report_rows: int = 4
                    ) -> Iterator[MediaProgress]:
-    """Keep rows 0..prompt_rows-1 of ``image`` (uint8 [64, 64, 3], e.g. from codecs.load_image) and sample
+    """Keep rows 0..prompt_rows-1 of ``image`` (uint8 [64, 64, 3], e.g. from media.image.load_image) and sample
     the rest, once per seed. The prompt rows of every completion are bit-identical to the image's."""
     _check(model, "image", seeds, batch_size)
     if not isinstance(image, np.ndarray) or image.shape != (64, 64, 3) or image.dtype != np.uint8:
-        raise ValueError("image must be uint8 [64, 64, 3] (use models.codecs.load_image)")
+        raise ValueError("image must be uint8 [64, 64, 3] (use media.image.load_image)")
     check_int("prompt_rows", prompt_rows, 0, IMAGE_SIZE - 1)
     check_int("report_rows", report_rows, 1)
     prompt = image_to_tokens(image)[: prompt_rows * ROW_TOKENS]
@@ -90,7 +91,7 @@ def generate_audio(model: SparseTransformer, length: int, seeds: list[int], prom
                    options: SamplingOptions | None = None, batch_size: int = 8,
                    report_every: int = SAMPLE_RATE // 2) -> Iterator[MediaProgress]:
     """Sample ``length`` mu-law tokens per seed (12 kHz), from scratch or continuing ``prompt``
-    (float32 audio at 12 kHz, e.g. codecs.load_audio; the last part that leaves room to generate is used).
+    (float32 audio at 12 kHz, e.g. media.audio.load_audio; the last part that leaves room to generate is used).
     ``media`` holds the prompt followed by the continuation, uint8 [n, T] (not yet sampled: 0)."""
     _check(model, "audio", seeds, batch_size)
     context = model.cfg.seq_len

@@ -24,7 +24,8 @@ import app.handlers
 from app.cards import card_markdown
 from app.registry import Registry
 from app.ui import EXAMPLES, QUEUE_SIZE, build_demo, launch
-from models.codecs import load_audio, load_image, mu_law_encode, tokens_to_pcm16
+from media.audio import load_audio, mu_law_encode, tokens_to_pcm16
+from media.image import load_image
 
 ROWS = 60  # prompt rows: 4 rows (768 tokens) to sample per image
 HOUSE = EXAMPLES / "house.png"

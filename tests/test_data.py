@@ -151,7 +151,7 @@ def test_image_folder_reads_and_skips(tmp_path, caplog):
     assert len(ds) == 4 and ds.skipped == 2 and ds.kind == "image" and ds.seq_len == 12288
     assert "broken.png" in caplog.text and "notes.txt" in caplog.text
     assert ds.files == ["a.png", "b.jpg", "sub/c.bmp", "sub/deeper/d.gif"]
-    from models.codecs import image_to_tokens, load_image
+    from media.image import image_to_tokens, load_image
 
     np.testing.assert_array_equal(ds[0], image_to_tokens(load_image(tmp_path / "a.png")))
     for i in range(4):

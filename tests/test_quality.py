@@ -1,4 +1,4 @@
-"""Held-out bits (models.evaluate) and the quality benchmark against lossless codecs (bench/quality.py)."""
+"""Held-out bits (models.evaluate) and the quality benchmark against lossless codecs (bench.quality)."""
 
 import json
 import math
@@ -51,9 +51,9 @@ def test_the_benchmark_compares_a_checkpoint_with_codecs_and_updates_its_card(tm
     torch.manual_seed(0)
     save_model(SparseTransformer(config_for("image", "tiny")), tmp_path / "ck" / "img",
                {"codec": codec_card("image"), "data": {"path": str(tmp_path / "data")}})
-    command = [sys.executable, str(ROOT / "bench" / "quality.py"), "--checkpoint", str(tmp_path / "ck" / "img"),
+    command = [sys.executable, "-m", "bench.quality", "--checkpoint", str(tmp_path / "ck" / "img"),
                "--items", "2", "--update-card"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])[0]
     assert result["items"] == 2 and result["unit"] == "bits/dim" and set(result["codecs"]) == {"PNG", "WebP lossless"}

@@ -16,10 +16,10 @@ from helpers import tiny_checkpoint
 from PIL import Image
 
 import sample
+from media.image import load_image
+from media.pictures import LINE_COLOR
 from models import load_model
 from models.checkpoint import checkpoint_paths
-from models.codecs import load_image
-from models.figures import LINE_COLOR
 from sampling import decoding_step
 
 ROWS = 60  # prompt rows: 4 rows (768 tokens) to sample per image keeps the image runs well under a second

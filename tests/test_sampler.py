@@ -194,7 +194,7 @@ def test_audio_generation_from_scratch_and_from_a_prompt():
     prompt = (0.5 * np.sin(np.arange(2000) / 7)).astype(np.float32)
     cont = list(generate_audio(model, 300, [1], prompt=prompt))[-1].media
     assert cont.shape == (1, 1024)  # the last 724 prompt samples + 300 new ones
-    from models.codecs import mu_law_encode
+    from media.audio import mu_law_encode
 
     assert (cont[0, :724] == mu_law_encode(prompt)[-724:]).all()
     with pytest.raises(ValueError, match="length"):

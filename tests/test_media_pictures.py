@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.figures import LINE_COLOR, PENDING, PROMPT_WAVE, SAMPLED_WAVE, audio_picture, make_grid, masked_prompt
+from media.pictures import LINE_COLOR, PENDING, PROMPT_WAVE, SAMPLED_WAVE, audio_picture, make_grid, masked_prompt
 
 
 def test_grid_wraps_tiles_into_rows_with_the_prompt_line_in_each():

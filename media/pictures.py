@@ -1,5 +1,5 @@
-"""Pictures of samples, shared by sample.py and the web app: the paper-style completion grid
-(prompt | completions | original, enlarged with nearest neighbour, a line where the prompt ends)
+"""Pictures of samples, shared by sample.py, the web app and bench/figures.py: the paper-style completion
+grid (prompt | completions | original, enlarged with nearest neighbour, a line where the prompt ends)
 and a waveform + spectrogram of a clip with its prompt and continuation told apart.
 """
 
