@@ -45,6 +45,7 @@ from models import (
     load_model,
     save_model,
 )
+from models.checkpoint import atomic_path
 from models.completion import card_kind
 from models.evaluate import sequence_bits
 from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
@@ -306,15 +307,8 @@ class EMA:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """torch.save to a temporary file in the same folder, fsync, rename: a kill never leaves half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def _state_dict_options(full: bool, **kw):
