@@ -329,6 +329,35 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
+class OpensAFile:
+    """Unpickling this calls open(path, "w"): a stand-in for what a hostile state.pt could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_resume_reads_state_as_tensors_and_plain_data_and_refuses_pickled_objects(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *FAST, "--steps", "2", "--eval-every", "0",
+            "--ema", "0.9"]
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    state = torch.load(run / "state.pt", weights_only=True)  # what a run writes needs no unpickling of objects
+    assert state["step"] == 1 and state["ema"]["decay"] == 0.9
+    resume = ["image", "--data", str(images), "--out", str(run), "--resume", "--quiet"]
+    marker = tmp_path / "unpickled"
+    torch.save({**state, "data": OpensAFile(marker)}, run / "state.pt")
+    assert train.main(resume) == 2
+    err = capsys.readouterr().err
+    assert "train.py: error: --resume:" in err and "holds objects other than tensors and plain data" in err
+    assert "was not loaded" in err and not marker.exists()
+    (run / "state.pt").write_bytes(b"half a checkpoint")
+    assert train.main(resume) == 2
+    assert "the file is corrupt" in capsys.readouterr().err
+
+
 def test_audio_training_from_a_folder_of_clips(tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()

@@ -7,6 +7,8 @@ the weights (training_history).
 
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,11 +90,30 @@ def save_state(path: Path, parts: Parts, progress: Progress, fsdp: bool, d: Dist
     d.barrier()
 
 
+def load_state(path: Path) -> dict:
+    """The contents of state.pt, read as tensors and plain data only (torch.load's weights_only): a file
+    that holds any other object is refused, never unpickled (unpickling can run code stored in the file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise TrainingError(f"--resume: {path} holds objects other than tensors and plain data{what}, which no "
+                            "state.pt written by train.py does; it was not loaded, since unpickling it could run "
+                            "code stored in it") from None
+    except Exception as e:  # a torn or foreign file: torch raises RuntimeError, EOFError, KeyError, ...
+        raise TrainingError(f"--resume: {path} cannot be read: the file is corrupt "
+                            f"({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"--resume: {path} is not a training state (it holds a {type(state).__name__})")
+    return state
+
+
 def resume_state(path: Path, parts: Parts, fsdp: bool, d: Dist) -> Progress:
     """Load state.pt into ``parts`` and this process's RNG; the counters to continue from."""
     if not path.is_file():
         raise TrainingError(f"--resume: {path} is missing (the run never reached a checkpoint)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(path)
     restore_state(parts.model, parts.optimizer, state["model"], state["optimizer"], fsdp)
     parts.scaler.load_state_dict(state["scaler"])
     parts.batches.load_state_dict(state["data"])
