@@ -358,6 +358,23 @@ def test_resume_reads_state_as_tensors_and_plain_data_and_refuses_pickled_object
     assert "the file is corrupt" in capsys.readouterr().err
 
 
+def test_run_settings_are_replaced_atomically(tmp_path, monkeypatch):
+    cfg, settings = config_for("image", "tiny"), {"kind": "image", **training.RUN_SETTINGS}
+    training.settings.save_run_settings(tmp_path, settings, cfg)
+    before = (tmp_path / "run.json").read_text()
+
+    def torn_write(path, text, *args, **kwargs):  # half the file reaches the disk, then it is full
+        with open(path, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", torn_write)
+    with pytest.raises(OSError):
+        training.settings.save_run_settings(tmp_path, {**settings, "steps": 5}, cfg)
+    assert (tmp_path / "run.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+
+
 def test_audio_training_from_a_folder_of_clips(tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()

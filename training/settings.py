@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from models import CheckpointError, ModelConfig, config_for, load_card
+from models.checkpoint import atomic_path
 from models.completion import card_kind
 
 from .errors import TrainingError
@@ -119,7 +120,9 @@ def _init_config(s: dict) -> ModelConfig:
 
 
 def save_run_settings(out: Path, s: dict, cfg: ModelConfig) -> None:
-    """run.json in the run directory ``out``: the settings --resume continues with, and the model config."""
+    """run.json in the run directory ``out``: the settings --resume continues with, and the model config.
+    Rewritten at every start, atomically: a crash leaves the old file or the new one, never half of one."""
     out.mkdir(parents=True, exist_ok=True)
     run = {k: s[k] for k in ("kind", *RUN_SETTINGS)}
-    (out / "run.json").write_text(json.dumps({**run, "model": cfg.to_dict()}, indent=2) + "\n")
+    with atomic_path(out / "run.json") as tmp:
+        tmp.write_text(json.dumps({**run, "model": cfg.to_dict()}, indent=2) + "\n")
