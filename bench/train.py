@@ -3,7 +3,7 @@
 Run: ``python -m bench.train [--quick] [--configs small,image-cpu] [--repeats R]``.
 Prints a table; the LAST line printed is one line of JSON with the figures.
 
-Each row times full optimizer steps of train.py's pieces (forward, cross-entropy, backward,
+Each row times full optimizer steps of training's pieces (forward, cross-entropy, backward,
 AdamW, no data loading) on one 64x64x3 image (12,288 tokens) per step: the median of
 --repeats steps after one warm-up step. Settings per row: autocast dtype and whether each
 residual block is recomputed in the backward pass (torch.utils.checkpoint).
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bench.common import CpuContention, cpu_name, fmt, median_time, print_table, sig
 from models import SparseTransformer, config_for
 from models.flops import device_peak_flops, matmul_parameters, training_flops_per_sequence
-from train import autocast, make_optimizer  # noqa: E402
+from training import autocast, make_optimizer
 
 CPU_VARIANTS = (("bf16", True), ("bf16", False), ("fp32", True))
 GPU_CONFIG, GPU_BATCH = "imagenet64-paper", 4

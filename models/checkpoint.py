@@ -11,6 +11,8 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,10 +46,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _replace_atomically(tmp: Path, dst: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+@contextmanager
+def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``dst`` to write the new file to; when the block ends without an error it is
+    fsynced and renamed over ``dst``, so a crash never leaves half a file under ``dst``. The temporary file
+    is removed whatever happens.
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | None = None) -> Path:
@@ -71,9 +87,8 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
     weights.parent.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_dict()
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
-    _replace_atomically(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
     os.chmod(weights, 0o644)
     card.update(
         format=FORMAT,
@@ -87,9 +102,8 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
 
 
 def _write_card(card: dict, card_path: Path) -> None:
-    tmp = card_path.with_name(card_path.name + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    _replace_atomically(tmp, card_path)
+    with atomic_path(card_path) as tmp:
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
 
 
 def update_card(path: str | os.PathLike, fields: dict) -> dict:

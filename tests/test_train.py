@@ -1,4 +1,4 @@
-"""train.py: a tiny run end to end, exact resume, DDP/FSDP equivalence, non-finite steps, errors."""
+"""train.py and training/: a tiny run end to end, exact resume, DDP/FSDP equivalence, non-finite steps, errors."""
 
 import json
 import math
@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 
 import train
+import training
 from data import write_imagenet64_npz
 from models import SparseTransformer, config_for, load_model
 
@@ -143,11 +144,12 @@ def test_a_card_without_a_history_gives_one_entry_for_the_run_that_made_it():
     card = {"config": {"n_layers": 6}, "steps": 700,
             "training": {"init": None, "lr": 1.5e-3, "warmup": 50, "steps": 700, "batch_size": 2,
                          "precision": "fp32", "seed": 0, "clip": 1.0}}
-    assert train.earlier_runs(card) == [{"steps": 700, "schedule_steps": 700, "layers": 6, "init": None, "lr": 1.5e-3,
-                                         "warmup": 50, "batch_size": 2, "precision": "fp32", "seed": 0}]
+    assert training.earlier_runs(card) == [{"steps": 700, "schedule_steps": 700, "layers": 6, "init": None,
+                                            "lr": 1.5e-3, "warmup": 50, "batch_size": 2, "precision": "fp32",
+                                            "seed": 0}]
     history = [{"steps": 700}, {"steps": 201}]
-    assert train.earlier_runs({**card, "training_history": history}) == history
-    assert train.earlier_runs({**card, "training_history": history}) is not history  # a copy to extend
+    assert training.earlier_runs({**card, "training_history": history}) == history
+    assert training.earlier_runs({**card, "training_history": history}) is not history  # a copy to extend
 
 
 def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path):
@@ -172,27 +174,27 @@ def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path
 
 def test_auto_precision_takes_bf16_on_a_cpu_only_where_its_matmuls_are_fast(monkeypatch):
     speeds = {}
-    monkeypatch.setattr(train, "device_peak_flops", lambda device, dtype: (speeds[dtype], "measured"))
+    monkeypatch.setattr(training.precision, "device_peak_flops", lambda device, dtype: (speeds[dtype], "measured"))
     cpu = torch.device("cpu")
     speeds.update({torch.bfloat16: 1200e9, torch.float32: 300e9})  # AMX
-    assert train.choose_precision(cpu) == ("bf16", "bf16 matmuls at 1,200 GFLOP/s, fp32 at 300 on this CPU")
+    assert training.choose_precision(cpu) == ("bf16", "bf16 matmuls at 1,200 GFLOP/s, fp32 at 300 on this CPU")
     speeds.update({torch.bfloat16: 1e9, torch.float32: 150e9})  # emulated bf16
-    assert train.choose_precision(cpu)[0] == "fp32"
+    assert training.choose_precision(cpu)[0] == "fp32"
     speeds.update({torch.bfloat16: 450e9, torch.float32: 300e9})  # faster, but not enough to pay for the casts
-    assert train.choose_precision(cpu)[0] == "fp32"
+    assert training.choose_precision(cpu)[0] == "fp32"
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_precision_on_a_gpu_is_bf16_where_native_else_fp16(monkeypatch, native, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
-    assert train.choose_precision(torch.device("cuda", 0))[0] == expected
+    assert training.choose_precision(torch.device("cuda", 0))[0] == expected
 
 
 def test_the_default_precision_is_chosen_once_and_kept_on_resume(images, tmp_path, monkeypatch):
     run = tmp_path / "run"
     argv = ["image", "--data", str(images), "--out", str(run), *TINY, "--steps", "2", "--eval-every", "0"]
-    monkeypatch.setattr(train, "choose_precision", lambda device: ("fp32", "probed"))
+    monkeypatch.setattr(training.precision, "choose_precision", lambda device: ("fp32", "probed"))
     assert train.main([*argv, "--stop-after", "1"]) == 0
     assert json.loads((run / "run.json").read_text())["precision"] == "fp32"
     start = read_log(run)[0]
@@ -201,7 +203,7 @@ def test_the_default_precision_is_chosen_once_and_kept_on_resume(images, tmp_pat
     def probe_again(device):
         raise AssertionError("a resumed run must keep its precision, not choose again")
 
-    monkeypatch.setattr(train, "choose_precision", probe_again)
+    monkeypatch.setattr(training.precision, "choose_precision", probe_again)
     assert train.main([*argv, "--resume", "--precision", "auto"]) == 0
     assert json.loads((run / "run.json").read_text())["precision"] == "fp32"
     assert [r["precision"] for r in read_log(run) if r.get("event") == "start"] == ["fp32", "fp32"]
@@ -314,7 +316,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(images, tmp_path):
 
 def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
-    train.atomic_torch_save({"step": 1}, path)
+    training.atomic_torch_save({"step": 1}, path)
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -322,9 +324,55 @@ def test_checkpoints_are_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        train.atomic_torch_save({"step": 2}, path)
+        training.atomic_torch_save({"step": 2}, path)
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+class OpensAFile:
+    """Unpickling this calls open(path, "w"): a stand-in for what a hostile state.pt could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_resume_reads_state_as_tensors_and_plain_data_and_refuses_pickled_objects(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *FAST, "--steps", "2", "--eval-every", "0",
+            "--ema", "0.9"]
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    state = torch.load(run / "state.pt", weights_only=True)  # what a run writes needs no unpickling of objects
+    assert state["step"] == 1 and state["ema"]["decay"] == 0.9
+    resume = ["image", "--data", str(images), "--out", str(run), "--resume", "--quiet"]
+    marker = tmp_path / "unpickled"
+    torch.save({**state, "data": OpensAFile(marker)}, run / "state.pt")
+    assert train.main(resume) == 2
+    err = capsys.readouterr().err
+    assert "train.py: error: --resume:" in err and "holds objects other than tensors and plain data" in err
+    assert "was not loaded" in err and not marker.exists()
+    (run / "state.pt").write_bytes(b"half a checkpoint")
+    assert train.main(resume) == 2
+    assert "the file is corrupt" in capsys.readouterr().err
+
+
+def test_run_settings_are_replaced_atomically(tmp_path, monkeypatch):
+    cfg, settings = config_for("image", "tiny"), {"kind": "image", **training.RUN_SETTINGS}
+    training.settings.save_run_settings(tmp_path, settings, cfg)
+    before = (tmp_path / "run.json").read_text()
+
+    def torn_write(path, text, *args, **kwargs):  # half the file reaches the disk, then it is full
+        with open(path, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", torn_write)
+    with pytest.raises(OSError):
+        training.settings.save_run_settings(tmp_path, {**settings, "steps": 5}, cfg)
+    assert (tmp_path / "run.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
 
 
 def test_audio_training_from_a_folder_of_clips(tmp_path):
@@ -379,8 +427,8 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, capsys):
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
-    f = [train.lr_factor(s, 10, 100, 0.1) for s in range(100)]
+    f = [training.lr_factor(s, 10, 100, 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
-    assert train.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert training.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert f[55] == pytest.approx(0.55, abs=0.01)  # half way through the decay

@@ -1,0 +1,127 @@
+"""A run's settings: defaults, the flags given, and on --resume the run's own (run.json); the model config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models import CheckpointError, ModelConfig, config_for, load_card
+from models.checkpoint import atomic_path, card_kind
+
+from .errors import TrainingError
+
+# Settings a resumed run takes from its checkpoint; changing them would not continue the same run.
+RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
+                    layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
+                    warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="auto", recompute=True,
+                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None)
+# Settings of this invocation only.
+CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
+               eval_every=100, eval_items=64, save_every=100, save_minutes=10.0, device="auto", threads=None,
+               max_nonfinite=5, peak_tflops=None, quiet=False)
+# Model flags -> the ModelConfig fields they set.
+MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult="ff_mult", dropout="dropout",
+                   pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
+                   seq_len="seq_len")
+
+
+def resolve_settings(given: dict) -> dict:
+    """Defaults < saved run settings (on --resume) < flags given now; model flags may not change on resume.
+
+    given: the flags given (train.py's parsed arguments, "kind" among them); absent ones take defaults.
+    """
+    given = dict(given)
+    if given.get("resume") and given.get("precision") == "auto":
+        del given["precision"]  # a resumed run keeps the precision it chose
+    settings = {"kind": given["kind"], **RUN_SETTINGS, **CONTROL}
+    settings.update(given)
+    for key in ("data", "out"):
+        if not settings[key]:
+            raise TrainingError(f"--{key} is required")
+    if settings["resume"]:
+        _take_saved_settings(settings, given)
+    elif (Path(settings["out"]) / "state.pt").exists():
+        raise TrainingError(f"{settings['out']} already holds a run: pass --resume to continue it, or "
+                            "choose another --out")
+    if settings["init"] is not None:
+        given_model = [f"--{k.replace('_', '-')}" for k in ("config", *MODEL_FLAGS)
+                       if k != "layers" and given.get(k) is not None]
+        if given_model and not settings["resume"]:
+            raise TrainingError(f"--init takes the model from {settings['init']} (--layers may deepen it); "
+                                f"drop {', '.join(given_model)}")
+    if settings["config"] is None:
+        settings["config"] = f"{settings['kind']}-cpu"
+    _check_ranges(settings)
+    return settings
+
+
+def _take_saved_settings(settings: dict, given: dict) -> None:
+    """--resume: the run's settings from its run.json, where not given now (only --steps may differ)."""
+    run_json = Path(settings["out"]) / "run.json"
+    if not run_json.is_file():
+        raise TrainingError(f"--resume: no run to resume in {settings['out']} (no run.json)")
+    saved = json.loads(run_json.read_text())
+    if saved["kind"] != settings["kind"]:
+        raise TrainingError(f"--resume: the run in {settings['out']} trains {saved['kind']}, "
+                            f"not {settings['kind']}")
+    for key in RUN_SETTINGS:
+        saved.setdefault(key, RUN_SETTINGS[key])  # runs started before a setting existed
+        if key in given and key != "steps" and given[key] != saved[key]:
+            raise TrainingError(f"--resume: --{key.replace('_', '-')} was {saved[key]!r} in this run; "
+                                f"it cannot change to {given[key]!r} (start a new --out instead)")
+        if key not in given:
+            settings[key] = saved[key]
+
+
+def _check_ranges(settings: dict) -> None:
+    positive = ("steps", "batch_size", "micro_batch", "eval_items", "save_every", "max_nonfinite")
+    for key in positive:
+        if settings[key] is None or settings[key] < 1:
+            raise TrainingError(f"--{key.replace('_', '-')} must be >= 1, got {settings[key]}")
+    if settings["lr"] <= 0 or settings["warmup"] < 0 or settings["clip"] <= 0 or settings["weight_decay"] < 0:
+        raise TrainingError("--lr and --clip must be > 0, --warmup and --weight-decay >= 0")
+    if not 0 <= settings["min_lr_ratio"] <= 1 or not 0 <= settings["ema"] < 1:
+        raise TrainingError("--min-lr-ratio must be in [0, 1] and --ema in [0, 1)")
+    if settings["stop_after"] is not None and settings["stop_after"] < 1:
+        raise TrainingError(f"--stop-after must be >= 1, got {settings['stop_after']}")
+
+
+def model_config(s: dict) -> ModelConfig:
+    """The model to train: --init's config (deepened to --layers if more), else --config with the model flags."""
+    if s["init"] is not None:
+        return _init_config(s)
+    overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
+    if "layer_patterns" in overrides:
+        overrides["layer_patterns"] = tuple(k.strip() for k in overrides["layer_patterns"].split(","))
+    if s["kind"] == "image" and "seq_len" in overrides:
+        raise TrainingError("--seq-len is for audio; image models see whole 64x64x3 images (12,288 tokens)")
+    try:
+        return config_for(s["kind"], s["config"], **overrides)
+    except ValueError as e:
+        raise TrainingError(f"invalid model settings: {e}") from None
+
+
+def _init_config(s: dict) -> ModelConfig:
+    try:
+        card = load_card(s["init"])
+    except CheckpointError as e:
+        raise TrainingError(f"--init: {e}") from None
+    cfg = ModelConfig.from_dict(card["config"])
+    if card_kind(card, cfg) != s["kind"]:
+        raise TrainingError(f"--init: {s['init']} is not an {s['kind']} model")
+    if s["layers"] is None or s["layers"] == cfg.n_layers:
+        return cfg
+    try:
+        return cfg.deepened(s["layers"])
+    except ValueError as e:
+        raise TrainingError(f"--layers {s['layers']}: --init can only add layers to {s['init']} "
+                            f"({cfg.n_layers} layers): {e}") from None
+
+
+def save_run_settings(out: Path, s: dict, cfg: ModelConfig) -> None:
+    """run.json in the run directory ``out``: the settings --resume continues with, and the model config.
+    Rewritten at every start, atomically: a crash leaves the old file or the new one, never half of one."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = {k: s[k] for k in ("kind", *RUN_SETTINGS)}
+    with atomic_path(out / "run.json") as tmp:
+        tmp.write_text(json.dumps({**run, "model": cfg.to_dict()}, indent=2) + "\n")
