@@ -45,6 +45,11 @@ class LayerCache:
         self.slots = pattern.decode_slots(seq_len)
         self.shape = (batch, cfg.n_heads, cfg.head_dim)
         self.device, self.dtype = device, dtype
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """Allocate the cache's tensors (``kv`` and any others) from ``self.slots``."""
+        raise NotImplementedError
 
     def _empty(self, *slots: int) -> torch.Tensor:
         B, H, D = self.shape
@@ -69,8 +74,7 @@ class LayerCache:
 class LocalCache(LayerCache):
     """A ring of the last window + 1 positions."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def _allocate(self):
         self.ring = self.slots.slots
         self.kv = self._empty(self.ring)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
@@ -91,8 +95,7 @@ class StridedCache(LayerCache):
     """Stored column-major ([stride, rows]): the column a query reads is contiguous, so a step
     touches a few pages instead of one page per row (the audio model has 256 rows)."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def _allocate(self):
         self.stride, self.rows = self.slots.slots, self.slots.rows
         self.kv = self._empty(self.stride, self.rows)
         # per column c: (keys and values [B, 2, H, rows, D], keys [B, H, rows, D], values)
@@ -116,8 +119,7 @@ class StridedCache(LayerCache):
 class FixedCache(LayerCache):
     """A ring of the current l-block, and the summary positions of every l-block (per head if they differ)."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def _allocate(self):
         self.stride, self.summary, self.rows = self.slots.slots, self.slots.summary, self.slots.rows
         self.lo = [self.pattern.summary_range(h)[0] for h in range(self.cfg.n_heads)]  # first summary column
         self.shared = len(set(self.lo)) == 1
@@ -164,8 +166,7 @@ class FixedCache(LayerCache):
 class FullCache(LayerCache):
     """Every past position (the ``all`` pattern; also the dense-cache baseline of bench/sample.py)."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def _allocate(self):
         self.kv = self._empty(self.seq_len)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
