@@ -9,6 +9,14 @@ in bits per sub-pixel (file bytes x 8 / 12,288; the files' headers included).
 Audio: the model's bits per byte on the 65,536-sample validation clips (8-bit mu-law), next to FLAC
 (8-bit, level 8) files of the same clips. ``--update-card`` writes the figures into the card
 (``evaluation``) so the app and README show them.
+
+What a user sees and hears (media/measures.py), for --measure N samples (default 4; 0: off) drawn with
+--temperature / --top-k / --top-p (default: the app's, temperature 1, no filter), seeds 0..N-1:
+N samples from scratch and N continuations of the first N of the evaluated validation items, next to the
+same measure of those validation items. Audio: median spectral flatness (music about 0.005, noise about
+0.56) of --measure-length samples (default 24,000: 2 s), the continuations after a prompt of as many
+samples of the validation window. Images: roughness and colour speckle of whole samples from scratch,
+and of the bottom 32 rows completed from the top 32.
 """
 
 from __future__ import annotations
@@ -27,11 +35,15 @@ from PIL import Image
 
 from bench.common import fmt, print_table, sig
 from data.loader import eval_batches, open_dataset
-from media.audio import SAMPLE_RATE
+from media.audio import SAMPLE_RATE, mu_law_decode
 from media.image import tokens_to_image
+from media.measures import image_texture, spectral_flatness
 from models import model_kind
 from models.checkpoint import checkpoint_paths, load_model, update_card
 from models.evaluate import sequence_bits
+from sampling import SamplingOptions, complete_image, generate_audio
+
+PROMPT_ROWS = 32  # image continuations: the top half is given
 
 
 def png_bits(image: np.ndarray) -> int:
@@ -70,8 +82,10 @@ class Spread:
         return self.dataset[int(self.indices[i])]
 
 
-def evaluate(path: Path, data: str | None, items: int | None, batch: int) -> dict:
-    """Model and codec bits per token on the validation split, over the same items."""
+def evaluate(path: Path, data: str | None, items: int | None, batch: int, measure: int = 0,
+             options: SamplingOptions | None = None, length: int = 24000) -> dict:
+    """Model and codec bits per token on the validation split, over the same items; with ``measure``, the
+    measures of that many samples (:func:`sample_measures`)."""
     model = load_model(path)
     card = model.card
     kind = model_kind(model)
@@ -97,9 +111,52 @@ def evaluate(path: Path, data: str | None, items: int | None, batch: int) -> dic
         else:
             codecs["FLAC"] = codecs.get("FLAC", 0) + flac_bits(seq)
     unit = "bits/dim" if kind == "image" else "bits/byte"
-    return {"checkpoint": str(path), "kind": kind, "unit": unit, "data": str(data), "split": "val", "items": n,
-            "of_items": len(val), "tokens": tokens, "model": model_bits / tokens,
-            "codecs": {k: v / tokens for k, v in codecs.items()}, "model_seconds": seconds}
+    result = {"checkpoint": str(path), "kind": kind, "unit": unit, "data": str(data), "split": "val", "items": n,
+              "of_items": len(val), "tokens": tokens, "model": model_bits / tokens,
+              "codecs": {k: v / tokens for k, v in codecs.items()}, "model_seconds": seconds}
+    if measure:
+        options = options or SamplingOptions()
+        result["samples"] = {"count": measure, "options": vars(options),
+                             **sample_measures(model, kind, picked, measure, options, length, batch)}
+    return result
+
+
+def _last(reports):
+    """The final report of a sampling generator."""
+    return list(reports)[-1]
+
+
+def _flatness(clips: np.ndarray) -> float:
+    """Median spectral flatness of mu-law clips uint8 [n, T]."""
+    return float(np.median([spectral_flatness(mu_law_decode(c)) for c in clips]))
+
+
+def sample_measures(model, kind: str, picked, n: int, options: SamplingOptions, length: int, batch: int) -> dict:
+    """The measures of n samples from scratch and n continuations of validation items, and of those items."""
+    items = np.stack([np.asarray(picked[i], dtype=np.uint8) for i in range(min(n, len(picked)))])
+    seeds = list(range(n))
+    if kind == "image":
+        originals = tokens_to_image(items)
+        scratch = _last(complete_image(model, np.zeros((64, 64, 3), np.uint8), 0, seeds, options, batch)).media
+        cont = [_last(complete_image(model, image, PROMPT_ROWS, seeds[:1], options, 1)).media[0]
+                for image in originals]
+        return {"from_scratch": image_texture(scratch), "data": image_texture(originals),
+                "continuations": image_texture(np.stack(cont)[:, PROMPT_ROWS:]),
+                "data_continued_part": image_texture(originals[:, PROMPT_ROWS:])}
+    length = min(length, model.cfg.seq_len // 2, items.shape[1] // 2)
+    scratch = _last(generate_audio(model, length, seeds, None, options, batch)).media
+    cont = [_last(generate_audio(model, length, seeds[:1], mu_law_decode(item[:length]), options, 1)).media[0]
+            for item in items]
+    return {"from_scratch": {"flatness": _flatness(scratch)},
+            "continuations": {"flatness": _flatness(np.stack(cont)[:, length:])},
+            "data": {"flatness": _flatness(items[:, length: 2 * length])}, "length": length}
+
+
+def _rounded(value):
+    """Floats to 4 significant digits, through dicts."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return sig(value) if isinstance(value, float) and math.isfinite(value) else value
 
 
 def main() -> None:
@@ -111,30 +168,54 @@ def main() -> None:
     ap.add_argument("--items", type=int, help="at most this many validation items, evenly spread (default: all)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per forward pass")
     ap.add_argument("--update-card", action="store_true", help="write the figures into each card")
+    ap.add_argument("--measure", type=int, default=4, metavar="N",
+                    help="measure N samples from scratch and N continuations (default 4; 0: off)")
+    ap.add_argument("--measure-length", type=int, default=24000, metavar="T",
+                    help="audio samples generated per measured clip (default 24,000: 2 s)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the measured samples")
+    ap.add_argument("--top-k", type=int, help="top-k of the measured samples (default off)")
+    ap.add_argument("--top-p", type=float, help="top-p of the measured samples (default off)")
     a = ap.parse_args()
     if a.items is not None and a.items < 1:
         ap.error("--items must be >= 1")
     if a.batch < 1:
         ap.error("--batch must be >= 1")
+    if a.measure < 0 or a.measure_length < 1024:
+        ap.error("--measure must be >= 0 and --measure-length >= 1024 (one flatness frame)")
+    try:
+        options = SamplingOptions(a.temperature, a.top_k, a.top_p)
+    except ValueError as e:
+        ap.error(str(e))
     paths = a.checkpoint or sorted(p.with_suffix("") for p in a.checkpoints.glob("*.safetensors"))
     if not paths:
         ap.error(f"no checkpoints in {a.checkpoints}")
     results = []
     for path in paths:
-        r = evaluate(checkpoint_paths(path)[0].with_suffix(""), a.data, a.items, a.batch)
+        r = evaluate(checkpoint_paths(path)[0].with_suffix(""), a.data, a.items, a.batch, a.measure, options,
+                     a.measure_length)
         best = min(r["codecs"].values())
         r["saving_vs_best_codec"] = 1 - r["model"] / best
         rows = [["model", fmt(r["model"], ".3f"), "-"]] + [
             [name, fmt(v, ".3f"), f"{100 * (1 - r['model'] / v):+.1f}%"] for name, v in r["codecs"].items()]
         print_table(f"{path} ({r['kind']}): {r['items']} of {r['of_items']} validation items of {r['data']}",
                     ["coder", r["unit"], "model saves"], rows)
+        if "samples" in r:
+            measures = r["samples"]
+            names = [k for k in measures["data"]]
+            rows = [[part] + [fmt(measures[part][k], ".4g") for k in names]
+                    for part in ("from_scratch", "continuations", "data", "data_continued_part") if part in measures]
+            print_table(f"{path}: what a user sees/hears, {measures['count']} samples at {measures['options']}",
+                        ["samples", *names], rows)
         if a.update_card:
-            update_card(path, {"evaluation": {
+            evaluation = {
                 "split": "val", "items": r["items"], "unit": r["unit"], "model": sig(r["model"]),
                 "codecs": {k: sig(v) for k, v in r["codecs"].items()}, "data": r["data"],
                 "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                "command": "python -m bench.quality --update-card" + (f" --items {a.items}" if a.items else "")}})
-        results.append({k: sig(v) if isinstance(v, float) and math.isfinite(v) else v for k, v in r.items()})
+                "command": "python -m bench.quality --update-card" + (f" --items {a.items}" if a.items else "")}
+            if "samples" in r:
+                evaluation["samples"] = _rounded(r["samples"])
+            update_card(path, {"evaluation": evaluation})
+        results.append(_rounded(r))
     print(json.dumps(results))
 
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.quality import flac_bits, png_bits, webp_lossless_bits
+from bench.quality import flac_bits, png_bits, sample_measures, webp_lossless_bits
 from data.imagenet64 import write_imagenet64_npz
+from media import mu_law_encode
 from models import SparseTransformer, codec_card, config_for, load_card, save_model
 from models.evaluate import sequence_bits
+from sampling import SamplingOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +54,7 @@ def test_the_benchmark_compares_a_checkpoint_with_codecs_and_updates_its_card(tm
     save_model(SparseTransformer(config_for("image", "tiny")), tmp_path / "ck" / "img",
                {"codec": codec_card("image"), "data": {"path": str(tmp_path / "data")}})
     command = [sys.executable, "-m", "bench.quality", "--checkpoint", str(tmp_path / "ck" / "img"),
-               "--items", "2", "--update-card"]
+               "--items", "2", "--update-card", "--measure", "2", "--temperature", "0.9"]
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])[0]
@@ -61,3 +63,20 @@ def test_the_benchmark_compares_a_checkpoint_with_codecs_and_updates_its_card(tm
     assert "PNG" in run.stdout and "model saves" in run.stdout
     evaluation = load_card(tmp_path / "ck" / "img")["evaluation"]
     assert evaluation["items"] == 2 and evaluation["codecs"]["PNG"] == pytest.approx(result["codecs"]["PNG"], rel=1e-3)
+    measures = result["samples"]  # an untrained model samples uniform noise: rough and speckled, unlike the data
+    assert measures["count"] == 2 and measures["options"]["temperature"] == 0.9 and "roughness" in run.stdout
+    assert measures["from_scratch"]["speckle"] > 3 * measures["data"]["speckle"]
+    assert measures["continuations"]["roughness"] > 2 * measures["data_continued_part"]["roughness"]
+    assert evaluation["samples"]["from_scratch"] == measures["from_scratch"]
+
+
+def test_audio_measures_tell_a_models_noise_from_the_datas_tone():
+    torch.manual_seed(0)
+    model = SparseTransformer(config_for("audio", "tiny", seq_len=4096)).eval()
+    model.card = {"codec": codec_card("audio")}
+    t = np.arange(4096) / 12000
+    tone = mu_law_encode((0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+    measures = sample_measures(model, "audio", [tone, tone], 2, SamplingOptions(), 1500, 2)
+    assert measures["length"] == 1500
+    assert measures["data"]["flatness"] < 0.01
+    assert measures["from_scratch"]["flatness"] > 0.4 and measures["continuations"]["flatness"] > 0.4
