@@ -9,6 +9,10 @@ prompt.wav for audio; metadata.json (arguments, seeds, checkpoint and its SHA-25
 decoding step, timings, files). The folder is written under a temporary name and renamed into place when complete, so
 an error or Ctrl-C leaves nothing half-written; an earlier output folder is replaced only with --overwrite.
 Sample i uses seed --seed + i, whatever batch it lands in.
+
+Again from the web app's settings: python sample.py --from-json settings.json [--out-dir DIR] [any flag]
+(the JSON saved with each result in the app's history, or a metadata.json of an earlier run; explicit flags
+override its settings; the weights' SHA-256 is checked against the one the result was made with).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from media.image import load_image
 from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model, model_kind
 from sampling import MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
+from sampling.recipe import read_recipe
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
 
@@ -249,8 +254,63 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def expand_recipe(argv: list[str]) -> tuple[list[str], dict | None]:
+    """``--from-json FILE`` replaced by the flags of its settings, put before the other flags (which win:
+    argparse keeps the last value); the kind may be left out. Returns (argv, the recipe or None)."""
+    rest, source = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--from-json":
+            source = next(it, None)
+            if source is None:
+                raise UsageError("argument --from-json: expected one argument")
+        elif arg.startswith("--from-json="):
+            source = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if source is None:
+        return argv, None
+    try:
+        recipe = read_recipe(source)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    kind = recipe["kind"]
+    if rest and rest[0] in DEFAULT_CHECKPOINTS:
+        if rest[0] != kind:
+            raise UsageError(f"--from-json {source} holds {kind} settings, not {rest[0]}")
+        rest = rest[1:]
+    flags = []
+    for name, value in recipe["settings"].items():
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", repr(value)]
+    if recipe["prompt"] is not None and "--prompt" not in rest:
+        if not recipe["prompt"].is_file():
+            raise UsageError(f"the prompt {recipe['prompt'].name} named by {source} is not beside it "
+                             f"({recipe['prompt']}): put it there, or pass --prompt FILE")
+        flags += ["--prompt", str(recipe["prompt"])]
+    if recipe["checkpoint_name"] is not None:
+        folder = (Path(__file__).resolve().parent / DEFAULT_CHECKPOINTS[kind]).parent
+        flags += ["--checkpoint", str(folder / recipe["checkpoint_name"])]
+    recipe["source"] = str(source)
+    return [kind, *flags, *rest], recipe
+
+
+def check_recipe_weights(recipe: dict | None, model, a: argparse.Namespace) -> str | None:
+    """None when the checkpoint's weights are the recipe's (or it names none), else a warning (printed)."""
+    if recipe is None or recipe["weights_sha256"] is None:
+        return None
+    have = model.card.get("weights", {}).get("sha256")
+    if have == recipe["weights_sha256"]:
+        return None
+    warning = (f"the weights of {a.checkpoint} (sha256 {str(have)[:12]}…) are not the ones {recipe['source']} was "
+               f"made with (sha256 {recipe['weights_sha256'][:12]}…): the samples will differ")
+    print(f"sample.py: warning: {warning}", file=sys.stderr)
+    return warning
+
+
 def run(argv: list[str]) -> Path:
     t_start = time.perf_counter()
+    argv, recipe = expand_recipe(argv)
     a = parse_args(argv)
     options = check_args(a)
     out = output_dir(a)
@@ -263,6 +323,7 @@ def run(argv: list[str]) -> Path:
     except ValueError as e:  # unreadable or missing files, named in the message
         raise UsageError(str(e)) from None
     model = read_checkpoint(a, device)
+    weights_warning = check_recipe_weights(recipe, model, a)
     if a.kind == "audio":
         prompt = fit_audio_prompt(a, prompt, model.cfg.seq_len)
     t_loaded = time.perf_counter()
@@ -275,6 +336,8 @@ def run(argv: list[str]) -> Path:
         else:
             report = sample_audio(a, model, options, prompt, tmp)
         meta = metadata(a, argv, model, device, report, t_start, t_loaded, tmp, out)
+        if recipe is not None:
+            meta["from_json"] = {"file": recipe["source"], "weights_match": weights_warning is None}
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         publish(tmp, out)
         made = []
