@@ -292,7 +292,7 @@ class Studio:
         try:
             for report in reports:
                 progress((report.done, report.total), desc="Sampling", unit="samples")
-                done = report.done if len(seeds) == 1 else min(report.done, length)  # the first clip's
+                done = report.done // len(seeds)  # the first clip's (all clips are one batch: MAX_SAMPLES <= 8)
                 sampled = tokens_to_audio(report.media[0, : used + done])
                 picture = audio_picture(sampled, used, used + length)
                 if report.finished:
