@@ -168,7 +168,7 @@ def test_a_history_download_is_made_again_by_sample_py(kind, checkpoints, tmp_pa
 
     studio = app.handlers.Studio(Registry(checkpoints, torch.device("cpu")), History(tmp_path / "history"))
     if kind == "image":
-        job = studio.image_job({"path": str(HOUSE)}, 50, 2, 0.9, None, 0.95, 11, None)
+        job = studio.image_job({"path": str(HOUSE)}, 61, 2, 0.9, None, 0.95, 11, None)
         entry = list(studio.run_images(job, lambda *a, **k: None))[-1]
     else:
         job = studio.audio_job({"path": str(CHIME)}, 0.05, 700, 2, 1.0, 30, None, 4, None)
