@@ -9,6 +9,17 @@ prompt.wav for audio; metadata.json (arguments, seeds, checkpoint and its SHA-25
 decoding step, timings, files). The folder is written under a temporary name and renamed into place when complete, so
 an error or Ctrl-C leaves nothing half-written; an earlier output folder is replaced only with --overwrite.
 Sample i uses seed --seed + i, whatever batch it lands in.
+
+Many prompts (batched across prompts, resumable, sharded under torchrun; see sampling/batch.py):
+  python sample.py image --prompts pics/ more/*.jpg --out-dir runs/b   (or --npz val_data.npz --range 0:100)
+  python sample.py audio --prompts clips/ --prompt-seconds 1 --samples 12000 --out-dir runs/a
+  torchrun --nproc_per_node=2 sample.py image --npz val_data.npz --range 0:100 --out-dir runs/b
+writes samples.npz (all samples), p<i>_<name>/sample_<j>.png|wav per prompt and manifest.json; started again
+with the same --out-dir and settings it skips what is done.
+
+Again from the web app's settings: python sample.py --from-json settings.json [--out-dir DIR] [any flag]
+(the JSON saved with each result in the app's history, or a metadata.json of an earlier run; explicit flags
+override its settings; the weights' SHA-256 is checked against the one the result was made with).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from media.image import load_image
 from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model, model_kind
 from sampling import MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
+from sampling.recipe import read_recipe
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
 
@@ -54,12 +66,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     image.add_argument("--prompt", type=Path, metavar="IMG",
                        help="image file (any format; centre crop to 64x64); without it, sample from scratch")
     image.add_argument("--prompt-rows", type=int, metavar="K", help="rows of the prompt kept, 0..63 (default 32)")
+    image.add_argument("--npz", type=Path, metavar="FILE", help="many prompts: an ImageNet-64 npz (with --range)")
+    image.add_argument("--range", metavar="A:B", help="the npz's images A..B-1 (default all)")
     audio = sub.add_parser("audio", help="generate 12 kHz audio, or continue a clip")
     audio.add_argument("--prompt", type=Path, metavar="WAV", help="audio file to continue (any rate and channels)")
     audio.add_argument("--prompt-seconds", type=float, metavar="S", help="use its first S seconds (default all)")
     audio.add_argument("--samples", type=int, metavar="N", help="samples to generate after the prompt "
                        "(default 65,536, or what the model's context leaves)")
     for kind, s in (("image", image), ("audio", audio)):
+        s.add_argument("--prompts", nargs="+", metavar="PATH", help="many prompts: files, folders or glob patterns "
+                       "(batched across prompts; --num-samples each)")
         s.add_argument("--checkpoint", type=Path, metavar="PATH",
                        help=f"checkpoint without extension (default: {DEFAULT_CHECKPOINTS[kind]} next to sample.py)")
         s.add_argument("--num-samples", type=int, default=4 if kind == "image" else 1, metavar="N",
@@ -249,9 +265,167 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def expand_recipe(argv: list[str]) -> tuple[list[str], dict | None]:
+    """``--from-json FILE`` replaced by the flags of its settings, put before the other flags (which win:
+    argparse keeps the last value); the kind may be left out. Returns (argv, the recipe or None)."""
+    rest, source = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--from-json":
+            source = next(it, None)
+            if source is None:
+                raise UsageError("argument --from-json: expected one argument")
+        elif arg.startswith("--from-json="):
+            source = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if source is None:
+        return argv, None
+    try:
+        recipe = read_recipe(source)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    kind = recipe["kind"]
+    if rest and rest[0] in DEFAULT_CHECKPOINTS:
+        if rest[0] != kind:
+            raise UsageError(f"--from-json {source} holds {kind} settings, not {rest[0]}")
+        rest = rest[1:]
+    flags = []
+    for name, value in recipe["settings"].items():
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", repr(value)]
+    if recipe["prompt"] is not None and "--prompt" not in rest:
+        if not recipe["prompt"].is_file():
+            raise UsageError(f"the prompt {recipe['prompt'].name} named by {source} is not beside it "
+                             f"({recipe['prompt']}): put it there, or pass --prompt FILE")
+        flags += ["--prompt", str(recipe["prompt"])]
+    if recipe["checkpoint_name"] is not None:
+        folder = (Path(__file__).resolve().parent / DEFAULT_CHECKPOINTS[kind]).parent
+        flags += ["--checkpoint", str(folder / recipe["checkpoint_name"])]
+    recipe["source"] = str(source)
+    return [kind, *flags, *rest], recipe
+
+
+def check_recipe_weights(recipe: dict | None, model, a: argparse.Namespace) -> str | None:
+    """None when the checkpoint's weights are the recipe's (or it names none), else a warning (printed)."""
+    if recipe is None or recipe["weights_sha256"] is None:
+        return None
+    have = model.card.get("weights", {}).get("sha256")
+    if have == recipe["weights_sha256"]:
+        return None
+    warning = (f"the weights of {a.checkpoint} (sha256 {str(have)[:12]}…) are not the ones {recipe['source']} was "
+               f"made with (sha256 {recipe['weights_sha256'][:12]}…): the samples will differ")
+    print(f"sample.py: warning: {warning}", file=sys.stderr)
+    return warning
+
+
+def batch_settings(a: argparse.Namespace) -> dict:
+    """What makes a batch run's samples (a resumed run must match it): not --out-dir, --device, --quiet."""
+    keys = ("kind", "prompts", "npz", "range", "prompt_rows", "prompt_seconds", "samples", "num_samples",
+            "batch_size", "temperature", "top_k", "top_p", "seed")
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k in keys}
+
+
+def run_batch(a: argparse.Namespace, argv: list[str]) -> Path:
+    """Many prompts (--prompts, --npz): sampling.batch, one shard per rank (RANK / WORLD_SIZE from torchrun)."""
+    from sampling.batch import RUN_FILE, BatchRun, assemble, audio_prompts, image_prompts, sample_shard
+
+    if a.prompt is not None:
+        raise UsageError("--prompt is one prompt; with --prompts or --npz give all of them there")
+    if a.out_dir is None:
+        raise UsageError("--prompts / --npz need --out-dir (a run is resumed from its folder)")
+    for name in ("num_samples", "batch_size"):
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {a.seed}")
+    if a.kind == "image":
+        a.prompt_rows = 32 if a.prompt_rows is None else a.prompt_rows
+        if not 0 <= a.prompt_rows <= 63:
+            raise UsageError(f"--prompt-rows must be in 0..63 (rows of a 64-row image), got {a.prompt_rows}")
+    elif a.prompt_seconds is not None and not a.prompt_seconds > 0:
+        raise UsageError(f"--prompt-seconds must be > 0, got {a.prompt_seconds}")
+    try:
+        options = SamplingOptions(a.temperature, a.top_k, a.top_p)
+        prompts = image_prompts(a.prompts or [], a.npz and str(a.npz), a.range) if a.kind == "image" \
+            else audio_prompts(a.prompts or [])
+    except ValueError as e:
+        raise UsageError(str(e).replace("top_k", "--top-k").replace("top_p", "--top-p")) from None
+    if not prompts:
+        raise UsageError("no prompts")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK must be in 0..WORLD_SIZE-1, got RANK={rank} WORLD_SIZE={world}")
+    out = Path(os.path.abspath(a.out_dir))
+    settings = batch_settings(a)
+    record = out / RUN_FILE
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            earlier = json.loads(record.read_text())["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"--out-dir {a.out_dir} exists and is not a batch run of sample.py (no readable "
+                             f"{RUN_FILE})") from None
+        if earlier != settings:
+            if not a.overwrite:
+                raise UsageError(f"--out-dir {a.out_dir} holds a run with other settings; pass --overwrite to "
+                                 "start it again, or use another folder")
+            if rank == 0:
+                shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if a.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", local % torch.cuda.device_count())
+    else:
+        device = pick_device(a.device)
+        if world > 1:  # CPU processes on one machine share its cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    group = world > 1 and "MASTER_ADDR" in os.environ  # torchrun: a gloo group, only for the final barrier
+    if group:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    try:
+        model = read_checkpoint(a, device)
+        tmp_record = record.with_name(f".{RUN_FILE}.tmp{os.getpid()}")
+        tmp_record.write_text(json.dumps({"settings": settings, "command": ["sample.py", *argv],
+                                          "checkpoint": str(a.checkpoint),
+                                          "weights_sha256": model.card.get("weights", {}).get("sha256")},
+                                         indent=2) + "\n")
+        os.replace(tmp_record, record)
+        run = BatchRun(a.kind, prompts, a.num_samples, a.seed, options, a.batch_size,
+                       prompt_rows=a.prompt_rows if a.kind == "image" else 32,
+                       prompt_seconds=getattr(a, "prompt_seconds", None), samples=getattr(a, "samples", None))
+        with tqdm(unit="sample", disable=a.quiet, dynamic_ncols=True, file=sys.stderr,
+                  desc=f"rank {rank}/{world}" if world > 1 else None) as bar:
+            def progress(made: int, todo: int) -> None:
+                bar.total = todo
+                bar.update(made - bar.n)
+
+            try:
+                made = sample_shard(run, model, out, rank, world, progress)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"sample.py: interrupted; the finished batches are kept in {out}: the same "
+                                        "command resumes the run") from None
+        if group:
+            dist.barrier()
+        manifest = assemble(run, out, settings) if rank == 0 or not group else None
+    finally:
+        if group:
+            dist.destroy_process_group()
+    if not a.quiet:
+        state = f"assembled {out / 'samples.npz'}" if manifest else "other ranks still sampling"
+        print(f"rank {rank}: made {made} of {run.total} sample(s) ({len(prompts)} prompts); {state}")
+    return out
+
+
 def run(argv: list[str]) -> Path:
     t_start = time.perf_counter()
+    argv, recipe = expand_recipe(argv)
     a = parse_args(argv)
+    if a.prompts is not None or getattr(a, "npz", None) is not None:
+        return run_batch(a, argv)
     options = check_args(a)
     out = output_dir(a)
     device = pick_device(a.device)
@@ -263,6 +437,7 @@ def run(argv: list[str]) -> Path:
     except ValueError as e:  # unreadable or missing files, named in the message
         raise UsageError(str(e)) from None
     model = read_checkpoint(a, device)
+    weights_warning = check_recipe_weights(recipe, model, a)
     if a.kind == "audio":
         prompt = fit_audio_prompt(a, prompt, model.cfg.seq_len)
     t_loaded = time.perf_counter()
@@ -275,6 +450,8 @@ def run(argv: list[str]) -> Path:
         else:
             report = sample_audio(a, model, options, prompt, tmp)
         meta = metadata(a, argv, model, device, report, t_start, t_loaded, tmp, out)
+        if recipe is not None:
+            meta["from_json"] = {"file": recipe["source"], "weights_match": weights_warning is None}
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         publish(tmp, out)
         made = []
@@ -298,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sample.py: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(str(e) or "sample.py: interrupted; nothing was written", file=sys.stderr)
         return 130
     except OSError as e:
         print(f"sample.py: error: cannot write the output: {' '.join(str(e).split())}", file=sys.stderr)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import secrets
-import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -20,12 +20,14 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from media.audio import SAMPLE_RATE, load_audio, save_wav, tokens_to_audio
+from media.audio import SAMPLE_RATE, load_audio, save_wav, tokens_to_audio, tokens_to_pcm16
 from media.image import load_image
 from media.pictures import audio_picture, make_grid, masked_prompt
 from models import CheckpointError, SparseTransformer
 from sampling import MediaProgress, SamplingOptions, complete_image, generate_audio
+from sampling.recipe import make_recipe, write_recipe
 
+from .history import History, HistoryEntry
 from .registry import Registry
 
 MAX_SAMPLES = 8  # images per run
@@ -34,6 +36,7 @@ MAX_SEED = 2**31 - 1
 RANDOM_SEEDS = 100_000  # random seeds are below this: short enough to read and type
 REPORT_ROWS = 2  # image preview every 2 sampled rows
 REPORT_SAMPLES = 1024  # audio preview every 1,024 samples
+STREAM_SAMPLES = 6000  # the growing clip is sent to the page every 0.5 s of audio (played as it grows)
 PREVIEW_COLUMNS = 6  # tiles per row of the preview grid, at most
 SILENCE = 1e-3  # a clip whose peak is below this (-60 dBFS) is silent
 FROM_SCRATCH, CONTINUE = "From scratch", "Continue a clip"
@@ -56,10 +59,10 @@ def _whole(label: str, value: object, lo: int, hi: int) -> int:
 
 
 def sampling_options(temperature: object, top_k: object, top_p: object) -> SamplingOptions:
-    """Temperature 0..2 (0 = greedy); top-k 0 (off) .. 256; top-p in (0, 1] (1 = off)."""
+    """Temperature 0..2 (0 = greedy); top-k 0 or None (off) .. 256; top-p in (0, 1] (1 or None = off)."""
     t = _number("Temperature", temperature, 0, MAX_TEMPERATURE)
-    k = _whole("Top-k", top_k, 0, 256)
-    p = _number("Top-p", top_p, 0, 1)
+    k = 0 if top_k is None else _whole("Top-k", top_k, 0, 256)
+    p = 1.0 if top_p is None else _number("Top-p", top_p, 0, 1)
     if p == 0:
         raise gr.Error("Top-p must be above 0 (1 keeps every token), got 0")
     return SamplingOptions(t, k or None, p if p < 1 else None)
@@ -103,6 +106,11 @@ def crop_preview(picture: object, prompt_rows: object) -> np.ndarray | None:
     return make_grid([faded], rows)
 
 
+def pcm16(tokens: np.ndarray) -> tuple[int, np.ndarray]:
+    """(rate, int16 samples) of mu-law tokens, as gr.Audio plays them unchanged (float arrays are peak-normalised)."""
+    return SAMPLE_RATE, tokens_to_pcm16(tokens)
+
+
 def _png(path: Path, image: np.ndarray) -> str:
     Image.fromarray(image).save(path, format="PNG")
     return str(path)
@@ -112,11 +120,27 @@ def _speed(report: MediaProgress) -> str:
     return f"{report.seconds:.1f} s, {report.total / max(report.seconds, 1e-9):,.0f} tokens/s"
 
 
-class Studio:
-    """The event functions, bound to the checkpoints of one folder on one device."""
+@dataclass
+class Job:
+    """A checked sampling job: the model's name, seeds and options, and the prompt."""
 
-    def __init__(self, registry: Registry):
+    model_name: str
+    seeds: list[int]
+    options: SamplingOptions
+    prompt: np.ndarray | None  # image: the 64x64 crop (None: from scratch); audio: float samples at 12 kHz
+    prompt_name: str | None  # the user's file name
+    rows: int = 0  # image: prompt rows
+    length: int = 0  # audio: samples to generate
+    prompt_seconds: float | None = None  # audio, as the user gave it
+
+
+class Studio:
+    """The event functions, bound to the checkpoints of one folder on one device; ``history`` keeps each
+    browser session's results (files and settings JSON) on the server."""
+
+    def __init__(self, registry: Registry, history: History | None = None):
         self.registry = registry
+        self.history = history or History()
 
     def _model(self, name: object, kind: str) -> SparseTransformer:
         try:
@@ -126,10 +150,19 @@ class Studio:
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
-    def complete_images(self, picture: object, prompt_rows: object, temperature: object, num_samples: object,
-                        seed: object, randomize: object, top_k: object, top_p: object, model_name: object,
-                        progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
-        """Complete the picture's bottom rows ``num_samples`` times: yields (preview grid, gallery, seed, status)."""
+    def default_model(self, name: object, kind: str) -> str:
+        """``name``, or the first model of ``kind`` when None."""
+        if name is None:
+            entries = self.registry.of_kind(kind)
+            if not entries:
+                raise gr.Error(f"there is no {kind} model in {self.registry.folder}")
+            return entries[0].name
+        return name
+
+    # ---- images ----
+
+    def image_job(self, picture: object, prompt_rows: object, num_samples: object, temperature: object,
+                  top_k: object, top_p: object, seed: int, model_name: object) -> Job:
         upload = uploaded(picture, "picture")
         rows = _whole("Prompt rows", prompt_rows, 0, 63)
         if upload is None and rows:
@@ -137,11 +170,19 @@ class Studio:
                            "sample whole pictures from scratch")
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
         options = sampling_options(temperature, top_k, top_p)
-        seed = choose_seed(seed, randomize)
+        if seed + n - 1 > MAX_SEED:
+            raise gr.Error(f"Seed + number of samples - 1 must be at most {MAX_SEED} (sample i uses seed + i), "
+                           f"got seed {seed}")
         original = _read(load_image, upload) if upload else None
-        model = self._model(model_name, "image")
+        model_name = self.default_model(model_name, "image")
+        return Job(str(model_name), list(range(seed, seed + n)), options, original, upload[1] if upload else None,
+                   rows=rows)
+
+    def run_images(self, job: Job, progress: Callable) -> Iterator[tuple[np.ndarray, str] | HistoryEntry]:
+        """Sample ``job``: yields (preview grid, status) while sampling, then the result's HistoryEntry."""
+        model = self._model(job.model_name, "image")
+        rows, seeds, n, original = job.rows, job.seeds, len(job.seeds), job.prompt
         image = original if original is not None else np.zeros((64, 64, 3), np.uint8)
-        seeds = list(range(seed, seed + n))
         # (file name, caption, picture) of the tiles around the samples: prompt | samples | original
         first = [("prompt", "prompt", masked_prompt(image, rows))] if rows else []
         last = [("original", "original", original)] if original is not None else []
@@ -151,72 +192,161 @@ class Studio:
         def grid(media: np.ndarray) -> np.ndarray:
             return make_grid([t for *_, t in first] + list(media) + [t for *_, t in last], rows, columns=columns)
 
-        reports = complete_image(model, image, rows, seeds, options, report_rows=REPORT_ROWS)
+        reports = complete_image(model, image, rows, seeds, job.options, report_rows=REPORT_ROWS)
         try:
             for report in reports:
                 progress((report.done, report.total), desc="Sampling", unit="tokens")
                 if report.finished:
                     break
-                yield grid(report.media), gr.skip(), seed, f"Sampling… {report.done:,} of {report.total:,} tokens"
+                yield grid(report.media), f"Sampling… {report.done:,} of {report.total:,} tokens"
         finally:
             reports.close()
         files = first + [(f"sample_{i + 1}_seed_{s}", f"seed {s}", report.media[i]) for i, s in enumerate(seeds)]
         files += last
         status = (f"{n} completion{'s' * (n > 1)} of {rows} prompt rows · seeds {seeds[0]}–{seeds[-1]} · "
-                  f"{_speed(report)} · model {model_name}")
-        with tempfile.TemporaryDirectory(prefix="studio-") as tmp:  # named files: downloads keep the names
-            gallery = [(_png(Path(tmp) / f"{name}.png", tile), caption) for name, caption, tile in files]
-            yield _png(Path(tmp) / "grid.png", grid(report.media)), gallery, seed, status
+                  f"{_speed(report)} · model {job.model_name}")
+        folder = self.history.new_folder()  # named files: downloads keep the names
+        gallery = [(_png(folder / f"{name}.png", tile), caption) for name, caption, tile in files]
+        grid_png = Path(_png(folder / "grid.png", grid(report.media)))
+        samples = [Path(p) for (p, c), (name, *_) in zip(gallery, files, strict=True) if name.startswith("sample")]
+        options = {"prompt_rows": rows, "num_samples": n, "temperature": job.options.temperature,
+                   "top_k": job.options.top_k, "top_p": job.options.top_p, "seed": seeds[0]}
+        recipe = self._recipe(folder, "image", options, job, "original.png" if original is not None else None,
+                              [p.name for p in samples])
+        yield HistoryEntry("image", folder, grid_png, samples, recipe, status, options, job.model_name,
+                           [(Path(p), c) for p, c in gallery])
 
-    def generate_clip(self, mode: object, clip: object, prompt_seconds: object, length_seconds: object,
-                      temperature: object, seed: object, randomize: object, top_k: object, top_p: object,
-                      model_name: object, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
-        """Generate ``length_seconds`` of audio, from scratch or after the clip's first ``prompt_seconds``:
-        yields (waveform + spectrogram picture, 16-bit WAV file at the end, seed, status)."""
-        if mode not in (FROM_SCRATCH, CONTINUE):
-            raise gr.Error(f"Start must be {FROM_SCRATCH!r} or {CONTINUE!r}, got {mode!r}")
-        upload = uploaded(clip, "clip") if mode == CONTINUE else None
-        if mode == CONTINUE and upload is None:
-            raise gr.Error("Upload a clip to continue (or pick an example), or choose 'From scratch'")
-        length = round(_number("Length (seconds)", length_seconds, 0, 3600) * SAMPLE_RATE)
-        options = sampling_options(temperature, top_k, top_p)
+    def _recipe(self, folder: Path, kind: str, options: dict, job: Job, prompt: str | None,
+                outputs: list[str]) -> Path:
+        card = self.registry.entry(job.model_name, kind).card
+        sha = card.get("weights", {}).get("sha256") if isinstance(card.get("weights"), dict) else None
+        return write_recipe(folder / "settings.json",
+                            make_recipe(kind, options, job.model_name, sha, prompt, job.seeds, outputs))
+
+    def complete_images(self, picture: object, prompt_rows: object, temperature: object, num_samples: object,
+                        seed: object, randomize: object, top_k: object, top_p: object, model_name: object,
+                        history: list | None = None, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        """Complete the picture's bottom rows ``num_samples`` times: yields (preview grid, gallery, seed, status,
+        this session's history)."""
         seed = choose_seed(seed, randomize)
-        prompt = None
+        job = self.image_job(picture, prompt_rows, num_samples, temperature, top_k, top_p, seed, model_name)
+        for out in self.run_images(job, progress):
+            if isinstance(out, HistoryEntry):
+                gallery = [(str(p), c) for p, c in out.gallery]
+                yield str(out.picture), gallery, seed, out.status, self.history.add(history, out)
+            else:
+                yield out[0], gr.skip(), seed, out[1], gr.skip()
+
+    # ---- audio ----
+
+    def audio_job(self, clip: object, prompt_seconds: object, length: int | None, num_samples: object,
+                  temperature: object, top_k: object, top_p: object, seed: int, model_name: object,
+                  length_label: str = "Length", length_given: object = None) -> Job:
+        """length None: what the model's context leaves after the prompt, at most 65,536 samples."""
+        upload = uploaded(clip, "clip")
+        n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
+        options = sampling_options(temperature, top_k, top_p)
+        if seed + n - 1 > MAX_SEED:
+            raise gr.Error(f"Seed + number of samples - 1 must be at most {MAX_SEED} (sample i uses seed + i), "
+                           f"got seed {seed}")
+        prompt, seconds = None, None
         if upload:
-            wanted = round(_number("Prompt length (seconds)", prompt_seconds, 0, 3600) * SAMPLE_RATE)
-            if wanted < 1:
-                raise gr.Error("Prompt length must be above 0 seconds when continuing a clip")
+            seconds = _number("Prompt length (seconds)", prompt_seconds, 0, 3600) if prompt_seconds is not None \
+                else None
             audio = _read(load_audio, upload)
-            prompt = audio[:wanted]
+            prompt = audio if seconds is None else audio[:round(seconds * SAMPLE_RATE)]
+            if len(prompt) < 1:
+                raise gr.Error("Prompt length must be above 0 seconds when continuing a clip")
             if np.abs(audio).max() < SILENCE:
                 raise gr.Error(f"{upload[1]} is silent (its loudest sample is below -60 dBFS): upload a clip with "
                                "sound, or choose 'From scratch'")
             if np.abs(prompt).max() < SILENCE:
                 raise gr.Error(f"the first {len(prompt) / SAMPLE_RATE:.2f} s of {upload[1]} are silent: use a longer "
                                "prompt, or a clip that starts with sound")
-        model = self._model(model_name, "audio")
-        context = model.cfg.seq_len
+        model_name = self.default_model(model_name, "audio")
+        try:
+            context = self.registry.entry(model_name, "audio").config.seq_len
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
         used = 0 if prompt is None else len(prompt)
         room = context - used
+        if length is None:
+            length = min(65_536, room)
         if not 1 <= length <= room:
             after = f" after a {used / SAMPLE_RATE:.2f} s prompt" if used else ""
-            raise gr.Error(f"Length must be above 0 and at most {room / SAMPLE_RATE:.2f} seconds: the model "
-                           f"{model_name} holds {context:,} samples ({context / SAMPLE_RATE:.2f} s){after}, "
-                           f"got {length_seconds!r} s")
-        reports = generate_audio(model, length, [seed], prompt, options, report_every=REPORT_SAMPLES)
+            raise gr.Error(f"{length_label} must be above 0 and at most {room / SAMPLE_RATE:.2f} seconds ({room:,} "
+                           f"samples): the model {model_name} holds {context:,} samples ({context / SAMPLE_RATE:.2f} "
+                           f"s){after}, got {length_given!r}")
+        return Job(str(model_name), list(range(seed, seed + n)), options, prompt, upload[1] if upload else None,
+                   length=length, prompt_seconds=seconds)
+
+    def run_audio(self, job: Job, progress: Callable) -> Iterator[tuple[np.ndarray, np.ndarray | None, str]
+                                                                  | HistoryEntry]:
+        """Sample ``job``: yields (picture, the first clip's tokens so far or None, status) while sampling (the
+        clip every STREAM_SAMPLES), then the result's HistoryEntry."""
+        model = self._model(job.model_name, "audio")
+        used = 0 if job.prompt is None else len(job.prompt)
+        length, seeds = job.length, job.seeds
+        reports = generate_audio(model, length, seeds, job.prompt, job.options, report_every=REPORT_SAMPLES)
+        streamed = 0
         try:
             for report in reports:
                 progress((report.done, report.total), desc="Sampling", unit="samples")
-                sampled = tokens_to_audio(report.media[0, : used + report.done])
+                done = report.done // len(seeds)  # the first clip's (all clips are one batch: MAX_SAMPLES <= 8)
+                sampled = tokens_to_audio(report.media[0, : used + done])
                 picture = audio_picture(sampled, used, used + length)
                 if report.finished:
                     break
-                yield picture, gr.skip(), seed, f"Sampling… {report.done / SAMPLE_RATE:.2f} of " \
-                                               f"{length / SAMPLE_RATE:.2f} s"
+                clip = None
+                if done - streamed >= STREAM_SAMPLES and done <= length:
+                    clip, streamed = report.media[0, : used + done].copy(), done
+                yield picture, clip, f"Sampling… {report.done / SAMPLE_RATE:.2f} of " \
+                                     f"{length * len(seeds) / SAMPLE_RATE:.2f} s"
         finally:
             reports.close()
         start = f"after a {used / SAMPLE_RATE:.2f} s prompt" if used else "from scratch"
-        status = f"{length / SAMPLE_RATE:.2f} s {start} · seed {seed} · {_speed(report)} · model {model_name}"
-        with tempfile.TemporaryDirectory(prefix="studio-") as tmp:  # a named 16-bit WAV: downloads keep the name
-            wav = save_wav(Path(tmp) / f"{'continuation' if used else 'generated'}_seed_{seed}.wav", report.media[0])
-            yield picture, str(wav), seed, status
+        n = len(seeds)
+        which = f"seed {seeds[0]}" if n == 1 else f"{n} clips · seeds {seeds[0]}–{seeds[-1]}"
+        status = f"{length / SAMPLE_RATE:.2f} s {start} · {which} · {_speed(report)} · model {job.model_name}"
+        folder = self.history.new_folder()  # named 16-bit WAVs: downloads keep the names
+        name = "continuation" if used else "generated"
+        wavs = [save_wav(folder / f"{name}_seed_{s}.wav", report.media[i]) for i, s in enumerate(seeds)]
+        picture_png = Path(_png(folder / "picture.png", picture))
+        prompt_file = None
+        if job.prompt is not None:  # the prompt exactly as it was used (float32 at 12 kHz): the recipe's prompt
+            import soundfile as sf
+            prompt_file = "prompt.wav"
+            sf.write(str(folder / prompt_file), job.prompt.astype(np.float32), SAMPLE_RATE, subtype="FLOAT")
+        options = {"prompt_seconds": None if job.prompt is None else len(job.prompt) / SAMPLE_RATE,
+                   "samples": length, "num_samples": n, "temperature": job.options.temperature,
+                   "top_k": job.options.top_k, "top_p": job.options.top_p, "seed": seeds[0]}
+        recipe = self._recipe(folder, "audio", options, job, prompt_file, [w.name for w in wavs])
+        yield HistoryEntry("audio", folder, picture_png, wavs, recipe, status, options, job.model_name, [])
+
+    def generate_clip(self, mode: object, clip: object, prompt_seconds: object, length_seconds: object,
+                      temperature: object, seed: object, randomize: object, top_k: object, top_p: object,
+                      model_name: object, history: list | None = None,
+                      progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+        """Generate ``length_seconds`` of audio, from scratch or after the clip's first ``prompt_seconds``:
+        yields (waveform + spectrogram picture, the clip (growing while sampling, then a 16-bit WAV), seed, status,
+        this session's history)."""
+        if mode not in (FROM_SCRATCH, CONTINUE):
+            raise gr.Error(f"Start must be {FROM_SCRATCH!r} or {CONTINUE!r}, got {mode!r}")
+        upload = clip if mode == CONTINUE else None
+        if mode == CONTINUE and upload is None:
+            raise gr.Error("Upload a clip to continue (or pick an example), or choose 'From scratch'")
+        length = round(_number("Length (seconds)", length_seconds, 0, 3600) * SAMPLE_RATE)
+        if upload is not None:
+            seconds = _number("Prompt length (seconds)", prompt_seconds, 0, 3600)
+            if round(seconds * SAMPLE_RATE) < 1:
+                raise gr.Error("Prompt length must be above 0 seconds when continuing a clip")
+        sampling_options(temperature, top_k, top_p)
+        seed = choose_seed(seed, randomize)
+        job = self.audio_job(upload, prompt_seconds if upload is not None else None, length, 1, temperature,
+                             top_k, top_p, seed, model_name, "Length", f"{length_seconds!r} s")
+        for out in self.run_audio(job, progress):
+            if isinstance(out, HistoryEntry):
+                yield str(out.picture), str(out.media[0]), seed, out.status, self.history.add(history, out)
+            else:
+                picture, tokens, status = out
+                yield picture, gr.skip() if tokens is None else pcm16(tokens), seed, status, gr.skip()

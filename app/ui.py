@@ -13,8 +13,10 @@ import gradio as gr
 
 from media.audio import SAMPLE_RATE
 
+from .api import api_functions
 from .cards import card_markdown, layout_picture
 from .handlers import CONTINUE, FROM_SCRATCH, MAX_SAMPLES, MAX_SEED, MAX_TEMPERATURE, Studio, crop_preview
+from .history import HISTORY_SIZE, HistoryEntry
 from .registry import Registry
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
@@ -35,6 +37,35 @@ CSS = """
 HEADER = """# Sparse Transformer studio
 Complete 64×64 pictures from their top rows and generate 12 kHz audio with Sparse Transformers
 (Child et al., 2019) running on this project's block-sparse attention kernels."""
+# Playback while sampling, in the page (no ffmpeg needed): each update of the result (a growing 16-bit WAV,
+# every 0.5 s of audio) is fetched and the part not yet scheduled is queued on one Web Audio clock, so the
+# clip plays on without gaps or restarts while the rest is sampled. START_PLAYER runs on the Generate click
+# (a user gesture: browsers let a page start audio then); STOP_PLAYER on Stop.
+START_PLAYER = """(live) => {
+  const old = window.studioPlayer;
+  if (old && old.ctx) old.ctx.close();
+  window.studioPlayer = live ? {ctx: new AudioContext(), scheduled: 0, start: null, chain: Promise.resolve(),
+                                sources: [], log: []} : null;
+}"""
+PLAY_GROWN = """(clip) => {
+  const s = window.studioPlayer;
+  if (!s || !clip || !clip.url) return;
+  s.chain = s.chain.then(async () => {
+    const data = await (await fetch(clip.url)).arrayBuffer();
+    const audio = await s.ctx.decodeAudioData(data);
+    if (audio.duration <= s.scheduled + 1e-3) return;
+    if (s.start === null) s.start = s.ctx.currentTime + 0.1;
+    const when = Math.max(s.start + s.scheduled, s.ctx.currentTime + 0.02);
+    const src = s.ctx.createBufferSource();
+    src.buffer = audio;
+    src.connect(s.ctx.destination);
+    src.start(when, s.scheduled);
+    s.start = when - s.scheduled;
+    s.log.push({at: performance.now(), from: s.scheduled, to: audio.duration});
+    s.scheduled = audio.duration;
+  }).catch((e) => { s.error = String(e); });
+}"""
+STOP_PLAYER = """() => { const s = window.studioPlayer; if (s && s.ctx) s.ctx.close(); window.studioPlayer = null; }"""
 TRAIN_HINT = "python train.py {kind} --data DIR --out runs/{kind} --config {kind}-cpu --export {name}"
 
 
@@ -87,7 +118,7 @@ def run_buttons(label: str) -> tuple[gr.Button, gr.Button]:
     return run, stop
 
 
-def image_tab(studio: Studio) -> None:
+def image_tab(studio: Studio, history: gr.State) -> None:
     registry = studio.registry
     if not registry.of_kind("image"):
         missing_kind(registry, "image")
@@ -121,12 +152,13 @@ def image_tab(studio: Studio) -> None:
     gr.on([picture.change, rows.release], crop_preview, [picture, rows], crop, preprocess=False,
           api_name="crop_preview", show_progress="hidden")
     event = run.click(studio.complete_images, [picture, rows, temperature, samples, seed, randomize, top_k, top_p,
-                                               model], [preview, gallery, seed, status], preprocess=False,
-                      api_name="complete_image", **sampling(registry))
+                                               model, history], [preview, gallery, seed, status, history],
+                      preprocess=False, api_name="complete_image", api_visibility="undocumented",
+                      **sampling(registry))
     stop.click(None, cancels=[event], api_name=False)
 
 
-def audio_tab(studio: Studio) -> None:
+def audio_tab(studio: Studio, history: gr.State) -> None:
     registry = studio.registry
     if not registry.of_kind("audio"):
         missing_kind(registry, "audio")
@@ -140,7 +172,8 @@ def audio_tab(studio: Studio) -> None:
             prompt_seconds = gr.Slider(0.05, round(longest, 2), round(min(1.0, longest / 2), 2), step=0.01,
                                        label="Prompt length (s)", info="the clip's first seconds, continued")
             length = gr.Slider(0.01, round(longest, 2), round(min(2.0, longest / 2), 2), step=0.01,
-                               label="Length (s)", info=f"up to {longest:.2f} s (the model's context) with the prompt")
+                               label="Length (s)", info=f"up to {longest:.2f} s (the model's context) with the prompt",
+                               elem_id="audio-length")
             temperature = gr.Slider(0, MAX_TEMPERATURE, 1.0, step=0.05, label="Temperature",
                                     info="0 = always the likeliest value")
             seed, randomize = seed_controls()
@@ -152,14 +185,49 @@ def audio_tab(studio: Studio) -> None:
         with gr.Column(scale=7, min_width=400):
             picture = gr.Image(label="Waveform and spectrogram: prompt grey, generated indigo", interactive=False,
                                format="png", height=300, buttons=["download"], elem_id="audio-picture")
-            result = gr.Audio(label="Result (16-bit WAV, 12 kHz)", type="numpy", format="wav", interactive=False,
-                              buttons=["download"], elem_id="audio-result")
+            result = gr.Audio(label="Result (16-bit WAV, 12 kHz; grows while sampling)", type="numpy", format="wav",
+                              interactive=False, buttons=["download"], elem_id="audio-result")
+            live = gr.Checkbox(True, label="Play while generating", elem_id="audio-live",
+                               info="hear the clip as it is sampled")
             status = gr.Markdown(elem_id="audio-status")
     clip.upload(lambda: CONTINUE, None, mode, api_name=False, queue=False)
+    run.click(None, [live], None, js=START_PLAYER, api_visibility="private", queue=False)
     event = run.click(studio.generate_clip, [mode, clip, prompt_seconds, length, temperature, seed, randomize,
-                                             top_k, top_p, model], [picture, result, seed, status],
-                      preprocess=False, api_name="generate_audio", **sampling(registry))
-    stop.click(None, cancels=[event], api_name=False)
+                                             top_k, top_p, model, history], [picture, result, seed, status, history],
+                      preprocess=False, api_name="generate_audio", api_visibility="undocumented",
+                      **sampling(registry))
+    result.change(None, [result], None, js=PLAY_GROWN, api_visibility="private", queue=False)
+    stop.click(None, cancels=[event], api_name=False, js=STOP_PLAYER)
+
+
+def history_tab(studio: Studio, history: gr.State) -> None:
+    """This browser session's results, newest first, each with its settings and files to download."""
+    gr.Markdown(f"This session's last {HISTORY_SIZE} results, newest first. Each downloads with its settings "
+                "JSON: `python sample.py --from-json settings.json` makes the same samples again (same model "
+                "weights, checked by their SHA-256).", elem_classes="caption")
+    clear = gr.Button("Clear history", size="sm", elem_id="history-clear")
+    clear.click(studio.history.clear, [history], [history], api_visibility="private", queue=False)
+
+    @gr.render(inputs=[history])
+    def show(entries: list) -> None:
+        if not entries:
+            gr.Markdown("No results yet: complete an image or generate a clip.", elem_id="history-empty")
+            return
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, HistoryEntry):
+                continue
+            with gr.Row(equal_height=False, elem_classes="history-entry"):
+                with gr.Column(scale=3, min_width=300):
+                    if entry.kind == "image":
+                        gr.Image(str(entry.picture), label=f"{len(entries) - i}. images", interactive=False,
+                                 format="png", buttons=["download"], height=200, elem_classes="pixelated")
+                    else:
+                        gr.Audio(str(entry.media[0]), label=f"{len(entries) - i}. audio", type="filepath",
+                                 interactive=False, buttons=["download"])
+                with gr.Column(scale=4, min_width=300):
+                    gr.Markdown(f"**{entry.status}**\n\n{entry.settings_line()} · model `{entry.model_name}`")
+                    gr.File(entry.downloads(), label="Settings JSON and samples", file_count="multiple",
+                            interactive=False, height=140)
 
 
 def models_tab(registry: Registry) -> None:
@@ -184,6 +252,15 @@ def sampling(registry: Registry) -> dict:
     return {"concurrency_limit": 1, "concurrency_id": f"sampling-{registry.device}"}
 
 
+def document(demo: gr.Blocks, dependency: dict, fn) -> None:
+    """Name each argument of a gr.api endpoint after its parameter and describe it from the function's
+    docstring ("Args:" lines), for the page's API view (gr.api labels them "1st", "2nd", ...)."""
+    _, described, _ = gr.utils.get_function_description(fn)
+    for component, name in zip(demo.fns[dependency["id"]].inputs, described, strict=True):
+        component.label = name
+        component._api_info = {**component._api_info, "additional_description": described[name]}
+
+
 def build_demo(registry: Registry) -> gr.Blocks:
     """The whole page for the checkpoints in ``registry``."""
     studio = Studio(registry)
@@ -191,15 +268,21 @@ def build_demo(registry: Registry) -> gr.Blocks:
         gr.Markdown(HEADER, elem_id="title")
         if not registry.entries:
             gr.Markdown(no_models(registry), elem_id="no-models")
+        history = gr.State([], delete_callback=studio.history.clear)  # this browser session's results
         with gr.Tabs():
             with gr.Tab("Image completion", id="image"):
-                image_tab(studio)
+                image_tab(studio, history)
             with gr.Tab("Audio", id="audio"):
-                audio_tab(studio)
+                audio_tab(studio, history)
+            with gr.Tab("History", id="history"):
+                history_tab(studio, history)
             with gr.Tab("Models", id="models"):
                 models_tab(registry)
+        for fn in api_functions(studio):
+            document(demo, gr.api(fn, api_name=fn.__name__, **sampling(registry)), fn)
         gr.Markdown(f"Running on `{registry.device}` with the checkpoints in `{registry.folder}`.",
                     elem_classes="caption")
+    demo.served_folders = [str(studio.history.root)]  # results (and API previews), for launch's allowed_paths
     return demo
 
 
@@ -208,6 +291,8 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bo
     os.environ.update(OFFLINE_ENVIRONMENT)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
     demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], theme=THEME, css=CSS, show_error=True,
+                max_file_size=MAX_UPLOAD,
+                allowed_paths=[str(EXAMPLES), *getattr(demo, "served_folders", [])], theme=THEME, css=CSS,
+                show_error=True,
                 ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, inbrowser=False,
                 quiet=not block)
