@@ -53,23 +53,23 @@ def _rows(t, N, R, L, PERMUTED: tl.constexpr):
 
 
 @triton.jit
-def _allowed(i, j, h, WINDOW, L, C, NSUB, KIND: tl.constexpr):
+def _allowed(i, j, th, WINDOW, L, C, NSUB, KIND: tl.constexpr):
     """The pattern's predicate (kernels/patterns.py ``allowed``) on original positions i [M, 1], j [1, N]
-    for head h."""
+    for table head th (the layout's head: 0 for every head when the layout is shared)."""
     ok = j <= i
     if KIND == LOCAL:
         ok = ok & (j >= i - WINDOW)
     elif KIND == STRIDED:
         ok = ok & ((i - j) % L == 0)
     elif KIND == FIXED:
-        hi = L - (h % NSUB) * C
+        hi = L - (th % NSUB) * C
         col = j % L
         ok = ok & ((j // L == i // L) | ((col >= hi - C) & (col < hi)))
     return ok
 
 
 @triton.jit
-def _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, off_ptr, idx_ptr, s_kn, N, R, L, WINDOW, C, NSUB,
+def _fwd_block_loop(acc, m_i, l_i, q, i, th, K, V, off_ptr, idx_ptr, s_kn, N, R, L, WINDOW, C, NSUB,
                     qk_scale, offs_n, offs_d, s_kd,
                     KIND: tl.constexpr, PERMUTED: tl.constexpr, MASKED: tl.constexpr,
                     BLOCK: tl.constexpr, PRECISION: tl.constexpr):
@@ -82,7 +82,7 @@ def _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, off_ptr, idx_ptr, s_kn, N, R, 
         v = tl.load(V + j[:, None] * s_kn + offs_d[None, :] * s_kd, mask=valid_k[:, None], other=0.0)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASKED:
-            s = tl.where(_allowed(i[:, None], j[None, :], h, WINDOW, L, C, NSUB, KIND), s, float("-inf"))
+            s = tl.where(_allowed(i[:, None], j[None, :], th, WINDOW, L, C, NSUB, KIND), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:  # a row may have seen no key yet: keep m_i = -inf but subtract 0
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,12 +99,13 @@ def _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, off_ptr, idx_ptr, s_kn, N, R, 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
                 full_off, full_idx, part_off, part_idx, s_off_h, s_full_h, s_part_h,
-                s_b, s_h, s_n, s_d, H, N, R, L, WINDOW, C, NSUB,
+                s_b, s_h, s_n, s_d, H, HT, N, R, L, WINDOW, C, NSUB,
                 KIND: tl.constexpr, PERMUTED: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                 PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
+    th = h % HT  # the head whose lists (and summary columns) apply: 0 when the layout is shared
     base = (bh // H) * s_b + h * s_h
     Q, K, V, O = Q + base, K + base, V + base, O + base
     offs_m = qb * BLOCK + tl.arange(0, BLOCK)
@@ -115,12 +116,12 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, D], tl.float32)
-    tab = h * s_off_h + qb
-    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, full_off + tab,
-                                    full_idx + h * s_full_h, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
+    tab = th * s_off_h + qb
+    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, th, K, V, full_off + tab,
+                                    full_idx + th * s_full_h, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
                                     offs_n, offs_d, s_d, KIND, PERMUTED, False, BLOCK, PRECISION)
-    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, h, K, V, part_off + tab,
-                                    part_idx + h * s_part_h, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
+    acc, m_i, l_i = _fwd_block_loop(acc, m_i, l_i, q, i, th, K, V, part_off + tab,
+                                    part_idx + th * s_part_h, s_n, N, R, L, WINDOW, C, NSUB, qk_scale,
                                     offs_n, offs_d, s_d, KIND, PERMUTED, True, BLOCK, PRECISION)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_i[:, None]
@@ -129,7 +130,7 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
 
 
 @triton.jit
-def _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, off_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C,
+def _bwd_kv_loop(dk, dv, k, v, j, th, Q, DO, LSE, DELTA, off_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C,
                  NSUB, qk_scale, offs_m, offs_d,
                  KIND: tl.constexpr, PERMUTED: tl.constexpr, MASKED: tl.constexpr,
                  BLOCK: tl.constexpr, PRECISION: tl.constexpr):
@@ -146,7 +147,7 @@ def _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, off_ptr, idx_ptr, s_n, s
         st = _dot(k, tl.trans(q), PRECISION) * qk_scale
         pt = tl.math.exp2(st - lse[None, :])
         if MASKED:
-            pt = tl.where(_allowed(i[None, :], j[:, None], h, WINDOW, L, C, NSUB, KIND), pt, 0.0)
+            pt = tl.where(_allowed(i[None, :], j[:, None], th, WINDOW, L, C, NSUB, KIND), pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, PRECISION)
         dpt = _dot(v, tl.trans(do), PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -157,12 +158,13 @@ def _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, off_ptr, idx_ptr, s_n, s
 @triton.jit
 def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
                    full_off, full_idx, part_off, part_idx, s_off_h, s_full_h, s_part_h,
-                   s_b, s_h, s_n, s_d, H, N, R, L, WINDOW, C, NSUB,
+                   s_b, s_h, s_n, s_d, H, HT, N, R, L, WINDOW, C, NSUB,
                    KIND: tl.constexpr, PERMUTED: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                    PRECISION: tl.constexpr):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
+    th = h % HT  # the head whose lists (and summary columns) apply: 0 when the layout is shared
     base = (bh // H) * s_b + h * s_h
     Q, K, V, DO, DK, DV = Q + base, K + base, V + base, DO + base, DK + base, DV + base
     LSE, DELTA = LSE + bh * N, DELTA + bh * N
@@ -173,12 +175,12 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
     v = tl.load(V + j[:, None] * s_n + offs_d[None, :] * s_d, mask=valid_k[:, None], other=0.0)
     dk = tl.zeros([BLOCK, D], tl.float32)
     dv = tl.zeros([BLOCK, D], tl.float32)
-    tab = h * s_off_h + kb
-    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, full_off + tab,
-                          full_idx + h * s_full_h, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
+    tab = th * s_off_h + kb
+    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, th, Q, DO, LSE, DELTA, full_off + tab,
+                          full_idx + th * s_full_h, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
                           offs_m, offs_d, KIND, PERMUTED, False, BLOCK, PRECISION)
-    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, h, Q, DO, LSE, DELTA, part_off + tab,
-                          part_idx + h * s_part_h, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
+    dk, dv = _bwd_kv_loop(dk, dv, k, v, j, th, Q, DO, LSE, DELTA, part_off + tab,
+                          part_idx + th * s_part_h, s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale,
                           offs_m, offs_d, KIND, PERMUTED, True, BLOCK, PRECISION)
     out = j[:, None] * s_n + offs_d[None, :] * s_d
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=valid_k[:, None])
@@ -186,7 +188,7 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
 
 
 @triton.jit
-def _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, off_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C, NSUB,
+def _bwd_q_loop(dq, q, do, lse, delta, i, th, K, V, off_ptr, idx_ptr, s_n, s_d, N, R, L, WINDOW, C, NSUB,
                 qk_scale, offs_n, offs_d,
                 KIND: tl.constexpr, PERMUTED: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK: tl.constexpr, PRECISION: tl.constexpr):
@@ -200,7 +202,7 @@ def _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, off_ptr, idx_ptr, s_n, s_d, N
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(_allowed(i[:, None], j[None, :], h, WINDOW, L, C, NSUB, KIND), p, 0.0)
+            p = tl.where(_allowed(i[:, None], j[None, :], th, WINDOW, L, C, NSUB, KIND), p, 0.0)
         dp = _dot(do, tl.trans(v), PRECISION)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, PRECISION)
@@ -210,12 +212,13 @@ def _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, off_ptr, idx_ptr, s_n, s_d, N
 @triton.jit
 def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
                   full_off, full_idx, part_off, part_idx, s_off_h, s_full_h, s_part_h,
-                  s_b, s_h, s_n, s_d, H, N, R, L, WINDOW, C, NSUB,
+                  s_b, s_h, s_n, s_d, H, HT, N, R, L, WINDOW, C, NSUB,
                   KIND: tl.constexpr, PERMUTED: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
                   PRECISION: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
+    th = h % HT  # the head whose lists (and summary columns) apply: 0 when the layout is shared
     base = (bh // H) * s_b + h * s_h
     Q, K, V, DO, DQ = Q + base, K + base, V + base, DO + base, DQ + base
     LSE, DELTA = LSE + bh * N, DELTA + bh * N
@@ -228,11 +231,11 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     lse = tl.load(LSE + i, mask=valid_q, other=float("inf"))
     delta = tl.load(DELTA + i, mask=valid_q, other=0.0)
     dq = tl.zeros([BLOCK, D], tl.float32)
-    tab = h * s_off_h + qb
-    dq = _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, full_off + tab, full_idx + h * s_full_h,
+    tab = th * s_off_h + qb
+    dq = _bwd_q_loop(dq, q, do, lse, delta, i, th, K, V, full_off + tab, full_idx + th * s_full_h,
                      s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale, offs_n, offs_d,
                      KIND, PERMUTED, False, BLOCK, PRECISION)
-    dq = _bwd_q_loop(dq, q, do, lse, delta, i, h, K, V, part_off + tab, part_idx + h * s_part_h,
+    dq = _bwd_q_loop(dq, q, do, lse, delta, i, th, K, V, part_off + tab, part_idx + th * s_part_h,
                      s_n, s_d, N, R, L, WINDOW, C, NSUB, qk_scale, offs_n, offs_d,
                      KIND, PERMUTED, True, BLOCK, PRECISION)
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid_q[:, None])
@@ -246,10 +249,11 @@ def _launch_args(layout: Layout, full, part, q: torch.Tensor) -> tuple[list, dic
     """Table pointers/strides, shape scalars and constexprs shared by the three kernels."""
     B, H, N, D = q.shape
     nsub = layout.pattern.subblocks if isinstance(layout.pattern, Fixed) else 1
-    per_head = layout.table_heads > 1  # else every head reads head 0's lists
+    # head h reads table head h % table_heads: its own lists, or head 0's (with head 0's summary columns)
+    # when the layout is shared, as the reference and the CPU path read it
     args = [full.offsets, full.index, part.offsets, part.index,
-            *((full.offsets.stride(0), full.index.stride(0), part.index.stride(0)) if per_head else (0, 0, 0)),
-            q.stride(0), q.stride(1), q.stride(2), q.stride(3), H, N, layout.rows,
+            full.offsets.stride(0), full.index.stride(0), part.index.stride(0),
+            q.stride(0), q.stride(1), q.stride(2), q.stride(3), H, layout.table_heads, N, layout.rows,
             layout.stride or 1, layout.window or 0, layout.summary or 1, nsub]
     meta = dict(KIND=layout.pattern.code, PERMUTED=layout.permuted, BLOCK=layout.block, D=D,
                 PRECISION=1 if q.dtype == torch.float32 else 2 if _interpreted() else 0,

@@ -78,6 +78,18 @@ def test_shared_layout_broadcasts_over_heads_and_custom_scale():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_shared_fixed_layout_with_distinct_summaries_uses_head_0s_summary_for_every_head(backend):
+    """A layout built with heads=1 is one pattern for all heads: head 0's lists and head 0's summary columns
+    (the reference and the CPU path read it so; the Triton kernel once mixed head 0's lists with head h's
+    summary columns)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v, do = (t.to(device) for t in inputs(77, torch.float32, heads=3, batch=1))
+    layout = make_layout("fixed", 77, 16, stride=24, summary=4, distinct_summaries=True)  # heads=1
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, backend), want, torch.float32)
+
 # local/all: band schedule; strided: in-place columns (N = 96) or band (N = 90); fixed: gather schedule.
 LAYOUT_KW = {"all": {}, "local": {"window": 9}, "strided": {"stride": 8}, "fixed": {"stride": 32, "summary": 4}}
 
