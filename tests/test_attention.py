@@ -15,6 +15,18 @@ PATTERNS = [
 ]
 PATTERN_IDS = ["all", "local", "strided", "fixed", "fixed-distinct"]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# The Triton kernels run compiled on CUDA tensors when there is a GPU, else in Triton's interpreter on CPU
+# tensors (conftest sets TRITON_INTERPRET=1 there); the CPU path and the reference take CPU tensors.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a test's tensors live on for ``backend``."""
+    return TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+
+
+def on(device, *tensors):
+    return tuple(t.to(device) for t in tensors)
 
 
 def inputs(n, dtype, heads=2, d=32, batch=2, seed=0):
@@ -54,8 +66,7 @@ def test_cpu_matches_reference(kind, kw, block, dtype, n):
 @pytest.mark.parametrize("n", [64, 77])
 def test_triton_matches_reference(kind, kw, block, dtype, n):
     """Under TRITON_INTERPRET=1 (set by conftest without a GPU) the same kernels run on the CPU."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v, do = (t.to(device) for t in inputs(n, dtype, batch=1))
+    q, k, v, do = on(TRITON_DEVICE, *inputs(n, dtype, batch=1))
     layout = make_layout(kind, n, block, heads=2, **kw)
     want = outputs_and_grads(q, k, v, do, layout, "reference")
     assert_close(outputs_and_grads(q, k, v, do, layout, "triton"), want, dtype)
@@ -63,7 +74,7 @@ def test_triton_matches_reference(kind, kw, block, dtype, n):
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_fp16_and_wide_heads(backend):
-    q, k, v, do = inputs(40, torch.float16, heads=1, d=128, batch=1)
+    q, k, v, do = on(device_for(backend), *inputs(40, torch.float16, heads=1, d=128, batch=1))
     layout = make_layout("local", 40, 16, window=10)
     want = outputs_and_grads(q, k, v, do, layout, "reference")
     assert_close(outputs_and_grads(q, k, v, do, layout, backend), want, torch.float16)
@@ -72,10 +83,10 @@ def test_fp16_and_wide_heads(backend):
 def test_shared_layout_broadcasts_over_heads_and_custom_scale():
     q, k, v, do = inputs(50, torch.float32, heads=4)
     layout = make_layout("strided", 50, 16, stride=5)  # heads=1: every head uses it
+    want = attention(q, k, v, layout, scale=0.3, backend="reference")
     for backend in ("cpu", "triton"):
-        got = attention(q, k, v, layout, scale=0.3, backend=backend)
-        want = attention(q, k, v, layout, scale=0.3, backend="reference")
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got = attention(*on(device_for(backend), q, k, v), layout, scale=0.3, backend=backend)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 
@@ -84,8 +95,7 @@ def test_shared_fixed_layout_with_distinct_summaries_uses_head_0s_summary_for_ev
     """A layout built with heads=1 is one pattern for all heads: head 0's lists and head 0's summary columns
     (the reference and the CPU path read it so; the Triton kernel once mixed head 0's lists with head h's
     summary columns)."""
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-    q, k, v, do = (t.to(device) for t in inputs(77, torch.float32, heads=3, batch=1))
+    q, k, v, do = on(device_for(backend), *inputs(77, torch.float32, heads=3, batch=1))
     layout = make_layout("fixed", 77, 16, stride=24, summary=4, distinct_summaries=True)  # heads=1
     want = outputs_and_grads(q, k, v, do, layout, "reference")
     assert_close(outputs_and_grads(q, k, v, do, layout, backend), want, torch.float32)
@@ -100,15 +110,17 @@ LAYOUT_KW = {"all": {}, "local": {"window": 9}, "strided": {"stride": 8}, "fixed
 def test_strided_input_views_give_the_same_values_and_grads(kind, n, dtype):
     """Non-contiguous q/k/v (split heads of a fused projection, as in the model) give the same values and grads."""
     g = torch.Generator().manual_seed(1)
-    qkv = torch.randn(1, n, 3, 2, 32, generator=g).to(dtype).requires_grad_()  # [B, N, 3, H, D]
+    qkv = torch.randn(1, n, 3, 2, 32, generator=g).to(dtype)  # [B, N, 3, H, D]
     dout = torch.randn(1, 2, n, 32, generator=g).to(dtype)
     layout = make_layout(kind, n, 16, heads=2, **LAYOUT_KW[kind])
 
     def run(backend):
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
+        device = device_for(backend)
+        leaf = qkv.detach().to(device).requires_grad_()
+        q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, D] views
         out = attention(q, k, v, layout, backend=backend)
-        (grad,) = torch.autograd.grad(out, qkv, dout)
-        return out, grad
+        (grad,) = torch.autograd.grad(out, leaf, dout.to(device))
+        return out.cpu(), grad.cpu()
 
     want = run("reference")
     tol = 1e-5 if dtype == torch.float32 else 2e-2
