@@ -59,8 +59,8 @@ def _allowed(i, j, th, WINDOW, L, C, NSUB, KIND: tl.constexpr):
     ok = j <= i
     if KIND == LOCAL:
         ok = ok & (j >= i - WINDOW)
-    elif KIND == STRIDED:
-        ok = ok & ((i - j) % L == 0)
+    elif KIND == STRIDED:  # (i - j) % L == 0, from one remainder per row and one per column (not per score)
+        ok = ok & ((i % L) == (j % L))
     elif KIND == FIXED:
         hi = L - (th % NSUB) * C
         col = j % L
