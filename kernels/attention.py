@@ -5,7 +5,6 @@ Decoding one position at a time reads the caches of sampling/kv_cache.py, not th
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -51,16 +50,6 @@ def _check_common(q: torch.Tensor, others: dict[str, torch.Tensor], layout: obje
     return float(scale)
 
 
-def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float | None = None,
               backend: str = "auto") -> torch.Tensor:
     """Causal block-sparse self-attention following ``layout``; differentiable.
@@ -93,12 +82,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
 def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
               backend: str) -> torch.Tensor:
     if backend == "triton":
-        if not _triton_available(q.device):
-            raise ValueError("backend='triton' needs triton installed and CUDA tensors "
-                             "(or TRITON_INTERPRET=1 to run the kernels on the CPU)")
-        from .triton_attention import triton_attention
-
-        return triton_attention(q, k, v, layout, scale)
+        try:
+            from . import triton_attention
+        except ImportError as exc:
+            raise ValueError(f"backend='triton' needs triton installed ({exc})") from exc
+        triton_attention.launch_mode(q.device)  # compiled for CUDA tensors, interpreted for CPU ones, or ValueError
+        return triton_attention.triton_attention(q, k, v, layout, scale)
     if backend == "cpu":
         if q.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got device {q.device}")

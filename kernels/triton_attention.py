@@ -11,8 +11,6 @@ pattern reads the [R, l] transposed view of q/k/v in place, without a copy.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -241,11 +239,36 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=valid_q[:, None])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# --- how the kernels run: decided once -------------------------------------------------------------------------
+# @triton.jit decided, when this module was imported, whether the kernels above are compiled (a JITFunction) or
+# run by Triton's interpreter (TRITON_INTERPRET=1 set at that moment); nothing later changes it. CUDA tensors
+# need the compiled kernels and CPU tensors the interpreted ones: ``launch_mode`` says which applies or why
+# neither does. Set TRITON_INTERPRET=1 before the first ``backend="triton"`` call (tests/conftest.py does so
+# on a machine without CUDA) to run the kernels on the CPU.
+INTERPRETED: bool = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
 
-def _launch_args(layout: Layout, full, part, q: torch.Tensor) -> tuple[list, dict]:
+def launch_mode(device: torch.device | str, interpreted: bool | None = None) -> str:
+    """"compiled" (CUDA tensors, compiled kernels) or "interpreted" (CPU tensors, interpreted kernels) for
+    tensors on ``device``; ValueError when this import's kernels cannot run there. ``interpreted`` defaults
+    to how this module's kernels were made (``INTERPRETED``)."""
+    device = torch.device(device)
+    interpreted = INTERPRETED if interpreted is None else interpreted
+    if device.type == "cuda" and not interpreted:
+        return "compiled"
+    if device.type == "cpu" and interpreted:
+        return "interpreted"
+    if device.type == "cuda":
+        raise ValueError("backend='triton' needs compiled kernels for CUDA tensors, but kernels.triton_attention "
+                         "was imported with TRITON_INTERPRET=1 (its kernels run in Triton's interpreter); unset "
+                         "TRITON_INTERPRET before the first backend='triton' call")
+    if device.type == "cpu":
+        raise ValueError("backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+                         "kernels.triton_attention is first imported (its kernels were made for the GPU)")
+    raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors in Triton's interpreter), got {device}")
+
+
+def _launch_args(layout: Layout, full, part, q: torch.Tensor, mode: str) -> tuple[list, dict]:
     """Table pointers/strides, shape scalars and constexprs shared by the three kernels."""
     B, H, N, D = q.shape
     nsub = layout.pattern.subblocks if isinstance(layout.pattern, Fixed) else 1
@@ -256,7 +279,7 @@ def _launch_args(layout: Layout, full, part, q: torch.Tensor) -> tuple[list, dic
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), H, layout.table_heads, N, layout.rows,
             layout.stride or 1, layout.window or 0, layout.summary or 1, nsub]
     meta = dict(KIND=layout.pattern.code, PERMUTED=layout.permuted, BLOCK=layout.block, D=D,
-                PRECISION=1 if q.dtype == torch.float32 else 2 if _interpreted() else 0,
+                PRECISION=1 if q.dtype == torch.float32 else 2 if mode == "interpreted" else 0,
                 num_warps=8 if layout.block * D >= 128 * 128 else 4)
     return args, meta
 
@@ -271,7 +294,7 @@ class TritonAttention(torch.autograd.Function):
         kv_full, kv_part, q_full, q_part = layout.tables(q.device)
         o = torch.empty_like(q)
         lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
-        args, meta = _launch_args(layout, kv_full, kv_part, q)
+        args, meta = _launch_args(layout, kv_full, kv_part, q, launch_mode(q.device))
         grid = (layout.num_blocks, B * H)
         _fwd_kernel[grid](q, k, v, o, lse, scale * LOG2E, *args, **meta)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -288,9 +311,10 @@ class TritonAttention(torch.autograd.Function):
         kv_full, kv_part, q_full, q_part = layout.tables(q.device)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         grid = (layout.num_blocks, B * H)
-        args, meta = _launch_args(layout, q_full, q_part, q)
+        mode = launch_mode(q.device)
+        args, meta = _launch_args(layout, q_full, q_part, q, mode)
         _bwd_kv_kernel[grid](q, k, v, do, dk, dv, lse, delta, scale * LOG2E, scale, *args, **meta)
-        args, meta = _launch_args(layout, kv_full, kv_part, q)
+        args, meta = _launch_args(layout, kv_full, kv_part, q, mode)
         _bwd_q_kernel[grid](q, k, v, do, dq, lse, delta, scale * LOG2E, scale, *args, **meta)
         return dq, dk, dv, None, None
 

@@ -182,9 +182,40 @@ def test_bad_inputs_name_the_problem(monkeypatch):
         args = dict(q=q, k=k, v=v, layout=layout) | change
         with pytest.raises(ValueError, match=message):
             attention(**args)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="backend='triton' needs"):
+    import kernels.triton_attention as ta
+
+    monkeypatch.setattr(ta, "INTERPRETED", False)  # kernels made for the GPU: CPU tensors cannot run them
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         attention(q, k, v, layout, backend="triton")
+
+
+def test_triton_launch_mode_follows_the_device_and_how_the_kernels_were_made():
+    """CUDA tensors run the compiled kernels, CPU tensors the interpreted ones; any other pairing is refused."""
+    from kernels.triton_attention import launch_mode
+
+    assert launch_mode(torch.device("cuda", 0), interpreted=False) == "compiled"
+    assert launch_mode("cpu", interpreted=True) == "interpreted"
+    for device, interpreted, message in [("cuda", True, "imported with TRITON_INTERPRET=1"),
+                                         ("cpu", False, "needs CUDA tensors, or CPU tensors"),
+                                         ("meta", True, "got meta"), ("meta", False, "got meta")]:
+        with pytest.raises(ValueError, match=message):
+            launch_mode(device, interpreted=interpreted)
+
+
+def test_triton_kernels_are_interpreted_only_when_triton_interpret_is_set_at_import():
+    """The decision is made once, when kernels.triton_attention is imported (as @triton.jit makes it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import kernels.triton_attention as ta, torch; print(ta.INTERPRETED); "
+            "print(ta.launch_mode('cpu') if ta.INTERPRETED else ta.launch_mode('cuda'))")
+    for value, want in (("1", "True\ninterpreted"), ("0", "False\ncompiled")):
+        env = {**os.environ, "TRITON_INTERPRET": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        assert out.stdout.strip() == want
 
 
 def test_cpu_gather_schedule_rebuilds_masks_when_they_do_not_fit(monkeypatch):
