@@ -176,6 +176,7 @@ def test_bad_inputs_name_the_problem(monkeypatch):
         (dict(layout="local"), "layout must be a kernels.Layout"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(scale=-1.0), "scale must be a positive"),
+        (dict(fp32_precision="tf32"), "fp32_precision must be one of"),
         (dict(q=[[1.0]]), "q must be a torch.Tensor"),
     ]
     for change, message in cases:
@@ -203,19 +204,24 @@ def test_triton_launch_mode_follows_the_device_and_how_the_kernels_were_made():
 
 
 def test_triton_kernels_are_interpreted_only_when_triton_interpret_is_set_at_import():
-    """The decision is made once, when kernels.triton_attention is imported (as @triton.jit makes it)."""
+    """The decision is made once, when kernels.triton_attention is imported (as @triton.jit makes it): this
+    process imported it one way (interpreted without CUDA, compiled with), a fresh one with the other setting
+    makes the other kind."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    import kernels.triton_attention as ta
+
+    assert ta.INTERPRETED == (not torch.cuda.is_available())  # conftest sets TRITON_INTERPRET=1 without CUDA
     code = ("import kernels.triton_attention as ta, torch; print(ta.INTERPRETED); "
             "print(ta.launch_mode('cpu') if ta.INTERPRETED else ta.launch_mode('cuda'))")
-    for value, want in (("1", "True\ninterpreted"), ("0", "False\ncompiled")):
-        env = {**os.environ, "TRITON_INTERPRET": value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1])
-        assert out.stdout.strip() == want
+    value, want = ("0", "False\ncompiled") if ta.INTERPRETED else ("1", "True\ninterpreted")
+    env = {**os.environ, "TRITON_INTERPRET": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == want
 
 
 def test_cpu_gather_schedule_rebuilds_masks_when_they_do_not_fit(monkeypatch):
@@ -242,3 +248,140 @@ def test_cpu_strided_read_in_place_matches_reference(block, dtype):
     q, k, v, do = inputs(n, dtype, heads=3)
     want = outputs_and_grads(q, k, v, do, layout, "reference")
     assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"), want, dtype)
+
+
+# --- the Triton backend's launch: configs, fallbacks, grid limits, int64 offsets, fp32 precision -------------
+
+
+def test_triton_config_table_gives_tiles_that_divide_the_block():
+    """Every (pass, block, D, dtype) has a chain of configs: the table's first, then fallbacks down to 16 x 16;
+    the compute tiles are powers of two from 16 up that divide the layout block."""
+    from kernels.layout import BLOCK_SIZES
+    from kernels.triton_attention import CONFIGS, PASSES, configs
+
+    assert set(CONFIGS) == {(p, b) for p in PASSES for b in BLOCK_SIZES}
+    for (kernel_pass, block), row in CONFIGS.items():
+        for d in (32, 64, 128):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                chain = configs(kernel_pass, block, d, dtype)
+                assert chain[0] == row[(2 if dtype == torch.float32 else 0) + (d > 64)]
+                assert len(set(chain)) == len(chain) and chain[-1].own == chain[-1].step == 16
+                assert chain[-1].stages == 1
+                for cfg in chain:
+                    for tile in (cfg.own, cfg.step):
+                        assert 16 <= tile <= block and block % tile == 0 and tile & (tile - 1) == 0
+                    assert cfg.warps in (1, 2, 4, 8) and cfg.stages >= 1
+
+
+SUB_TILES = {"own-32-step-16": (32, 16), "own-16-step-32": (16, 32)}
+
+
+@pytest.mark.parametrize("tiles", list(SUB_TILES.values()), ids=list(SUB_TILES))
+@pytest.mark.parametrize("kind,kw", PATTERNS, ids=PATTERN_IDS)
+def test_triton_compute_tiles_smaller_than_the_block_match_reference(kind, kw, tiles, monkeypatch):
+    """Programs that own part of a layout block and walk the listed blocks in smaller steps give the same
+    values and gradients (every pass, block 64, N not a multiple of the block)."""
+    import kernels.triton_attention as ta
+
+    own, step = tiles
+    cfg = ta.Config(own, step, 4, 2)
+    monkeypatch.setattr(ta, "CONFIGS", {**ta.CONFIGS, **{(p, 64): (cfg,) * 4 for p in ta.PASSES}})
+    monkeypatch.setattr(ta, "_CHOSEN", {})
+    q, k, v, do = on(TRITON_DEVICE, *inputs(100, torch.float32, heads=2, batch=1))
+    layout = make_layout(kind, 100, 64, heads=2, **kw)
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, "triton"), want, torch.float32)
+    assert {c for key, c in ta._CHOSEN.items()} == {cfg}
+
+
+class DoesNotFit:
+    """Stands in for a Triton kernel: launches with fewer than ``stages`` stages, refuses the others as a GPU
+    without enough shared memory would (Triton raises OutOfResources before anything runs)."""
+
+    def __init__(self, kernel, stages):
+        self.kernel, self.stages, self.tried = kernel, stages, []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_stages, **kw):
+            self.tried.append(num_stages)
+            if num_stages >= self.stages:
+                import triton
+
+                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+            return self.kernel[grid](*args, num_stages=num_stages, **kw)
+
+        return launch
+
+
+def test_triton_falls_back_to_a_config_that_fits_and_remembers_it(monkeypatch):
+    import kernels.triton_attention as ta
+
+    fake = DoesNotFit(ta._fwd_kernel, stages=2)
+    monkeypatch.setattr(ta, "_fwd_kernel", fake)
+    monkeypatch.setattr(ta, "_CHOSEN", {})
+    q, k, v, _ = on(TRITON_DEVICE, *inputs(40, torch.float32, heads=2, batch=1))
+    layout = make_layout("local", 40, 16, heads=2, window=9)
+    want = attention(q, k, v, layout, backend="reference")
+    torch.testing.assert_close(attention(q, k, v, layout, backend="triton"), want, rtol=1e-5, atol=1e-5)
+    first = ta.configs("fwd", 16, 32, torch.float32)[0]
+    assert fake.tried == list(range(first.stages, 0, -1))  # the table's stages, then fewer, down to 1
+    (chosen,) = [c for key, c in ta._CHOSEN.items() if key[0] == "fwd"]
+    assert chosen.stages == 1
+    fake.tried.clear()
+    attention(q, k, v, layout, backend="triton")
+    assert fake.tried == [1]  # the config that fitted is launched directly next time
+
+
+def test_triton_reports_when_no_config_fits_and_passes_other_errors_through(monkeypatch):
+    import kernels.triton_attention as ta
+
+    monkeypatch.setattr(ta, "_fwd_kernel", DoesNotFit(ta._fwd_kernel, stages=0))
+    monkeypatch.setattr(ta, "_CHOSEN", {})
+    q, k, v, _ = on(TRITON_DEVICE, *inputs(40, torch.float32, heads=2, batch=1))
+    layout = make_layout("local", 40, 16, heads=2, window=9)
+    with pytest.raises(RuntimeError, match="no config of the fwd kernel fits"):
+        attention(q, k, v, layout, backend="triton")
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                raise TypeError("a bug, not a size")
+
+            return launch
+
+    monkeypatch.setattr(ta, "_fwd_kernel", Broken())
+    with pytest.raises(TypeError, match="a bug"):
+        attention(q, k, v, layout, backend="triton")
+
+
+def test_triton_grid_limits_raise_a_clear_error():
+    """The grid is (tiles, H, B): CUDA allows 65,535 on its second and third axes."""
+    layout = make_layout("local", 16, 16, window=4)
+    small = torch.zeros(1, 1, 16, 32, device=TRITON_DEVICE)
+    for shape, name in (((65536, 1, 16, 32), "batch B"), ((1, 65536, 16, 32), "heads H")):
+        x = small.expand(*shape)  # no memory: the check comes before anything is copied
+        with pytest.raises(ValueError, match=f"{name} must be <= 65,535"):
+            attention(x, x, x, layout, backend="triton")
+
+
+@pytest.mark.parametrize("kind,kw", [("local", {"window": 20}), ("strided", {"stride": 7})])
+def test_triton_int64_offsets_match_reference(kind, kw, monkeypatch):
+    """Offsets switch to int64 past 2^31 elements per (batch, head) slice; forced on here, same results."""
+    import kernels.triton_attention as ta
+
+    monkeypatch.setattr(ta, "INT32_LIMIT", 1)
+    q, k, v, do = on(TRITON_DEVICE, *inputs(77, torch.float32, batch=2))
+    layout = make_layout(kind, 77, 32, heads=2, **kw)
+    assert ta.pass_call("fwd", layout, "compiled", 1.0, q, k, v, q, q)[2]["OFF64"]
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    assert_close(outputs_and_grads(q, k, v, do, layout, "triton"), want, torch.float32)
+
+
+def test_triton_fp32_tf32x3_option_within_the_fp32_tolerance():
+    """fp32_precision="tf32x3" (tensor cores on the GPU; the interpreter computes it in fp32)."""
+    q, k, v, do = on(TRITON_DEVICE, *inputs(77, torch.float32, batch=1))
+    layout = make_layout("fixed", 77, 32, heads=2, stride=24, summary=4, distinct_summaries=True)
+    want = outputs_and_grads(q, k, v, do, layout, "reference")
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    o = attention(q, k, v, layout, backend="triton", fp32_precision="tf32x3")
+    assert_close((o, *torch.autograd.grad(o, (q, k, v), do)), want, torch.float32)
