@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The first-GPU check of issue 29, in one run of under 8 minutes (BUDGET_S, default 470 s), each stage with its
-# own timeout so that one hang cannot eat the rest. Results (JSON) and logs go to OUT.
+# The first-GPU check of issue 29, in one run of under 8 minutes (BUDGET_S, default 450 s, plus at most 10 s per
+# stage to kill one that overran), each stage with its own timeout so that one hang cannot eat the rest.
+# Results (JSON) and logs go to OUT.
 #
 #   bash bench/gpu_check.sh [OUT]             OUT: this argument, else $OUT, else ./gpu_check_out
 #   bash bench/gpu_check.sh --dry-run [OUT]   anywhere, no GPU needed: imports, arguments, test collection
@@ -29,7 +30,7 @@ OUT_DIR="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$OUT_DIR" || exit 2
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-470}"
+BUDGET_S="${BUDGET_S:-450}"
 STAGES="${STAGES:-versions patterns resources pytest attention train big summary}"
 GPU_NS="${GPU_NS:-16384,65536,3072,12288}"
 START=$(date +%s)
@@ -84,7 +85,7 @@ last_json_line() {  # log -> json: the benchmark's last line, if it is JSON
 echo "GPU check -> $OUT_DIR (budget ${BUDGET_S}s, stages: $STAGES$([ "$DRY" = 1 ] && echo ', dry run'))"
 
 # 1. versions
-run_stage versions 30 440 "$PY" -m bench.gpu_check versions --out "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
+run_stage versions 30 420 "$PY" -m bench.gpu_check versions --out "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 
 # 2. checks that time nothing, side by side (pytest's 8 workers and the two stages share the GPU and the CPUs)
 if [ "$DRY" = 1 ]; then

@@ -1,12 +1,17 @@
 """Fused block-sparse FlashAttention in Triton (CUDA; tested on the CPU with TRITON_INTERPRET=1).
 
-One program per (query block, batch * head) walks the layout's key-block lists:
-the full blocks first with no mask, then the partial ones with the pattern's
-element predicate. The forward saves the log-sum-exp; the backward recomputes
-the probabilities in two passes without atomics: dK/dV per key block (walking
-the transposed lists) and dQ per query block. Rows are mapped from the physical
-(block) order to the original order by pointer arithmetic, so the strided
-pattern reads the [R, l] transposed view of q/k/v in place, without a copy.
+One program per (tile of a query block, head, batch element) walks the layout's
+key-block lists: the full blocks first with no mask, then the partial ones with
+the pattern's element predicate. The forward saves the log-sum-exp; the backward
+recomputes the probabilities in two passes without atomics: dK/dV per key block
+(walking the transposed lists) and dQ per query block. Rows are mapped from the
+physical (block) order to the original order by pointer arithmetic, so the
+strided pattern reads the [R, l] transposed view of q/k/v in place, without a copy.
+
+How a pass launches (compute tiles, warps, stages) comes from one table,
+``CONFIGS``, with fallbacks where a launch does not fit the GPU; whether the
+kernels are compiled or interpreted is fixed when this module is imported
+(``launch_mode``).
 """
 
 from __future__ import annotations
