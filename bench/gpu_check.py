@@ -20,6 +20,8 @@ pytest and the GPU rows of bench.attention and bench.train between them); one st
              identities sum_j dV_j = sum_i dO_i and sum_j dK_j = 0; then, memory permitting, a B = 32
              forward (B * H * N * D = 2^32 elements) whose last batch element must equal a B = 1 call.
   summary    reads every stage's JSON in OUT and prints one table.
+  tune       (optional, not in the default run) each pass alone, timed with the table's config and its
+             neighbours, per (block, D) of --blocks / --dims, at N = --tune-n: informs the next CONFIGS edit.
 
 ``--dry-run`` checks imports and arguments and skips what needs CUDA with a clear message (runs anywhere).
 """
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("versions", "patterns", "resources", "big", "summary")
+STAGES = ("versions", "patterns", "resources", "big", "summary", "tune")
 TOLERANCE = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-5}  # as tests/test_attention.py
 PATTERNS = {
     "all": ("all", {}, 0),
@@ -377,6 +379,105 @@ def print_resources(rows: list[dict], where: str) -> None:
               f"{r.get('registers')!s:>5} {r.get('spills')!s:>6} {r.get('shared')!s:>7} {r.get('wgmma')!s:>5}")
 
 
+# --- tune (optional) -------------------------------------------------------------------------------------------
+
+
+def neighbours(cfg, block: int) -> list:
+    """``cfg`` and the configs one change away: own or step halved or doubled, the other warp count, one stage
+    fewer or more (tiles from 16 up to the block)."""
+    from dataclasses import replace
+
+    out = [cfg]
+    out += [replace(cfg, own=x) for x in (cfg.own // 2, cfg.own * 2) if 16 <= x <= block]
+    out += [replace(cfg, step=x) for x in (cfg.step // 2, cfg.step * 2) if 16 <= x <= block]
+    out.append(replace(cfg, warps=8 if cfg.warps == 4 else 4))
+    out += [replace(cfg, stages=x) for x in (cfg.stages - 1, cfg.stages + 1) if 1 <= x <= 4]
+    return list(dict.fromkeys(out))
+
+
+def time_ms(fn) -> float:
+    """Median milliseconds of ``fn()``: triton's do_bench on CUDA, wall time of 3 calls elsewhere."""
+    if DEVICE == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=40, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times)[1]
+
+
+def tune_rows(args: argparse.Namespace) -> list[dict]:
+    import kernels.triton_attention as ta
+    from kernels import make_layout
+
+    mode = ta.launch_mode(DEVICE)
+    rows, n, heads, dtype = [], args.tune_n, args.tune_heads, getattr(torch, args.dtypes.split(",")[0])
+    for block, d, _ in resource_grid(args):
+        layout = make_layout(args.kind, n, block, heads=heads, **PATTERNS[args.kind][1])
+        q, k, v, do = _inputs(1, heads, n, d, dtype, DEVICE)
+        o, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
+        lse = torch.empty(heads, n, device=q.device, dtype=torch.float32)
+        scale = d**-0.5
+        ta._launch("fwd", *ta.pass_call("fwd", layout, mode, scale, q, k, v, o, lse), layout, q, mode)
+        delta = (o.float() * do.float()).sum(-1).reshape(heads, n)
+        outputs = {"fwd": (o, lse), "dkv": (dk, dv), "dq": (dq,)}
+        for kernel_pass in ta.PASSES:
+            kernel, kargs, meta = ta.pass_call(kernel_pass, layout, mode, scale, q, k, v, o, lse, do, delta,
+                                               dq, dk, dv)
+            table = ta.configs(kernel_pass, block, d, dtype)[0]
+            want = None
+            for cfg in neighbours(table, block):
+                row = {"block": block, "D": d, "pass": kernel_pass, "config": cfg.__dict__, "table": cfg == table}
+                grid = (layout.num_blocks * (block // cfg.own), heads, 1)
+
+                def run(kernel=kernel, grid=grid, kargs=kargs, meta=meta, cfg=cfg):
+                    return kernel[grid](*kargs, **meta, **ta.launch_options(cfg))
+
+                try:
+                    compiled = run()
+                    sync()
+                    got = [t.float().clone() for t in outputs[kernel_pass]]
+                    if want is None:
+                        want = got
+                    row["max_rel_diff_vs_table"] = max(rel_err(a, b) for a, b in zip(got, want, strict=True))
+                    row["ms"] = round(time_ms(run), 4)
+                    if mode == "compiled":
+                        row.update(_kernel_facts(compiled))
+                except Exception as exc:
+                    row["error"] = error_text(exc)
+                rows.append(row)
+                print(json.dumps(row))
+        del q, k, v, do, o, dq, dk, dv, lse, delta
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def stage_tune(args: argparse.Namespace) -> dict:
+    """Each pass alone, timed with the table's config and its neighbours (``neighbours``) at N = --tune-n and
+    H = --tune-heads, bf16, per (block, D): milliseconds, the result's largest difference from the table config's,
+    and the kernel's registers, spills and shared memory. Not in the default run: it informs the next CONFIGS edit."""
+    skipped = cuda_or_skip(args, "tune")
+    if skipped:
+        return skipped
+    rows = tune_rows(args)
+    best = {}
+    for r in rows:
+        if "ms" in r:
+            key = f"b{r['block']}_D{r['D']}_{r['pass']}"
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = {"ms": r["ms"], "config": r["config"], "table": r["table"]}
+    for key, b in best.items():
+        print(f"[tune] {key}: fastest {b['config']} in {b['ms']} ms{' (the table)' if b['table'] else ''}")
+    bad = [r for r in rows if "error" in r or r.get("max_rel_diff_vs_table", 0) > 1e-2]
+    return {"stage": "tune", "status": "ok" if not bad else "failed", "N": args.tune_n, "H": args.tune_heads,
+            "kind": args.kind,
+            "dtype": args.dtypes.split(",")[0], "rows": rows, "fastest": best, "bad": bad}
+
+
 # --- big -----------------------------------------------------------------------------------------------------
 
 
@@ -489,7 +590,7 @@ def stage_big(args: argparse.Namespace) -> dict:
 # --- summary -------------------------------------------------------------------------------------------------
 
 
-SUMMARY_ORDER = ("versions", "patterns", "resources", "pytest", "attention", "train", "big")
+SUMMARY_ORDER = ("versions", "patterns", "resources", "pytest", "attention", "train", "big", "tune")
 
 
 def _read(path: Path) -> dict | None:
@@ -580,6 +681,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="resources: the pattern compiled")
     p.add_argument("--fp32-precision", default="ieee", choices=("ieee", "tf32x3"),
                    help="resources: how fp32 inputs are multiplied")
+    p.add_argument("--tune-n", type=int, default=16384, help="tune: sequence length")
+    p.add_argument("--tune-heads", type=int, default=16, help="tune: heads")
     args = p.parse_args(argv)
     for name in ("blocks", "dims"):
         try:

@@ -17,6 +17,8 @@
 #   train      bench.train --gpu-only: the paper's ImageNet-64 config, MFU    ~45 s,  70 s
 #   big        fwd+bwd at N=65,536, H=16, D=128; B=32 int64-offset forward    ~30 s,  60 s
 #   summary    one table of every stage                                       ~2 s
+#   tune       optional (STAGES="tune"): each pass alone with the table's config and its neighbours, timed,
+#              blocks 64 and 128, D 64 and 128, N 16,384                      ~120 s, 240 s
 # Environment: PYTHON (default python3), STAGES (a space-separated subset, in any order; they run in the order
 # above), BUDGET_S, GPU_NS (bench.attention's lengths, default 16384,65536,3072,12288: targets first).
 # Each stage writes OUT/run_<stage>.json (status, exit code, seconds, limit) and OUT/<stage>.log; the python
@@ -112,6 +114,10 @@ fi
 
 # 4. the largest problem last: if it takes the machine down, everything else is already written
 run_stage big 60 0 "$PY" -m bench.gpu_check big --out "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
+
+# optional: not in the default STAGES
+run_stage tune 240 0 "$PY" -m bench.gpu_check tune --out "$OUT_DIR" --blocks 64,128 --dims 64,128 \
+  ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 
 if selected summary; then
   "$PY" -m bench.gpu_check summary --out "$OUT_DIR" > "$OUT_DIR/summary.log" 2>&1

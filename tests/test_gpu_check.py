@@ -55,3 +55,19 @@ def test_big_case_checks_hold_on_a_small_problem(kind, monkeypatch):
     assert rec["finite"]
     assert max(rec["rows_out_rel_err"], rec["rows_dq_rel_err"], rec["dv_sum_rel_err"]) <= gc.TOLERANCE["bfloat16"]
     assert rec["dk_sum_over_dk_max"] < 0.5  # reported only: bf16 rounding keeps it from 0
+
+
+def test_tune_times_the_table_config_and_its_neighbours(monkeypatch):
+    """The optional tune stage on one small (block, D): every neighbour runs and agrees with the table's config."""
+    from kernels.triton_attention import configs
+
+    monkeypatch.setattr(gc, "DEVICE", DEVICE)
+    args = gc.parse_args(["tune", "--blocks", "32", "--dims", "32", "--tune-n", "64", "--tune-heads", "1",
+                          "--dtypes", "float32"])
+    rows = gc.tune_rows(args)
+    for kernel_pass in ("fwd", "dkv", "dq"):
+        mine = [r for r in rows if r["pass"] == kernel_pass]
+        assert len(mine) == len(gc.neighbours(configs(kernel_pass, 32, 32, torch.float32)[0], 32)) > 1
+        assert sum(r["table"] for r in mine) == 1
+        for r in mine:
+            assert "error" not in r and r["max_rel_diff_vs_table"] < 1e-5 and r["ms"] > 0, r
