@@ -1,9 +1,10 @@
 """Benchmark the block-sparse attention kernels on the Sparse Transformer's local + strided "pair".
 
-Run: ``python -m bench.attention [--quick] [--ns 3072,12288,65536] [--no-flex] [--repeats R]``.
+Run: ``python -m bench.attention [--quick] [--ns 3072,12288,65536] [--no-flex] [--repeats R]``; on a GPU machine
+``python -m bench.attention --gpu-only [--gpu-ns 16384,65536] [--json-out PATH]`` runs the GPU rows alone.
 Prints readable tables; the LAST line printed is one line of JSON with the headline figures.
 
-What is measured (CPU, always; B=1, H=4, D=64, float32, causal):
+What is measured (CPU, unless --gpu-only; B=1, H=4, D=64, float32, causal):
   * Layout build: median wall time of ``make_layout`` for the local and strided patterns, blocks 32 and 64.
   * For each N, forward and forward+backward wall time (median of --repeats after one warm-up call) of
       - dense causal SDPA (``F.scaled_dot_product_attention(is_causal=True)``), one layer; for N > 32768
@@ -19,8 +20,13 @@ What is measured (CPU, always; B=1, H=4, D=64, float32, causal):
     CPU, forward only (it has no CPU backward), with ``create_block_mask`` (BLOCK_SIZE 128) for the local
     and the strided mask_mods: block-mask build, first call (includes compiling, with inductor's caches
     off) and steady forward, against our forward for the same pattern.
-GPU (only when CUDA is available): bfloat16, D in (64, 128), ``triton.testing.do_bench`` medians of ours
-(Triton backend), dense SDPA restricted to the flash backend, and compiled FlexAttention with the same masks.
+GPU (only when CUDA is available): B=1, H=16, bfloat16, D in (64, 128), N in --gpu-ns (default --ns),
+``triton.testing.do_bench`` medians of forward and forward+backward, per pattern (local, strided) and for the
+pair: ours (Triton backend, blocks 64 and 128; the faster one per pattern is compared), dense causal SDPA
+restricted to the flash backend, and ``torch.compile(flex_attention)`` with BlockMasks of the same mask_mods
+(built once per N by ``torch.compile(create_block_mask)``, so no N x N temporary; shared by both head dims),
+and Flex's FLASH backend where this torch offers it. Speed-up = Flex time / ours; the targets (issue 29) are
+>= 1.5x Flex on the same pattern, forward and forward+backward, at N = 16,384 and 65,536.
 
 FLOP counting. Ours and Flex are counted on the blocks they compute (masked entries of partial blocks
 included): forward = 4 * D * computed score entries * B (QK^T and PV, 2 FLOPs per multiply-add), from
@@ -49,6 +55,7 @@ from bench.common import (
     print_table,
     ratio,
     sig,
+    write_json_atomic,
 )
 from kernels import attention, make_layout
 
@@ -74,9 +81,9 @@ def ell_for(n: int) -> int:
 
 
 def inputs(n: int, heads: int, d: int, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
-    """q, k, v and an output gradient, [B, heads, n, d]."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return [torch.randn(B, heads, n, d, generator=g).to(device, dtype) for _ in range(4)]
+    """q, k, v and an output gradient, [B, heads, n, d] (drawn on ``device``)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(B, heads, n, d, generator=g, device=device).to(dtype) for _ in range(4)]
 
 
 def time_fwd_bwd(fn: Attn, q, k, v, dout, repeats: int, warmup: int = 1) -> tuple[float, float]:
@@ -372,62 +379,157 @@ def gpu_entry(fwd_bwd: tuple[float, float], flops_fwd: float) -> dict:
             "tflops_fwd_bwd": sig((1 + BWD_FACTOR) * flops_fwd / fb / 1e12, 3)}
 
 
-def gpu_pair(fns: dict[str, Attn], flops: dict[str, float], q, k, v, dout) -> dict:
-    """Local + strided as one entry (times and FLOPs summed over the two layers)."""
-    times = [gpu_time(fns[kind], q, k, v, dout) for kind in ("local", "strided")]
-    return gpu_entry((sum(t[0] for t in times), sum(t[1] for t in times)), sum(flops.values()))
+def gpu_kinds(fns: dict[str, Attn], flops: dict[str, float], q, k, v, dout) -> dict:
+    """Each pattern on its own, and the local + strided pair (times and FLOPs summed over the two layers)."""
+    times = {kind: gpu_time(fns[kind], q, k, v, dout) for kind in ("local", "strided")}
+    res = {kind: gpu_entry(times[kind], flops[kind]) for kind in times}
+    res["pair"] = gpu_entry((sum(t[0] for t in times.values()), sum(t[1] for t in times.values())),
+                            sum(flops.values()))
+    return res
 
 
-def gpu_at(n: int, d: int, flex) -> dict:
+def compiled_mask_builder():
+    """create_block_mask compiled, so that no N x N temporary exists (torch.compile(create_block_mask), as
+    torch 2.5+ documents; the _compile=True flag of older releases is deprecated in 2.13)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    return torch.compile(create_block_mask)
+
+
+def flex_masks(n: int, build) -> dict:
+    """The local and strided BlockMasks at length n (BLOCK_SIZE 128, shared by batch and heads), or an error."""
+    try:
+        masks = {kind: build(mm(ell_for(n)), None, None, n, n, device="cuda") for kind, mm in MASK_MODS.items()}
+        torch.cuda.synchronize()
+        return masks
+    except Exception as exc:
+        return {"error": error_text(exc)}
+
+
+def gpu_at(n: int, d: int, flex, masks: dict, flex_flash: dict) -> dict:
+    """Every method at one (N, D); ``flex_flash`` remembers whether Flex's FLASH backend ran at all."""
     q, k, v, dout = inputs(n, GPU_H, d, device="cuda", dtype=torch.bfloat16)
-    res = {"dense_sdpa_flash": gpu_entry(gpu_time(sdpa_flash, q, k, v, dout), dense_causal_flops(n, GPU_H, d, GPU_B))}
+    dense = gpu_entry(gpu_time(sdpa_flash, q, k, v, dout), dense_causal_flops(n, GPU_H, d, GPU_B))
+    res = {"dense_sdpa_flash": {"local": dense, "strided": dense, "pair": gpu_entry(
+        (2 * dense["fwd_s"], 2 * dense["fwd_bwd_s"]), 2 * dense_causal_flops(n, GPU_H, d, GPU_B))}}
     for block in GPU_BLOCKS:
         try:
             layouts = pair_layouts(n, block, GPU_H)
             fns = {kind: ours(lay, backend="triton") for kind, lay in layouts.items()}
-            flops = {kind: layer_flops(lay, GPU_B, d) for kind, lay in layouts.items()}
-            res[f"ours_b{block}"] = gpu_pair(fns, flops, q, k, v, dout)
-        except Exception as exc:  # e.g. a block too large for shared memory at this D
+            res[f"ours_b{block}"] = gpu_kinds(fns, {kind: layer_flops(lay, GPU_B, d) for kind, lay in layouts.items()},
+                                              q, k, v, dout)
+        except Exception as exc:  # reported, not fatal: the other block still runs
             res[f"ours_b{block}"] = {"error": error_text(exc)}
-    try:
-        masks = {kind: create_block_mask(mm(ell_for(n)), None, None, n, n, device="cuda")
-                 for kind, mm in MASK_MODS.items()}
-        fns = {kind: (lambda q, k, v, bm=bm: flex(q, k, v, block_mask=bm)) for kind, bm in masks.items()}
-        res["flex"] = gpu_pair(fns, {kind: block_mask_flops(bm, d) for kind, bm in masks.items()}, q, k, v, dout)
-    except Exception as exc:
-        res["flex"] = {"error": error_text(exc)}
-    timed = [b for b in GPU_BLOCKS if "error" not in res[f"ours_b{b}"]]
-    if timed:
-        best = min(timed, key=lambda b: res[f"ours_b{b}"]["fwd_bwd_s"])
-        res["ours"] = {"block": best, **res[f"ours_b{best}"]}
+    if "error" in masks:
+        res["flex"] = {"error": masks["error"]}
+    else:
+        flops = {kind: block_mask_flops(bm, d) for kind, bm in masks.items()}
+        try:
+            fns = {kind: (lambda q, k, v, bm=bm: flex(q, k, v, block_mask=bm)) for kind, bm in masks.items()}
+            res["flex"] = gpu_kinds(fns, flops, q, k, v, dout)
+        except Exception as exc:
+            res["flex"] = {"error": error_text(exc)}
+        if flex_flash.get("error") is None:  # FLASH backend (FlashAttention-4 kernels): tried until it fails once
+            try:
+                opts = {"BACKEND": "FLASH"}
+                fns = {kind: (lambda q, k, v, bm=bm: flex(q, k, v, block_mask=bm, kernel_options=opts))
+                       for kind, bm in masks.items()}
+                res["flex_flash"] = gpu_kinds(fns, flops, q, k, v, dout)
+            except Exception as exc:
+                flex_flash["error"] = error_text(exc)
+                res["flex_flash"] = {"error": flex_flash["error"]}
+    # ours: the faster block per pattern; speed-up over Flex on the same pattern (Flex time / ours)
+    best = {}
+    for kind in ("local", "strided", "pair"):
+        timed = [b for b in GPU_BLOCKS if "error" not in res[f"ours_b{b}"]]
+        if timed:
+            b = min(timed, key=lambda b: res[f"ours_b{b}"][kind]["fwd_bwd_s"])
+            best[kind] = {"block": b, **res[f"ours_b{b}"][kind]}
+    res["ours"] = best
+    for other in ("flex", "flex_flash", "dense_sdpa_flash"):
+        if other in res and "error" not in res[other]:
+            res[f"speedup_vs_{other}"] = {
+                kind: {"fwd": sig(res[other][kind]["fwd_s"] / e["fwd_s"], 3),
+                       "fwd_bwd": sig(res[other][kind]["fwd_bwd_s"] / e["fwd_bwd_s"], 3)} for kind, e in best.items()}
     return res
 
 
-def gpu_section(ns: list[int]) -> dict | None:
+def gpu_rows(d: int, n: int, res: dict) -> list[list[str]]:
+    rows = []
+    flex = res.get("flex", {})
+    for name, per_kind in res.items():
+        if not isinstance(per_kind, dict) or name == "ours" or name.startswith("speedup"):
+            continue  # N, D, l, mask build time; summaries
+        if "error" in per_kind:
+            rows.append([str(d), f"{n:,}", name, "-", "error", per_kind["error"][:70], "", "", "", ""])
+            continue
+        for kind, e in per_kind.items():
+            if name == "dense_sdpa_flash" and kind == "strided":
+                continue  # one dense causal layer serves as both
+            label = "causal" if name == "dense_sdpa_flash" and kind == "local" else kind
+            vs = ["", ""]
+            if name.startswith("ours") and kind in flex:
+                vs = [f"{flex[kind]['fwd_s'] / e['fwd_s']:.2f}x", f"{flex[kind]['fwd_bwd_s'] / e['fwd_bwd_s']:.2f}x"]
+            rows.append([str(d), f"{n:,}", name, label, f"{1e3 * e['fwd_s']:.3f}", f"{1e3 * e['fwd_bwd_s']:.3f}",
+                         f"{e['tflops_fwd']:.1f}", f"{e['tflops_fwd_bwd']:.1f}", *vs])
+    return rows
+
+
+TARGET_NS, TARGET_SPEEDUP = (16384, 65536), 1.5  # issue 29: >= 1.5x Flex on the same pattern, fwd and fwd+bwd
+
+
+def gpu_targets(out: dict) -> dict:
+    """Per (N, D, pattern) at the target lengths: ours >= 1.5x Flex (fwd and fwd+bwd), and faster than Flex's
+    FLASH backend where it ran."""
+    met = {}
+    for key, res in out.items():
+        if not isinstance(res, dict) or "speedup_vs_flex" not in res or res.get("N") not in TARGET_NS:
+            continue
+        for kind in ("local", "strided"):
+            s = res["speedup_vs_flex"].get(kind)
+            entry = {"vs_flex_1.5x": bool(s and s["fwd"] >= TARGET_SPEEDUP and s["fwd_bwd"] >= TARGET_SPEEDUP)}
+            f = res.get("speedup_vs_flex_flash", {}).get(kind)
+            entry["vs_flex_flash_faster"] = bool(f and f["fwd"] >= 1 and f["fwd_bwd"] >= 1) if f else None
+            met[f"{key}_{kind}"] = entry
+    return met
+
+
+def gpu_section(ns: list[int], json_out: str | None = None, record: dict | None = None) -> dict | None:
+    """Ours (Triton) against dense SDPA (flash) and compiled FlexAttention with the same masks, bf16; masks are
+    built once per N with the compiled builder and shared by both head dims. With ``json_out`` the record so
+    far is rewritten after every (N, D), so that a run cut short keeps what it measured."""
     if not torch.cuda.is_available():
         print("\nGPU: not measured (no CUDA device)")
         return None
+    import torch._dynamo.config as dynamo_config
     from torch.nn.attention.flex_attention import flex_attention
 
+    for name in ("recompile_limit", "cache_size_limit"):  # one graph per (pattern, N, D): stay compiled
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(64, getattr(dynamo_config, name)))
     flex = torch.compile(flex_attention)
-    out, rows = {"device": torch.cuda.get_device_name(), "B": GPU_B, "H": GPU_H, "dtype": "bfloat16"}, []
-    for d in GPU_HEAD_DIMS:
-        for n in ns:
-            res = gpu_at(n, d, flex)
+    build = compiled_mask_builder()
+    out = {"device": torch.cuda.get_device_name(), "B": GPU_B, "H": GPU_H, "dtype": "bfloat16",
+           "blocks": list(GPU_BLOCKS)}
+    flex_flash: dict = {}
+    for n in ns:
+        start = time.perf_counter()
+        masks = flex_masks(n, build)
+        mask_s = time.perf_counter() - start
+        for d in GPU_HEAD_DIMS:
+            res = {"N": n, "D": d, "l": ell_for(n), "flex_mask_build_s": sig(mask_s), **gpu_at(n, d, flex, masks,
+                                                                                            flex_flash)}
             out[f"D{d}_N{n}"] = res
-            for name, e in res.items():
-                if name == "ours":
-                    continue
-                if "error" in e:
-                    rows.append([str(d), f"{n:,}", name, "error", e["error"][:60], "", ""])
-                    continue
-                rows.append([str(d), f"{n:,}", name, f"{1e3 * e['fwd_s']:.3f}", f"{1e3 * e['fwd_bwd_s']:.3f}",
-                             f"{e['tflops_fwd']:.1f}", f"{e['tflops_fwd_bwd']:.1f}"])
-    print_table(f"GPU {out['device']}  B={GPU_B} H={GPU_H} bf16 (ours / flex: local + strided pair, TFLOP/s on "
-                "computed blocks; dense: causal half)",
-                ["D", "N", "method", "fwd ms", "fwd+bwd ms", "TFLOP/s fwd", "TFLOP/s fwd+bwd"], rows)
+            print_table(f"GPU {out['device']}  N={n:,} D={d} l={ell_for(n)} B={GPU_B} H={GPU_H} bf16 (TFLOP/s on "
+                        "computed blocks; dense: causal half; vs flex = flex time / ours)",
+                        ["D", "N", "method", "pattern", "fwd ms", "fwd+bwd ms", "TFLOP/s fwd", "TFLOP/s fwd+bwd",
+                         "vs flex fwd", "vs flex fwd+bwd"], gpu_rows(d, n, res))
+            out["targets"] = gpu_targets(out)
+            if json_out:
+                write_json_atomic(json_out, {**(record or {}), "gpu": out})
+        del masks
+        torch.cuda.empty_cache()
+    print(f"\ntargets (N in {TARGET_NS}): {json.dumps(out['targets'])}")
     return out
 
 
@@ -441,8 +543,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ns", default="3072,12288,65536", help="comma-separated sequence lengths")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention comparison")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 3; 1 if --quick)")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="only the GPU rows (no layout builds, CPU tables or CPU FlexAttention)")
+    p.add_argument("--gpu-ns", default=None,
+                   help="sequence lengths of the GPU rows, in the order run (default: --ns)")
+    p.add_argument("--json-out", default=None, metavar="PATH",
+                   help="also write the JSON record to PATH (the GPU rows rewrite it after every (N, D))")
     args = p.parse_args(argv)
-    args.ns = [int(x) for x in args.ns.split(",") if x.strip()]
+    try:
+        args.ns = [int(x) for x in args.ns.split(",") if x.strip()]
+        args.gpu_ns = [int(x) for x in args.gpu_ns.split(",") if x.strip()] if args.gpu_ns else args.ns
+    except ValueError:
+        p.error("--ns and --gpu-ns take comma-separated integers")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     return args
@@ -454,22 +566,30 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {machine}\ntorch {torch.__version__}; repeats {args.repeats}; quick {args.quick}")
     contention = CpuContention()
     torch.manual_seed(0)
-    builds = layout_build_times(args.ns)
-    cpu = {f"N{n}": cpu_at(n, args.repeats, args.quick) for n in args.ns}
-    print_cpu_summary(cpu)
-    if 65536 in args.ns:
-        cpu["layout_build_ms_65536"] = builds["N65536"]
-    cpu["layout_build_ms"] = builds
-    cpu["flex"] = None if (args.quick or args.no_flex) else flex_cpu(args.repeats)
-    if cpu["flex"] is None:
-        print("\nFlexAttention (CPU): skipped (--quick / --no-flex)")
-    gpu = gpu_section(args.ns)
+    record = {"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "quick": args.quick}
+    cpu = None
+    if args.gpu_only:
+        print("CPU rows: skipped (--gpu-only)")
+    else:
+        builds = layout_build_times(args.ns)
+        cpu = {f"N{n}": cpu_at(n, args.repeats, args.quick) for n in args.ns}
+        print_cpu_summary(cpu)
+        if 65536 in args.ns:
+            cpu["layout_build_ms_65536"] = builds["N65536"]
+        cpu["layout_build_ms"] = builds
+        cpu["flex"] = None if (args.quick or args.no_flex) else flex_cpu(args.repeats)
+        if cpu["flex"] is None:
+            print("\nFlexAttention (CPU): skipped (--quick / --no-flex)")
+    record["cpu"] = cpu
+    gpu = gpu_section(args.gpu_ns, args.json_out, record)
     others = contention.other_cores()
     print(f"\nother processes used {fmt(others, '.2f')} CPU cores on average during the run")
-    if others is not None and others > 0.2:
+    if others is not None and others > 0.2 and not args.gpu_only:
         print("WARNING: the CPU was shared with other work; CPU timings are slow and noisy")
-    print(json.dumps({"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "quick": args.quick,
-                      "other_processes_cores": sig(others, 2), "cpu": cpu, "gpu": gpu}))
+    record.update(other_processes_cores=sig(others, 2), gpu=gpu)
+    if args.json_out:
+        write_json_atomic(args.json_out, record)
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Decoding one position at a time reads the caches of sampling/kv_cache.py, not th
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -16,6 +15,7 @@ from .reference import reference_attention
 BACKENDS = ("auto", "triton", "cpu", "reference")
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP32_PRECISIONS = ("ieee", "tf32x3")
 
 
 def _check_operand(name: str, x: object, ndim: int, shape_doc: str) -> torch.Tensor:
@@ -51,28 +51,23 @@ def _check_common(q: torch.Tensor, others: dict[str, torch.Tensor], layout: obje
     return float(scale)
 
 
-def _triton_available(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float | None = None,
-              backend: str = "auto") -> torch.Tensor:
+              backend: str = "auto", fp32_precision: str = "ieee") -> torch.Tensor:
     """Causal block-sparse self-attention following ``layout``; differentiable.
 
     q, k, v: [B, H, N, D], D in {32, 64, 128}, float32/bfloat16/float16, one device.
     scale: softmax scale, default 1/sqrt(D).
     backend: "auto" (Triton on CUDA, the CPU path on the CPU), "triton", "cpu", or
       "reference" (dense N x N masked softmax, for tests).
+    fp32_precision: how the Triton backend multiplies fp32 inputs: "ieee" (exact fp32, CUDA cores; the
+      default) or "tf32x3" (three tf32 tensor-core products, about fp32's accuracy). The CPU path and the
+      reference always compute in fp32; 16-bit inputs use the tensor cores' native precision.
     Returns [B, H, N, D] in q's dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
     shape_doc = "of shape [B, H, N, D]"
     q = _check_operand("q", q, 4, shape_doc)
     k = _check_operand("k", k, 4, shape_doc)
@@ -87,18 +82,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
         backend = "triton" if q.device.type == "cuda" else "cpu"
     # The kernels choose their own compute precision (fp32 accumulation): autocast must not recast inside.
     with torch.autocast(q.device.type, enabled=False):
-        return _dispatch(q, k, v, layout, scale, backend)
+        return _dispatch(q, k, v, layout, scale, backend, fp32_precision)
 
 
 def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
-              backend: str) -> torch.Tensor:
+              backend: str, fp32_precision: str) -> torch.Tensor:
     if backend == "triton":
-        if not _triton_available(q.device):
-            raise ValueError("backend='triton' needs triton installed and CUDA tensors "
-                             "(or TRITON_INTERPRET=1 to run the kernels on the CPU)")
-        from .triton_attention import triton_attention
-
-        return triton_attention(q, k, v, layout, scale)
+        try:
+            from . import triton_attention
+        except ImportError as exc:
+            raise ValueError(f"backend='triton' needs triton installed ({exc})") from exc
+        triton_attention.launch_mode(q.device)  # compiled for CUDA tensors, interpreted for CPU ones, or ValueError
+        return triton_attention.triton_attention(q, k, v, layout, scale, fp32_precision)
     if backend == "cpu":
         if q.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got device {q.device}")
