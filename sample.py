@@ -259,7 +259,8 @@ def run(argv: list[str]) -> Path:
         if a.kind == "image":
             prompt = load_image(a.prompt) if a.prompt is not None else np.zeros((64, 64, 3), np.uint8)
         else:
-            prompt = load_audio(a.prompt, SAMPLE_RATE) if a.prompt is not None else None
+            # only the first --prompt-seconds are decoded (a whole file is read up to load_audio's limit)
+            prompt = load_audio(a.prompt, SAMPLE_RATE, seconds=a.prompt_seconds) if a.prompt is not None else None
     except ValueError as e:  # unreadable or missing files, named in the message
         raise UsageError(str(e)) from None
     model = read_checkpoint(a, device)

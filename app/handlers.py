@@ -186,9 +186,9 @@ class Studio:
             wanted = round(_number("Prompt length (seconds)", prompt_seconds, 0, 3600) * SAMPLE_RATE)
             if wanted < 1:
                 raise gr.Error("Prompt length must be above 0 seconds when continuing a clip")
-            audio = _read(load_audio, upload)
-            prompt = audio[:wanted]
-            if np.abs(audio).max() < SILENCE:
+            # only the prompt's seconds of the upload are decoded: a long or high-rate file costs no more
+            prompt = _read(lambda path: load_audio(path, SAMPLE_RATE, seconds=wanted / SAMPLE_RATE), upload)
+            if len(prompt) < wanted and np.abs(prompt).max() < SILENCE:  # the whole clip was read
                 raise gr.Error(f"{upload[1]} is silent (its loudest sample is below -60 dBFS): upload a clip with "
                                "sound, or choose 'From scratch'")
             if np.abs(prompt).max() < SILENCE:

@@ -146,7 +146,8 @@ IMAGE_ERRORS = {
 AUDIO_ERRORS = {
     "empty clip": (dict(clip="empty.wav"), "cannot read audio empty.wav"),
     "corrupt clip": (dict(clip="noise.wav"), "cannot read audio noise.wav"),
-    "silent clip": (dict(clip="silent.wav"), "silent.wav is silent"),
+    "silent clip": (dict(clip="silent.wav", prompt_s=1.0), "silent.wav is silent"),  # all 0.5 s of it read
+    "silent prompt": (dict(clip="silent.wav"), "the first 0.10 s of silent.wav are silent"),  # only 0.1 s read
     "no clip to continue": (dict(clip=None), "Upload a clip to continue"),
     "longer than the context": (dict(mode="From scratch", length_s=1.0),
                                 "Length must be above 0 and at most 0.34 seconds"),
@@ -174,6 +175,24 @@ def test_bad_audio_input_is_an_error(case, client, bad_files):
     with pytest.raises(AppError) as e:
         generate(client, **args).result(timeout=60)
     assert message in str(e.value)
+
+
+def test_a_long_upload_is_decoded_only_as_far_as_the_prompt(client, tmp_path, monkeypatch):
+    sr = 192000
+    t = np.arange(sr) / sr
+    sf.write(tmp_path / "long.flac", np.tile(0.3 * np.sin(2 * np.pi * 440 * t), 20), sr, subtype="PCM_16")  # 20 s
+    frames, real = [], sf.SoundFile.read
+
+    def read(self, *args, **kw):
+        out = real(self, *args, **kw)
+        frames.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    _, wav, _, status = generate(client, mode="Continue a clip", clip=tmp_path / "long.flac", prompt_s=0.1,
+                                 length_s=0.01).result(timeout=60)
+    assert "after a 0.10 s prompt" in status
+    assert 0.1 * sr <= sum(frames) <= 0.15 * sr  # the prompt's 0.1 s (and the resampler's margin), not 20 s
 
 
 def test_the_server_keeps_serving_after_errors(client, bad_files):
