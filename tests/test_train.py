@@ -219,6 +219,20 @@ def test_the_log_drops_lines_past_the_checkpoint_on_resume(images, tmp_path):
     assert [r["step"] for r in read_log(run) if "event" not in r] == [1, 2, 3]
 
 
+def test_resume_drops_a_torn_last_line_of_the_log(tmp_path):
+    log = tmp_path / "log.jsonl"
+    whole = [json.dumps({"event": "start", "step": 0}), json.dumps({"step": 1, "loss": 2.0}),
+             json.dumps({"step": 2, "loss": 1.5})]
+    log.write_text("\n".join(whole) + "\n" + json.dumps({"step": 3, "loss": 1.25})[:9])  # killed mid-write
+    training.log.Log(log, True, resume_step=2).close()
+    assert log.read_text() == "".join(line + "\n" for line in whole)
+    log.write_text(log.read_text() + '{"step": 2, "lo')
+    lg = training.log.Log(log, True, resume_step=1)
+    lg.write(step=2, loss=1.0)
+    lg.close()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2]
+
+
 def torchrun(args: list[str], tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
