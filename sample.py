@@ -133,7 +133,7 @@ def read_checkpoint(a: argparse.Namespace, device: torch.device):
         hint = "; pass --checkpoint PATH (e.g. a model exported by train.py --export)"
     try:
         card = load_card(a.checkpoint)
-        kind = card.get("codec", {}).get("kind")
+        kind = (card.get("codec") or {}).get("kind")
         if kind in ("image", "audio") and kind != a.kind:
             raise UsageError(f"checkpoint {a.checkpoint} is an {kind} model; 'sample.py {a.kind}' needs an "
                              f"{a.kind} model")

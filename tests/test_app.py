@@ -257,6 +257,26 @@ def test_the_page_without_checkpoints_says_what_to_do(tmp_path):
     assert "could not use broken.json" in page and "not valid JSON" in page
 
 
+def test_cards_with_fields_of_the_wrong_type_are_listed_as_unusable_and_the_app_starts(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    for name in ("audio.json", "audio.safetensors"):
+        shutil.copy(checkpoints / name, tmp_path / name)
+    card = json.loads((checkpoints / "audio.json").read_text())
+    for name, bad in (("codec", {"codec": "oops"}), ("weights", {"weights": "oops"}), ("config", {"config": 7})):
+        shutil.copy(checkpoints / "audio.safetensors", tmp_path / f"{name}.safetensors")
+        (tmp_path / f"{name}.json").write_text(json.dumps(card | bad))
+    registry = Registry(tmp_path, torch.device("cpu"))
+    assert [e.name for e in registry.entries] == ["audio"]
+    config = build_demo(registry).config
+    texts = "\n".join(str(c["props"].get("value")) for c in config["components"] if c["type"] == "markdown")
+    for name, message in (("codec", "'codec' must be an object or null, got \"oops\""),
+                          ("weights", "'weights' must be an object, got \"oops\""),
+                          ("config", "'config' must be an object, got 7")):
+        assert f"**Could not use** {name}.json: model card" in texts and message in texts, (name, message)
+
+
 def test_each_tab_has_a_model_selector_only_when_there_is_a_choice(checkpoints):
     config = build_demo(Registry(checkpoints, torch.device("cpu"))).config
     dropdowns = [c["props"] for c in config["components"] if c["type"] == "dropdown"]

@@ -167,7 +167,10 @@ def broken(files, tmp_path) -> dict[str, Path]:
         shutil.copy(src, tmp_path / src.name.replace("image", "cut"))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(cut.read_bytes()[:-1000])
-    return {"png": tmp_path / "x.png", "ckpt": tmp_path / "cut"}
+    card_of = json.loads(card.read_text())
+    shutil.copy(weights, tmp_path / "oops.safetensors")
+    (tmp_path / "oops.json").write_text(json.dumps(card_of | {"weights": "oops"}))  # a field of the wrong type
+    return {"png": tmp_path / "x.png", "ckpt": tmp_path / "cut", "oops": tmp_path / "oops"}
 
 
 ERRORS = {
@@ -180,6 +183,7 @@ ERRORS = {
     "no batch": (["audio", "--checkpoint", "{audio}", "--batch-size", "0"], "--batch-size must be >= 1"),
     "missing checkpoint": (["image", "--checkpoint", "{tmp}/nothing"], "no model card"),
     "truncated checkpoint": (["image", "--checkpoint", "{cut}"], "truncated"),
+    "card field of the wrong type": (["image", "--checkpoint", "{oops}"], "'weights' must be an object, got \"oops\""),
     "image model for audio": (["audio", "--checkpoint", "{image}"], "is an image model"),
     "audio past the context": (["audio", "--checkpoint", "{audio}", "--samples", "4097"],
                                "--samples must be in 1..4096"),
@@ -194,7 +198,7 @@ ERRORS = {
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, files, broken, tmp_path, capsys):
     args, message = ERRORS[case]
     values = {"image": files["image"], "audio": files["audio"], "png": files["png"], "wav": files["wav"],
-              "bad_png": broken["png"], "cut": broken["ckpt"], "tmp": tmp_path}
+              "bad_png": broken["png"], "cut": broken["ckpt"], "oops": broken["oops"], "tmp": tmp_path}
     before = sorted(p.name for p in tmp_path.iterdir())
     args = [a.format(**values) for a in args] + ["--out-dir", str(tmp_path / "new" / "run")]
     assert run(*args) == 2
