@@ -33,9 +33,10 @@ from media.audio import AUDIO_TOKENS, SAMPLE_RATE, load_audio, save_wav
 from media.image import load_image
 from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model, model_kind
-from sampling import MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
+from sampling import MAX_SEED, MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
+MAX_NUM_SAMPLES = 10_000  # per call: the seeds, and every sample is held in memory until the end
 
 
 class UsageError(Exception):
@@ -81,8 +82,12 @@ def check_args(a: argparse.Namespace) -> SamplingOptions:
     for name in ("num_samples", "batch_size"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {a.seed}")
+    if a.num_samples > MAX_NUM_SAMPLES:
+        raise UsageError(f"--num-samples must be at most {MAX_NUM_SAMPLES:,} per call, got {a.num_samples:,}")
+    if not 0 <= a.seed <= MAX_SEED - (a.num_samples - 1):
+        raise UsageError(f"--seed must be in 0..{MAX_SEED - (a.num_samples - 1)} with --num-samples "
+                         f"{a.num_samples} (sample i uses seed S + i, and seeds go up to 2^64 - 1 = {MAX_SEED}), "
+                         f"got {a.seed}")
     if a.kind == "image":
         if a.prompt_rows is None:
             a.prompt_rows = 32 if a.prompt else 0

@@ -138,6 +138,9 @@ class Studio:
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
         options = sampling_options(temperature, top_k, top_p)
         seed = choose_seed(seed, randomize)
+        if seed + n - 1 > MAX_SEED:  # sample i uses seed + i: each must be a seed the Seed field takes back
+            raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
+                           f"seeds go up to {MAX_SEED}), got {seed}")
         original = _read(load_image, upload) if upload else None
         model = self._model(model_name, "image")
         image = original if original is not None else np.zeros((64, 64, 3), np.uint8)

@@ -139,6 +139,7 @@ IMAGE_ERRORS = {
     "too many samples": (dict(samples=9), "Number of samples must be a whole number from 1 to 8, got 9"),
     "negative temperature": (dict(temperature=-1), "Temperature must be a number from 0 to 2"),
     "top-p zero": (dict(top_p=0.0), "Top-p must be above 0"),
+    "seeds past the largest": (dict(seed=2**31 - 1), "Seed must be at most 2147483646 with 2 samples"),
     "unknown model": (dict(model="nope"), "no image model called 'nope'; the image models are ['image-a', 'image-b']"),
     "audio model for images": (dict(model="audio"), "no image model called 'audio'"),
     "prompt rows without a picture": (dict(picture=None), "Upload a picture"),
