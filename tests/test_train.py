@@ -440,6 +440,53 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, capsys):
         assert "cannot read --data" in capsys.readouterr().err
 
 
+def picture_folder(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    y, x = np.mgrid[0:64, 0:64]
+    for i in range(n):
+        Image.fromarray(np.stack([x * 4 + i, y * 4, (x + y) * 2], -1).astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_a_folder_of_three_pictures_trains_without_a_held_out_split(tmp_path, capsys):
+    data = picture_folder(tmp_path / "three", 3)
+    argv = ["image", "--data", str(data), "--out", str(tmp_path / "run"), *FAST, "--steps", "1"]
+    assert train.main([*argv, "--eval-every", "0"]) == 0  # no val split needed: no evaluation, no export
+    assert read_log(tmp_path / "run")[0]["val_items"] == 0
+    assert train.main([*argv, "--out", str(tmp_path / "run2"), "--eval-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no readable images for split 'val'" in err and "--val-fraction" in err and "--eval-every 0" in err
+
+
+def test_val_fraction_goes_to_the_folder_readers_and_is_kept_on_resume(tmp_path, capsys):
+    data = picture_folder(tmp_path / "six", 6)
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(data), "--out", str(run), *FAST, "--steps", "2", "--eval-every", "1",
+            "--val-fraction", "0.5"]
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    start = read_log(run)[0]
+    assert start["val_items"] >= 1 and start["train_items"] + start["val_items"] == 6
+    assert json.loads((run / "run.json").read_text())["val_fraction"] == 0.5
+    assert train.main(["image", "--data", str(data), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert [r["train_items"] for r in read_log(run) if r.get("event") == "start"] == [start["train_items"]] * 2
+    assert train.main([*argv, "--out", str(tmp_path / "bad"), "--val-fraction", "1"]) == 2
+    assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_data_smaller_than_a_batch_is_a_clear_error(images, tmp_path, capsys):
+    data = picture_folder(tmp_path / "three", 3)
+    argv = ["image", "--data", str(data), "--out", str(tmp_path / "run"), *FAST, "--eval-every", "0",
+            "--batch-size", "4", "--micro-batch", "4"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error:") and "fewer than one global batch" in err and "--micro-batch" in err
+    assert train.main(["image", "--data", str(images), "--out", str(tmp_path / "npz"), *FAST,
+                       "--val-fraction", "0.1"]) == 2
+    assert "--val-fraction is for folders" in capsys.readouterr().err
+
+
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     f = [training.lr_factor(s, 10, 100, 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
