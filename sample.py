@@ -7,7 +7,8 @@ Everything goes into --out-dir (default out/<kind>-<timestamp>): sample_000.png 
 original.png and grid.png for images; sample_000.wav ... (16-bit PCM, 12 kHz, prompt + continuation) and
 prompt.wav for audio; metadata.json (arguments, seeds, checkpoint and its SHA-256, device, versions, the
 decoding step, timings, files). The folder is written under a temporary name and renamed into place when complete, so
-an error or Ctrl-C leaves nothing half-written; an earlier output folder is replaced only with --overwrite.
+an error, Ctrl-C or SIGTERM (exit status 130 / 143) leaves nothing half-written, and the hidden .NAME.<pid>.*.tmp folder
+of a run killed outright is removed by the next run; an earlier output folder is replaced only with --overwrite.
 Sample i uses seed --seed + i, whatever batch it lands in.
 """
 
@@ -18,9 +19,12 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from media.audio import AUDIO_TOKENS, SAMPLE_RATE, load_audio, save_wav
 from media.image import load_image
 from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model, model_kind
+from models.checkpoint import pid_running
 from sampling import MAX_SEED, MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
@@ -41,6 +46,35 @@ MAX_NUM_SAMPLES = 10_000  # per call: the seeds, and every sample is held in mem
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, service managers): handled like Ctrl-C, nothing written, exit status 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def temp_folder_pattern(out: Path) -> re.Pattern:
+    """The hidden folder a run writes ``out`` into: .NAME.<pid>.<8 random characters>.tmp next to it."""
+    return re.compile(re.escape(f".{out.name}.") + r"([0-9]+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temp_folders(out: Path) -> list[Path]:
+    """Remove the temporary folders that earlier runs writing ``out`` left next to it when they were killed
+    (SIGKILL, power loss): only folders of exactly our pattern whose process no longer runs; a run in progress
+    keeps its own. Folders moved aside by publish (.NAME.old-*) are never touched: they may hold the only copy."""
+    pattern, removed = temp_folder_pattern(out), []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_running(int(m.group(1))) and p.is_dir() \
+                and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -274,7 +308,8 @@ def run(argv: list[str]) -> Path:
     t_loaded = time.perf_counter()
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temp_folders(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         if a.kind == "image":
             report = sample_images(a, model, options, prompt, tmp)
@@ -299,6 +334,8 @@ def run(argv: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         run(argv)
     except UsageError as e:
@@ -307,9 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sample.py: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sample.py: terminated; nothing was written", file=sys.stderr)
+        return 143
     except OSError as e:
         print(f"sample.py: error: cannot write the output: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
     return 0
 
 

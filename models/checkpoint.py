@@ -12,7 +12,8 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
             tmp.write_text(text)
     """
     dst = Path(dst)
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")  # the pattern remove_stale_temporaries looks for
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -65,6 +66,39 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # e.g. an id out of range
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_path` left in ``folder`` for files called ``names`` when its
+    process was killed in the middle of a write (``NAME.<pid>.tmp``, up to the full size of the file): only files of
+    exactly that pattern, and only those of processes that no longer run (never this process's own). Returns them."""
+    folder = Path(folder)
+    pattern = re.compile("(?:" + "|".join(re.escape(n) for n in names) + r")\.([0-9]+)\.tmp")
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_running(int(m.group(1))) and p.is_file() \
+                and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | None = None) -> Path:
@@ -86,6 +120,7 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
         raise ValueError(f"card must be JSON-serialisable: {e}") from None
     weights, card_path = checkpoint_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(weights.parent, (weights.name, card_path.name))  # of an earlier save that was killed
     config = model.cfg.to_dict()
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:

@@ -171,3 +171,16 @@ def test_save_model_never_writes_a_card_that_load_card_refuses(tmp_path):
     with pytest.raises(CheckpointError, match="'steps' must be a whole number"):
         save_model(make_model(), tmp_path / "m", {"steps": "many"})
     assert not (tmp_path / "m.json").exists()
+
+
+def test_save_model_removes_the_temporaries_of_a_killed_save(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [tmp_path / f"m.safetensors.{int(dead.stdout)}.tmp", tmp_path / f"m.json.{int(dead.stdout)}.tmp"]
+    other = tmp_path / f"n.safetensors.{int(dead.stdout)}.tmp"
+    for p in (*stale, other):
+        p.write_bytes(b"half")
+    save_model(make_model(), tmp_path / "m", CARD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors", other.name]

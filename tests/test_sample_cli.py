@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +268,45 @@ def test_the_script_runs_from_the_command_line(files, tmp_path):
     assert done.stderr.splitlines() == [f"sample.py: error: checkpoint {files['image']} is an image model; "
                                         "'sample.py audio' needs an audio model"]
     assert list(tmp_path.iterdir()) == []
+
+
+def _start_long_run(files, out: Path) -> tuple[subprocess.Popen, Path]:
+    """sample.py in its own process on a long job, once its hidden temporary folder exists."""
+    cmd = [sys.executable, str(Path(sample.__file__)), "image", "--checkpoint", str(files["image"]), "--num-samples",
+           "500", "--out-dir", str(out), "--quiet", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=out.parent, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not leftovers(out.parent):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    (tmp,) = [out.parent / name for name in leftovers(out.parent)]
+    return proc, tmp
+
+
+def test_sigterm_is_handled_like_ctrl_c(files, tmp_path):
+    proc, tmp = _start_long_run(files, tmp_path / "run")
+    assert re.fullmatch(rf"\.run\.{proc.pid}\.[a-z0-9_]{{8}}\.tmp", tmp.name)  # the writer's PID in the name
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "sample.py: terminated; nothing was written" in err
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
+def test_the_temporary_folders_of_killed_runs_are_removed_by_the_next(files, tmp_path):
+    out = tmp_path / "run"
+    proc, tmp = _start_long_run(files, out)
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.communicate(timeout=60)
+    assert tmp.is_dir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".run.{alive.pid}.abcd1234.tmp"  # a run still writing: kept
+        others = [tmp_path / ".run.keep", tmp_path / ".other.1.abcd1234.tmp", tmp_path / f".run.{proc.pid}.old-x"]
+        for p in (running, *others):
+            p.mkdir()
+        assert run_image(files, out, "--num-samples", 1) == 0
+        assert not tmp.exists() and running.is_dir() and all(p.is_dir() for p in others)
+        assert (out / "sample_000.png").is_file()
+    finally:
+        alive.kill()
+        alive.wait()

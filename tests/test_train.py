@@ -372,6 +372,27 @@ def test_resume_reads_state_as_tensors_and_plain_data_and_refuses_pickled_object
     assert "the file is corrupt" in capsys.readouterr().err
 
 
+def test_temporaries_of_a_run_killed_during_a_save_are_removed_on_the_next_start(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *FAST, "--steps", "2", "--eval-every", "0"]
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [run / f"state.pt.{dead_pid}.tmp", run / f"log.jsonl.{dead_pid}.tmp"]
+        kept = [run / f"state.pt.{alive.pid}.tmp", run / f"other.pt.{dead_pid}.tmp", run / "state.pt.tmp",
+                run / f"state.pt.{dead_pid}.tmp.bak"]
+        for p in stale + kept:
+            p.write_bytes(b"x" * 1000)
+        assert train.main(["image", "--data", str(images), "--out", str(run), "--resume", "--quiet"]) == 0
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+        assert f"removed {stale[0]}, a temporary file of a killed run" in capsys.readouterr().err
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_run_settings_are_replaced_atomically(tmp_path, monkeypatch):
     cfg, settings = config_for("image", "tiny"), {"kind": "image", **training.RUN_SETTINGS}
     training.settings.save_run_settings(tmp_path, settings, cfg)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from data import Batches, open_dataset
 from models import CheckpointError, ModelConfig, SparseTransformer, load_card, load_model
+from models.checkpoint import remove_stale_temporaries
 from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
 
 from .distributed import (
@@ -54,6 +55,9 @@ def train(given: dict) -> dict:
         return run(s, d)
     finally:
         close_distributed(d)
+
+
+RUN_FILES = ("state.pt", "run.json", "log.jsonl")  # what a run writes atomically in its --out folder
 
 
 @dataclass
@@ -111,6 +115,8 @@ def set_up(s: dict, d: Dist) -> Run:
     accum = accumulation(s, d)
     train_set, val_set = open_data(s, cfg)
     if d.main:
+        for p in remove_stale_temporaries(out, RUN_FILES):  # left by a run killed in the middle of a save
+            print(f"removed {p}, a temporary file of a killed run", file=sys.stderr)
         save_run_settings(out, s, cfg)
     torch.manual_seed(s["seed"])
     model, progress = new_model(s, cfg, d)
