@@ -56,10 +56,11 @@ def _whole(label: str, value: object, lo: int, hi: int) -> int:
 
 
 def sampling_options(temperature: object, top_k: object, top_p: object) -> SamplingOptions:
-    """Temperature 0..2 (0 = greedy); top-k 0 (off) .. 256; top-p in (0, 1] (1 = off)."""
+    """Temperature 0..2 (0 = greedy); top-k 0 or None (off) .. 256; top-p in (0, 1] (1 or None = off): a program
+    calling the API may pass None for "off", as sample.py's --top-k / --top-p default to."""
     t = _number("Temperature", temperature, 0, MAX_TEMPERATURE)
-    k = _whole("Top-k", top_k, 0, 256)
-    p = _number("Top-p", top_p, 0, 1)
+    k = 0 if top_k is None else _whole("Top-k", top_k, 0, 256)
+    p = 1.0 if top_p is None else _number("Top-p", top_p, 0, 1)
     if p == 0:
         raise gr.Error("Top-p must be above 0 (1 keeps every token), got 0")
     return SamplingOptions(t, k or None, p if p < 1 else None)
@@ -126,8 +127,11 @@ class Studio:
         except ValueError as e:
             raise gr.Error(str(e)) from None
 
-    def complete_images(self, picture: object, prompt_rows: object, temperature: object, num_samples: object,
-                        seed: object, randomize: object, top_k: object, top_p: object, model_name: object,
+    # The sampling events' arguments default to None so that the API's parameters all have defaults: Gradio gives
+    # each the initial value of its control on the page, and None (no upload) to the picture and the clip.
+    def complete_images(self, picture: object = None, prompt_rows: object = None, temperature: object = None,
+                        num_samples: object = None, seed: object = None, randomize: object = None,
+                        top_k: object = None, top_p: object = None, model_name: object = None,
                         progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """Complete the picture's bottom rows ``num_samples`` times: yields (preview grid, gallery, seed, status)."""
         upload = uploaded(picture, "picture")
@@ -171,9 +175,10 @@ class Studio:
             gallery = [(_png(Path(tmp) / f"{name}.png", tile), caption) for name, caption, tile in files]
             yield _png(Path(tmp) / "grid.png", grid(report.media)), gallery, seed, status
 
-    def generate_clip(self, mode: object, clip: object, prompt_seconds: object, length_seconds: object,
-                      temperature: object, seed: object, randomize: object, top_k: object, top_p: object,
-                      model_name: object, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
+    def generate_clip(self, mode: object = None, clip: object = None, prompt_seconds: object = None,
+                      length_seconds: object = None, temperature: object = None, seed: object = None,
+                      randomize: object = None, top_k: object = None, top_p: object = None,
+                      model_name: object = None, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """Generate ``length_seconds`` of audio, from scratch or after the clip's first ``prompt_seconds``:
         yields (waveform + spectrogram picture, 16-bit WAV file at the end, seed, status)."""
         if mode not in (FROM_SCRATCH, CONTINUE):

@@ -93,6 +93,25 @@ def test_image_completion_keeps_the_prompt_rows(client):
     assert np.array_equal(png(again[1]["image"]), second)  # sample i depends on its seed only
 
 
+def test_the_api_takes_none_as_off_for_top_k_and_top_p_and_defaults_to_the_pages_values(client, checkpoints):
+    first = complete(client, samples=1, seed=5).result(timeout=120)[1][1]  # top-k 0 and top-p 1: off
+    by_name = client.submit(picture=handle_file(str(HOUSE)), prompt_rows=ROWS, num_samples=1, seed=5, randomize=False,
+                            top_k=None, top_p=None, api_name="/complete_image").result(timeout=120)[1][1]
+    assert np.array_equal(png(by_name["image"]), png(first["image"]))  # None is off; the rest took its defaults
+    _, wav_file, _, status = client.submit(length_seconds=0.05, seed=3, randomize=False, top_k=None, top_p=None,
+                                           api_name="/generate_audio").result(timeout=120)
+    assert "from scratch" in status and sf.info(wav_file).frames == 600
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    config = build_demo(Registry(checkpoints, torch.device("cpu"))).config
+    values = {c["id"]: c["props"].get("value") for c in config["components"]}
+    for dep in config["dependencies"]:
+        if dep.get("api_name") in ("complete_image", "generate_audio"):
+            params = api[f"/{dep['api_name']}"]["parameters"]
+            page = [values[i] for i in dep["inputs"]]
+            assert all(p["parameter_has_default"] for p in params)  # a program may leave out any of them
+            assert [p["parameter_default"] for p in params] == page  # and gets what the page starts with
+
+
 def test_the_crop_preview_shows_where_the_prompt_ends(client):
     preview = png(client.predict(handle_file(str(HOUSE)), 40, api_name="/crop_preview"))
     assert preview.shape == (256, 256, 3)
