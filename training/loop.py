@@ -307,8 +307,8 @@ def accumulate_gradients(r: Run) -> float:
         batch = next(r.parts.batches).to(d.device)
         with gradient_sync(r.net, s["fsdp"], d, sync=micro == r.accum - 1):
             with autocast(d.device, s["precision"]):
-                logits = r.net(batch)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.flatten())
+                logits = r.net(batch, flat=True)  # [B * N, vocab]: not a view (FSDP warns about those)
+            loss = F.cross_entropy(logits.float(), batch.flatten())
             r.parts.scaler.scale(loss / r.accum).backward()
         loss_sum += loss.detach().double()
     return float(d.all_reduce(loss_sum) / (r.accum * d.world))
