@@ -7,7 +7,8 @@ Everything goes into --out-dir (default out/<kind>-<timestamp>): sample_000.png 
 original.png and grid.png for images; sample_000.wav ... (16-bit PCM, 12 kHz, prompt + continuation) and
 prompt.wav for audio; metadata.json (arguments, seeds, checkpoint and its SHA-256, device, versions, the
 decoding step, timings, files). The folder is written under a temporary name and renamed into place when complete, so
-an error or Ctrl-C leaves nothing half-written; an earlier output folder is replaced only with --overwrite.
+an error, Ctrl-C or SIGTERM (exit status 130 / 143) leaves nothing half-written, and the hidden .NAME.<pid>.*.tmp folder
+of a run killed outright is removed by the next run; an earlier output folder is replaced only with --overwrite.
 Sample i uses seed --seed + i, whatever batch it lands in.
 
 Many prompts (batched across prompts, resumable, sharded under torchrun; see sampling/batch.py):
@@ -29,9 +30,12 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,14 +48,45 @@ from media.audio import AUDIO_TOKENS, SAMPLE_RATE, load_audio, save_wav
 from media.image import load_image
 from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model, model_kind
-from sampling import MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
+from models.checkpoint import atomic_path, pid_running
+from sampling import MAX_SEED, MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
 from sampling.recipe import read_recipe
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
+MAX_NUM_SAMPLES = 10_000  # per call: the seeds, and every sample is held in memory until the end
 
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, service managers): handled like Ctrl-C, nothing written, exit status 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def temp_folder_pattern(out: Path) -> re.Pattern:
+    """The hidden folder a run writes ``out`` into: .NAME.<pid>.<8 random characters>.tmp next to it."""
+    return re.compile(re.escape(f".{out.name}.") + r"([0-9]+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temp_folders(out: Path) -> list[Path]:
+    """Remove the temporary folders that earlier runs writing ``out`` left next to it when they were killed
+    (SIGKILL, power loss): only folders of exactly our pattern whose process no longer runs; a run in progress
+    keeps its own. Folders moved aside by publish (.NAME.old-*) are never touched: they may hold the only copy."""
+    pattern, removed = temp_folder_pattern(out), []
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_running(int(m.group(1))) and p.is_dir() \
+                and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,8 +132,12 @@ def check_args(a: argparse.Namespace) -> SamplingOptions:
     for name in ("num_samples", "batch_size"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if a.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {a.seed}")
+    if a.num_samples > MAX_NUM_SAMPLES:
+        raise UsageError(f"--num-samples must be at most {MAX_NUM_SAMPLES:,} per call, got {a.num_samples:,}")
+    if not 0 <= a.seed <= MAX_SEED - (a.num_samples - 1):
+        raise UsageError(f"--seed must be in 0..{MAX_SEED - (a.num_samples - 1)} with --num-samples "
+                         f"{a.num_samples} (sample i uses seed S + i, and seeds go up to 2^64 - 1 = {MAX_SEED}), "
+                         f"got {a.seed}")
     if a.kind == "image":
         if a.prompt_rows is None:
             a.prompt_rows = 32 if a.prompt else 0
@@ -149,7 +188,7 @@ def read_checkpoint(a: argparse.Namespace, device: torch.device):
         hint = "; pass --checkpoint PATH (e.g. a model exported by train.py --export)"
     try:
         card = load_card(a.checkpoint)
-        kind = card.get("codec", {}).get("kind")
+        kind = (card.get("codec") or {}).get("kind")
         if kind in ("image", "audio") and kind != a.kind:
             raise UsageError(f"checkpoint {a.checkpoint} is an {kind} model; 'sample.py {a.kind}' needs an "
                              f"{a.kind} model")
@@ -386,12 +425,11 @@ def run_batch(a: argparse.Namespace, argv: list[str]) -> Path:
         dist.init_process_group("gloo")
     try:
         model = read_checkpoint(a, device)
-        tmp_record = record.with_name(f".{RUN_FILE}.tmp{os.getpid()}")
-        tmp_record.write_text(json.dumps({"settings": settings, "command": ["sample.py", *argv],
-                                          "checkpoint": str(a.checkpoint),
-                                          "weights_sha256": model.card.get("weights", {}).get("sha256")},
-                                         indent=2) + "\n")
-        os.replace(tmp_record, record)
+        with atomic_path(record) as tmp_record:
+            tmp_record.write_text(json.dumps({"settings": settings, "command": ["sample.py", *argv],
+                                              "checkpoint": str(a.checkpoint),
+                                              "weights_sha256": model.card.get("weights", {}).get("sha256")},
+                                             indent=2) + "\n")
         run = BatchRun(a.kind, prompts, a.num_samples, a.seed, options, a.batch_size,
                        prompt_rows=a.prompt_rows if a.kind == "image" else 32,
                        prompt_seconds=getattr(a, "prompt_seconds", None), samples=getattr(a, "samples", None))
@@ -433,7 +471,8 @@ def run(argv: list[str]) -> Path:
         if a.kind == "image":
             prompt = load_image(a.prompt) if a.prompt is not None else np.zeros((64, 64, 3), np.uint8)
         else:
-            prompt = load_audio(a.prompt, SAMPLE_RATE) if a.prompt is not None else None
+            # only the first --prompt-seconds are decoded (a whole file is read up to load_audio's limit)
+            prompt = load_audio(a.prompt, SAMPLE_RATE, seconds=a.prompt_seconds) if a.prompt is not None else None
     except ValueError as e:  # unreadable or missing files, named in the message
         raise UsageError(str(e)) from None
     model = read_checkpoint(a, device)
@@ -443,7 +482,8 @@ def run(argv: list[str]) -> Path:
     t_loaded = time.perf_counter()
     made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temp_folders(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         if a.kind == "image":
             report = sample_images(a, model, options, prompt, tmp)
@@ -470,6 +510,8 @@ def run(argv: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         run(argv)
     except UsageError as e:
@@ -478,9 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(str(e) or "sample.py: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("sample.py: terminated; nothing was written", file=sys.stderr)
+        return 143
     except OSError as e:
         print(f"sample.py: error: cannot write the output: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
     return 0
 
 

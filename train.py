@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep activations instead of recomputing each block in the backward pass")
     o.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999; exported if set (default off)")
     o.add_argument("--seed", type=int)
+    o.add_argument("--val-fraction", type=float, help="share of a folder's files held out for evaluation, in [0, 1) "
+                   "(default 0.05; ImageNet-64 npz data has its own val files)")
     o.add_argument("--fsdp", action="store_true", help="shard the model with torch's FSDP (fully_shard)")
     o.add_argument("--init", metavar="CHECKPOINT", help="start from this exported checkpoint's weights and config "
                    "(e.g. checkpoints/image64) with a fresh optimizer and schedule; its tokens and compute "
@@ -73,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this call")
     r.add_argument("--export", metavar="NAME", help="write CHECKPOINTS/NAME.safetensors + .json at the end")
     r.add_argument("--checkpoints", help="folder for --export (default checkpoints)")
-    r.add_argument("--eval-every", type=int, help="held-out bits/dim every K steps (default 100; 0 = off)")
+    r.add_argument("--eval-every", type=int, help="held-out bits/dim every K steps (default 100; 0 = off: then, "
+                   "without --export, the data needs no held-out split)")
     r.add_argument("--eval-items", type=int, help="held-out sequences per evaluation (default 64)")
     r.add_argument("--save-every", type=int, help="checkpoint every K steps (default 100)")
     r.add_argument("--save-minutes", type=float, help="and at least every M minutes (default 10)")

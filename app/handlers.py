@@ -59,7 +59,8 @@ def _whole(label: str, value: object, lo: int, hi: int) -> int:
 
 
 def sampling_options(temperature: object, top_k: object, top_p: object) -> SamplingOptions:
-    """Temperature 0..2 (0 = greedy); top-k 0 or None (off) .. 256; top-p in (0, 1] (1 or None = off)."""
+    """Temperature 0..2 (0 = greedy); top-k 0 or None (off) .. 256; top-p in (0, 1] (1 or None = off): a program
+    calling the API may pass None for "off", as sample.py's --top-k / --top-p default to."""
     t = _number("Temperature", temperature, 0, MAX_TEMPERATURE)
     k = 0 if top_k is None else _whole("Top-k", top_k, 0, 256)
     p = 1.0 if top_p is None else _number("Top-p", top_p, 0, 1)
@@ -170,9 +171,9 @@ class Studio:
                            "sample whole pictures from scratch")
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
         options = sampling_options(temperature, top_k, top_p)
-        if seed + n - 1 > MAX_SEED:
-            raise gr.Error(f"Seed + number of samples - 1 must be at most {MAX_SEED} (sample i uses seed + i), "
-                           f"got seed {seed}")
+        if seed + n - 1 > MAX_SEED:  # sample i uses seed + i: each must be a seed the Seed field takes back
+            raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
+                           f"seeds go up to {MAX_SEED}), got {seed}")
         original = _read(load_image, upload) if upload else None
         model_name = self.default_model(model_name, "image")
         return Job(str(model_name), list(range(seed, seed + n)), options, original, upload[1] if upload else None,
@@ -223,8 +224,11 @@ class Studio:
         return write_recipe(folder / "settings.json",
                             make_recipe(kind, options, job.model_name, sha, prompt, job.seeds, outputs))
 
-    def complete_images(self, picture: object, prompt_rows: object, temperature: object, num_samples: object,
-                        seed: object, randomize: object, top_k: object, top_p: object, model_name: object,
+    # The page's sampling events' arguments default to None so that the API's parameters all have defaults: Gradio
+    # gives each the initial value of its control on the page, and None (no upload) to the picture and the clip.
+    def complete_images(self, picture: object = None, prompt_rows: object = None, temperature: object = None,
+                        num_samples: object = None, seed: object = None, randomize: object = None,
+                        top_k: object = None, top_p: object = None, model_name: object = None,
                         history: list | None = None, progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """Complete the picture's bottom rows ``num_samples`` times: yields (preview grid, gallery, seed, status,
         this session's history)."""
@@ -246,18 +250,19 @@ class Studio:
         upload = uploaded(clip, "clip")
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
         options = sampling_options(temperature, top_k, top_p)
-        if seed + n - 1 > MAX_SEED:
-            raise gr.Error(f"Seed + number of samples - 1 must be at most {MAX_SEED} (sample i uses seed + i), "
-                           f"got seed {seed}")
+        if seed + n - 1 > MAX_SEED:  # sample i uses seed + i: each must be a seed the Seed field takes back
+            raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
+                           f"seeds go up to {MAX_SEED}), got {seed}")
         prompt, seconds = None, None
         if upload:
             seconds = _number("Prompt length (seconds)", prompt_seconds, 0, 3600) if prompt_seconds is not None \
                 else None
-            audio = _read(load_audio, upload)
-            prompt = audio if seconds is None else audio[:round(seconds * SAMPLE_RATE)]
-            if len(prompt) < 1:
+            if seconds is not None and round(seconds * SAMPLE_RATE) < 1:
                 raise gr.Error("Prompt length must be above 0 seconds when continuing a clip")
-            if np.abs(audio).max() < SILENCE:
+            # only the prompt's seconds of the upload are decoded: a long or high-rate file costs no more
+            prompt = _read(lambda path: load_audio(path, SAMPLE_RATE, seconds=seconds), upload)
+            whole = seconds is None or len(prompt) < round(seconds * SAMPLE_RATE)  # the whole clip was read
+            if whole and np.abs(prompt).max() < SILENCE:
                 raise gr.Error(f"{upload[1]} is silent (its loudest sample is below -60 dBFS): upload a clip with "
                                "sound, or choose 'From scratch'")
             if np.abs(prompt).max() < SILENCE:
@@ -323,9 +328,10 @@ class Studio:
         recipe = self._recipe(folder, "audio", options, job, prompt_file, [w.name for w in wavs])
         yield HistoryEntry("audio", folder, picture_png, wavs, recipe, status, options, job.model_name, [])
 
-    def generate_clip(self, mode: object, clip: object, prompt_seconds: object, length_seconds: object,
-                      temperature: object, seed: object, randomize: object, top_k: object, top_p: object,
-                      model_name: object, history: list | None = None,
+    def generate_clip(self, mode: object = None, clip: object = None, prompt_seconds: object = None,
+                      length_seconds: object = None, temperature: object = None, seed: object = None,
+                      randomize: object = None, top_k: object = None, top_p: object = None,
+                      model_name: object = None, history: list | None = None,
                       progress: gr.Progress = gr.Progress()) -> Iterator[tuple]:
         """Generate ``length_seconds`` of audio, from scratch or after the clip's first ``prompt_seconds``:
         yields (waveform + spectrogram picture, the clip (growing while sampling, then a 16-bit WAV), seed, status,

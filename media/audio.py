@@ -101,35 +101,83 @@ def resample(x: np.ndarray, orig_sr: int, new_sr: int) -> np.ndarray:
 # ---------------------------------------------------------------- audio
 
 
-def load_audio(source: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+MAX_SOURCE_RATE = 384_000  # a file declaring a higher sample rate is refused before decoding
+MAX_SOURCE_CHANNELS = 64  # and one declaring more channels
+MAX_AUDIO_SECONDS = 3600.0  # the longest file read whole (a prompt reads only its first seconds)
+_BLOCK_FRAMES = 1 << 16  # frames decoded at a time: at most 16 MB for 64 channels of float32
+
+
+def load_audio(source: str | Path, sample_rate: int = SAMPLE_RATE, seconds: float | None = None,
+               max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
     """Any file soundfile reads -> float32 mono [T] at ``sample_rate`` (channels averaged).
 
-    Raises ValueError naming the path for unreadable, corrupt or empty files.
+    seconds: read only the first ``seconds`` of the file (the rest is never decoded; the result has
+      round(seconds * sample_rate) samples, fewer if the file is shorter). None: the whole file, which
+      must be at most ``max_seconds`` long (refused otherwise, whatever its header says).
+    The declared sample rate and channels are checked before anything is decoded (at most 384 kHz and
+    64 channels); the file is decoded a block at a time, downmixed and resampled as it goes, so memory is
+    bounded by the samples returned (4 bytes each at ``sample_rate``), not by the file's own rate or length.
+    Raises ValueError naming the path for unreadable, corrupt, empty or refused files.
     """
     import soundfile as sf
 
     sample_rate = _check_rate("sample_rate", sample_rate)
     if not isinstance(source, (str, Path)):
         raise ValueError(f"source must be a path, got {type(source).__name__}")
+    for name, v in (("seconds", seconds), ("max_seconds", max_seconds)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"cannot read audio {path}: no such file")
     try:
         with sf.SoundFile(str(path)) as f:
-            sr = f.samplerate
-            parts = []
-            while True:
-                block = f.read(1 << 18, dtype="float32", always_2d=True)
-                if not len(block):
-                    break
-                parts.append(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0].copy())
+            sr, channels, declared = f.samplerate, f.channels, f.frames
+            if not 1 <= sr <= MAX_SOURCE_RATE:
+                raise ValueError(f"its sample rate of {sr:,} Hz is not in 1..{MAX_SOURCE_RATE:,} Hz")
+            if not 1 <= channels <= MAX_SOURCE_CHANNELS:
+                raise ValueError(f"it has {channels} channels, more than {MAX_SOURCE_CHANNELS}")
+            if seconds is None:
+                limit = math.floor(max_seconds * sr)
+                if declared > limit:
+                    raise ValueError(f"it is {declared / sr:,.1f} s long, more than the {max_seconds:g} s "
+                                     "this reads whole")
+                wanted = limit + 1  # one frame more than allowed: a header that lies is caught too
+            else:
+                wanted = math.ceil((seconds + 0.02) * sr) + 1  # 20 ms more: the resampler's filter reaches past the end
+            mono, frames = _read_mono(f, wanted, sr, sample_rate)
     except (RuntimeError, OSError, ValueError, TypeError, EOFError) as e:
         raise ValueError(f"cannot read audio {path}: {e}") from e
-    mono = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    if mono.size == 0:
+    if seconds is None and frames > limit:
+        raise ValueError(f"cannot read audio {path}: it is longer than the {max_seconds:g} s this reads whole")
+    if frames == 0:
         raise ValueError(f"cannot read audio {path}: the file has no samples")
-    mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
-    return resample(mono, sr, sample_rate)
+    if seconds is not None:
+        mono = mono[: max(1, round(seconds * sample_rate))]
+    return mono
+
+
+def _read_mono(f, wanted: int, sr: int, sample_rate: int) -> tuple[np.ndarray, int]:
+    """Up to ``wanted`` frames of open SoundFile ``f``, a block at a time: downmixed, NaN-free, resampled from
+    ``sr`` to ``sample_rate`` as they come (the same samples as ``resample`` of the whole); (audio, frames read)."""
+    stream = soxr.ResampleStream(sr, sample_rate, 1, dtype="float32", quality=RESAMPLE_QUALITY) \
+        if sr != sample_rate else None
+    parts, frames = [], 0
+    while frames < wanted:
+        block = f.read(min(_BLOCK_FRAMES, wanted - frames), dtype="float32", always_2d=True)
+        if not len(block):
+            break
+        frames += len(block)
+        mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
+        mono = np.nan_to_num(mono, nan=0.0, posinf=1.0, neginf=-1.0)
+        parts.append(stream.resample_chunk(mono) if stream is not None else mono)
+    if stream is not None and frames:
+        parts.append(stream.resample_chunk(np.zeros(-(-sr // sample_rate) + 1, np.float32), last=True))
+    out = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    out_len = -(-frames * sample_rate // sr)  # ceil, as resample()
+    if len(out) < out_len:
+        out = np.concatenate([out, np.zeros(out_len - len(out), np.float32)])
+    return np.ascontiguousarray(out[:out_len], dtype=np.float32), frames
 
 
 def audio_to_tokens(x: np.ndarray) -> np.ndarray:

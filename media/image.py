@@ -63,8 +63,12 @@ def _composite_on_white(im: Image.Image) -> Image.Image:
     return Image.alpha_composite(bg, im).convert("RGB")
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB (alpha on white; 16-bit and float greyscale scaled to 8 bits)."""
+def to_rgb(im: Image.Image, extrema: tuple[float, float] | None = None) -> Image.Image:
+    """Any Pillow mode -> RGB (alpha on white; 16-bit and float greyscale scaled to 8 bits).
+
+    extrema: (min, max) of the whole image when ``im`` is a strip of it (greyscale "I" and "F" images are
+    scaled by what the whole image holds, so every strip is scaled alike); None: ``im``'s own.
+    """
     mode = im.mode
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in im.info):
         return _composite_on_white(im.convert("RGBA"))
@@ -75,12 +79,57 @@ def to_rgb(im: Image.Image) -> Image.Image:
         if mode == "F":
             a = a.astype(np.float64)
             a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
-            a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else a
-        elif mode.startswith("I;16") or (a.size and a.max() > 255):
+        lo, hi = extrema if extrema is not None else ((a.min(), a.max()) if a.size else (0, 0))
+        if mode == "F":
+            a = a * 255.0 if a.size and lo >= 0.0 and hi <= 1.0 else a
+        elif mode.startswith("I;16") or (a.size and hi > 255):
             a = a.astype(np.float64) / 257.0  # 16-bit range 0..65535 -> 0..255
         a8 = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(a8, "L").convert("RGB")
     return im.convert("RGB")
+
+
+_ORIENTATION = {2: (Image.Transpose.FLIP_LEFT_RIGHT,), 3: (Image.Transpose.ROTATE_180,),
+                4: (Image.Transpose.FLIP_TOP_BOTTOM,), 5: (Image.Transpose.TRANSPOSE,),
+                6: (Image.Transpose.ROTATE_270,), 7: (Image.Transpose.TRANSVERSE,), 8: (Image.Transpose.ROTATE_90,)}
+STRIP_PIXELS = 1 << 20  # pixels converted at a time when a large image is reduced
+
+
+def _grey_extrema(im: Image.Image) -> tuple[float, float] | None:
+    """(min, max) of a greyscale "I"/"F" image, NaN and infinities left out as to_rgb leaves them out."""
+    if not (im.mode.startswith("I") or im.mode == "F"):
+        return None
+    if im.mode == "F":  # getextrema would see NaN and infinities, which to_rgb maps to 0 and 1
+        lo, hi = math.inf, -math.inf
+        for y in range(0, im.height, max(1, STRIP_PIXELS // im.width)):
+            a = np.asarray(im.crop((0, y, im.width, min(im.height, y + max(1, STRIP_PIXELS // im.width)))))
+            a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+        return lo, hi
+    lo, hi = im.getextrema()
+    return float(lo), float(hi)
+
+
+def _reduced(im: Image.Image, size: int) -> Image.Image:
+    """A decoded image much larger than ``size`` -> an RGB image box-averaged by an integer factor that keeps at
+    least 8 * size pixels on the short side (the box resample to ``size`` then differs from one at full size only
+    by where output pixels' edges fall within a reduced pixel), with the EXIF orientation applied. It is converted
+    a strip of rows at a time, so no full-size copy is ever made besides the decoded image itself (conversions of
+    a 64-megapixel image would cost more than a gigabyte)."""
+    w, h = im.size
+    k = min(w, h) // (8 * size)
+    orientation = im.getexif().get(0x0112)
+    if k < 2:
+        return ImageOps.exif_transpose(im)
+    extrema = _grey_extrema(im)
+    out = Image.new("RGB", (-(-w // k), -(-h // k)))
+    step = k * max(1, STRIP_PIXELS // (w * k))  # rows per strip: a multiple of k
+    for y in range(0, h, step):
+        strip = to_rgb(im.crop((0, y, w, min(h, y + step))), extrema)
+        out.paste(strip.reduce(k), (0, y // k))
+    for method in _ORIENTATION.get(orientation, ()):
+        out = out.transpose(method)
+    return out
 
 
 def _from_array(a: np.ndarray) -> Image.Image:
@@ -112,7 +161,9 @@ def load_image(source: str | Path | Image.Image | np.ndarray, size: int = IMAGE_
       greyscale scaled to 8 bits, CMYK/palette converted), a PIL image, or a uint8 array
       [H, W], [H, W, 1|3|4]. Images over 64 million pixels are refused (decompression bombs).
       Large JPEGs are decoded at a reduced DCT scale that keeps at least 4 * size pixels on the
-      short side, which is much faster and indistinguishable after the box downsample.
+      short side, which is much faster and indistinguishable after the box downsample; other large images are
+      box-averaged by an integer factor to that size a strip at a time (memory: the decoded image, about
+      4 bytes a pixel at most, and little more).
     Raises ValueError for unreadable or corrupt files, naming the path.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -142,8 +193,7 @@ def load_image(source: str | Path | Image.Image | np.ndarray, size: int = IMAGE_
                     k = 4 * size / min(w, h)
                     im.draft("RGB", (math.ceil(w * k), math.ceil(h * k)))
                 im.load()
-                im = ImageOps.exif_transpose(im)
-                return _square_resize(im, size)
+                return _square_resize(_reduced(im, size), size)
     except (Image.DecompressionBombError, ValueError, OSError, SyntaxError, EOFError, TypeError, KeyError,
             IndexError, struct.error) as e:
         raise ValueError(f"cannot read image {path}: {e}") from e

@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,7 +58,7 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
             tmp.write_text(text)
     """
     dst = Path(dst)
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")  # the pattern remove_stale_temporaries looks for
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -64,6 +66,39 @@ def atomic_path(dst: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:  # e.g. an id out of range
+        return False
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_path` left in ``folder`` for files called ``names`` when its
+    process was killed in the middle of a write (``NAME.<pid>.tmp``, up to the full size of the file): only files of
+    exactly that pattern, and only those of processes that no longer run (never this process's own). Returns them."""
+    folder = Path(folder)
+    pattern = re.compile("(?:" + "|".join(re.escape(n) for n in names) + r")\.([0-9]+)\.tmp")
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_running(int(m.group(1))) and p.is_file() \
+                and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | None = None) -> Path:
@@ -85,6 +120,7 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
         raise ValueError(f"card must be JSON-serialisable: {e}") from None
     weights, card_path = checkpoint_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(weights.parent, (weights.name, card_path.name))  # of an earlier save that was killed
     config = model.cfg.to_dict()
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
@@ -97,6 +133,7 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
         weights={"file": weights.name, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
     )
     card.setdefault("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    check_card(card, card_path)  # never write a card that load_card would refuse
     _write_card(card, card_path)
     return card_path
 
@@ -118,13 +155,13 @@ def update_card(path: str | os.PathLike, fields: dict) -> dict:
         json.dumps(fields)
     except TypeError as e:
         raise ValueError(f"fields must be JSON-serialisable: {e}") from None
-    card = load_card(path) | fields
+    card = check_card(load_card(path) | fields, checkpoint_paths(path)[1])
     _write_card(card, checkpoint_paths(path)[1])
     return card
 
 
 def load_card(path: str | os.PathLike) -> dict:
-    """Read and check the card of checkpoint ``path`` (no weights are read)."""
+    """Read and check the card of checkpoint ``path`` (no weights are read); CheckpointError if it cannot be used."""
     weights, card_path = checkpoint_paths(path)
     if not card_path.is_file():
         folder = card_path.parent
@@ -135,12 +172,68 @@ def load_card(path: str | os.PathLike) -> dict:
         card = json.loads(card_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"model card {card_path} is not valid JSON ({e}): the file is corrupt") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT or "config" not in card or "weights" not in card:
-        raise CheckpointError(f"{card_path} is not a model card of this project (format {FORMAT!r} expected)")
+    check_card(card, card_path)
+    return card
+
+
+_INT, _NUMBER, _TEXT = (int,), (int, float), (str,)
+_NONE = (type(None),)
+# The card's fields that the code reads, and the JSON types each may hold (others are kept, unread).
+CARD_FIELDS: dict[str, tuple[type, ...]] = {
+    "format": _TEXT, "config": (dict,), "weights": (dict,), "codec": (dict, *_NONE), "parameters": _INT + _NONE,
+    "steps": _INT + _NONE, "tokens_seen": _INT + _NONE, "held_out_items": _INT + _NONE,
+    "compute_pf_days": _NUMBER + _NONE, "held_out_bits_per_dim": _NUMBER + _NONE, "ema_decay": _NUMBER + _NONE,
+    "date": _TEXT + _NONE, "data": (dict, str, *_NONE), "training": (dict, *_NONE), "evaluation": (dict, *_NONE),
+    "training_history": (list, *_NONE),
+}
+REQUIRED_CARD_FIELDS = ("format", "config", "weights")
+WEIGHTS_FIELDS: dict[str, tuple[type, ...]] = {"file": _TEXT, "bytes": _INT, "sha256": _TEXT}
+CODEC_FIELDS: dict[str, tuple[type, ...]] = {"kind": _TEXT + _NONE, "sample_rate": _INT + _NONE}
+_TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", dict: "an object", list: "a list",
+               type(None): "null"}
+
+
+def _check_fields(where: str, fields: dict, schema: dict[str, tuple[type, ...]], required: tuple[str, ...],
+                  card_path: object) -> None:
+    for key in required:
+        if key not in fields:
+            raise CheckpointError(f"model card {card_path}: '{where}{key}' is missing")
+    for key, types in schema.items():
+        if key not in fields:
+            continue
+        value = fields[key]
+        if isinstance(value, bool) or not isinstance(value, types) or (isinstance(value, float) and not
+                                                                        math.isfinite(value)):
+            allowed = " or ".join(_TYPE_NAMES[t] for t in types if t is not int or float not in types)
+            raise CheckpointError(f"model card {card_path}: '{where}{key}' must be {allowed}, got "
+                                  f"{json.dumps(value)[:60]}")
+
+
+def check_card(card: object, card_path: object = "(card)") -> dict:
+    """The one schema of a model card: CheckpointError naming the field when a field the code reads is missing or
+    of the wrong type (format, config, weights: file / bytes / sha256, codec, counts, figures, date, data, ...).
+    Fields the code does not read are kept as they are. Returns the card."""
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{card_path} is not a model card of this project (a JSON object with format "
+                              f"{FORMAT!r} expected)")
+    if card.get("format") != FORMAT:
+        raise CheckpointError(f"{card_path} is not a model card of this project (format {FORMAT!r} expected, "
+                              f"got {json.dumps(card.get('format'))[:60]})")
+    _check_fields("", card, CARD_FIELDS, REQUIRED_CARD_FIELDS, card_path)
+    _check_fields("weights.", card["weights"], WEIGHTS_FIELDS, tuple(WEIGHTS_FIELDS), card_path)
+    w = card["weights"]
+    if w["bytes"] < 0 or len(w["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in w["sha256"]):
+        raise CheckpointError(f"model card {card_path}: 'weights' must give the file's size in bytes (>= 0) and "
+                              "its SHA-256 as 64 lower-case hex digits")
+    if card.get("codec") is not None:
+        _check_fields("codec.", card["codec"], CODEC_FIELDS, (), card_path)
+    for key in ("parameters", "steps", "tokens_seen", "held_out_items"):
+        if isinstance(card.get(key), int) and card[key] < 0:
+            raise CheckpointError(f"model card {card_path}: {key!r} must be >= 0, got {card[key]}")
     try:
         ModelConfig.from_dict(card["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"model card {card_path} holds an invalid config: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"model card {card_path}: 'config' holds an invalid config: {e}") from None
     return card
 
 
@@ -150,12 +243,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> S
     weights, card_path = checkpoint_paths(path)
     if not weights.is_file():
         raise CheckpointError(f"weights {weights} are missing (the card {card_path} exists)")
-    expected = card["weights"]
+    expected = card["weights"]  # checked by load_card: bytes and sha256 are there
     size = weights.stat().st_size
-    if size != expected.get("bytes"):
-        raise CheckpointError(f"weights {weights} are {size} bytes but the card says {expected.get('bytes')}: "
+    if size != expected["bytes"]:
+        raise CheckpointError(f"weights {weights} are {size} bytes but the card says {expected['bytes']}: "
                               "the file is truncated or was replaced")
-    if _sha256(weights) != expected.get("sha256"):
+    if _sha256(weights) != expected["sha256"]:
         raise CheckpointError(f"weights {weights} do not match the SHA-256 in {card_path}: the file is corrupt")
     try:
         with safe_open(str(weights), "pt") as f:
@@ -190,7 +283,7 @@ def _load_strict(model: SparseTransformer, tensors: dict[str, torch.Tensor], sou
 
 def card_kind(card: dict, cfg: ModelConfig) -> str:
     """"image" or "audio": the card's codec kind when it names one, else from the config's shape."""
-    kind = (card.get("codec") or {}).get("kind")
+    kind = (card.get("codec") or {}).get("kind") if isinstance(card.get("codec"), dict) else None
     if kind in ("image", "audio"):
         return kind
     return "image" if cfg.seq_len == IMAGE_TOKENS and cfg.pos_factors == (64, 64, 3) else "audio"

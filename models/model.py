@@ -244,8 +244,14 @@ class SparseTransformer(nn.Module):
         x = torch.cat([self.start.to(x.dtype).expand(B, 1, -1), x], 1)
         return x + self.position_embedding(torch.arange(N, device=tokens.device))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, N] int64 (N <= cfg.seq_len) -> logits [B, N, vocab] (logits[:, t] predicts tokens[:, t])."""
+    def forward(self, tokens: torch.Tensor, flat: bool = False) -> torch.Tensor:
+        """tokens [B, N] int64 (N <= cfg.seq_len) -> logits [B, N, vocab] (logits[:, t] predicts tokens[:, t]).
+
+        flat: logits [B * N, vocab] instead, the same numbers. They are the head's own output, where the [B, N, vocab]
+        logits are a view of it (a linear layer on 3-d input computes on 2-d and reshapes): training asks for them
+        flat, since FSDP warns on every step when the sharded model returns a view (an in-place op on one would
+        skip its all-gather), and the loss flattens them anyway.
+        """
         self._check_tokens(tokens)
         x = self.embed(tokens)
         for block in self.blocks:
@@ -253,7 +259,8 @@ class SparseTransformer(nn.Module):
                 x = checkpoint(block, x, self.backend, use_reentrant=False)
             else:
                 x = block(x, self.backend)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        return self.head(x.flatten(0, 1)) if flat else self.head(x)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, caches: list) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 import time
 import zipfile
@@ -28,6 +27,7 @@ import torch
 
 from media.audio import SAMPLE_RATE, load_audio, mu_law_encode, tokens_to_pcm16
 from media.image import IMAGE_SIZE, IMAGE_TOKENS, image_to_tokens, load_image, tokens_to_image
+from models.checkpoint import atomic_path
 
 from .options import SamplingOptions
 from .sampler import generate
@@ -111,12 +111,9 @@ def shard(n_prompts: int, rank: int, world: int) -> list[int]:
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """Write ``path`` through ``write(tmp)`` and models.checkpoint.atomic_path: never half a file."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _savez(path: Path, arrays: dict) -> None:

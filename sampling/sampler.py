@@ -125,6 +125,9 @@ class Progress:
     finished: bool
 
 
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+
+
 def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
              options: SamplingOptions | None = None, report_every: int = 256, dense_cache: bool = False,
              step: str = "auto") -> Iterator[Progress]:
@@ -143,8 +146,9 @@ def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds:
     length = check_int("length", length, max(1, P), model.cfg.seq_len)
     check_int("batch (prompt rows)", B, 1)
     check_int("report_every", report_every, 1)
-    if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise ValueError(f"seeds must be {B} non-negative integers (one per sample), got {seeds!r}")
+    if len(seeds) != B or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
+                                  for s in seeds):
+        raise ValueError(f"seeds must be {B} integers in 0..{MAX_SEED} (2^64 - 1; one per sample), got {seeds!r}")
     if P and (int(prompt.min()) < 0 or int(prompt.max()) >= model.cfg.vocab):
         raise ValueError(f"prompt tokens must be in [0, {model.cfg.vocab})")
     uniforms = torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(s), dtype=torch.float64)

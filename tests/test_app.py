@@ -63,9 +63,10 @@ def complete(client: Client, picture: Path | None = HOUSE, rows: int = ROWS, sam
 
 
 def generate(client: Client, mode: str = "From scratch", clip: Path | None = None, prompt_s: float = 0.1,
-             length_s: float = 0.1, seed: int = 3, model: str = "audio"):
-    return client.submit(mode, handle_file(str(clip)) if clip else None, prompt_s, length_s, 1.0, seed, False, 0, 1.0,
-                         model, api_name="/generate_audio")
+             length_s: float = 0.1, seed: int = 3, model: str = "audio", top_k: int | None = 0,
+             top_p: float | None = 1.0):
+    return client.submit(mode, handle_file(str(clip)) if clip else None, prompt_s, length_s, 1.0, seed, False, top_k,
+                         top_p, model, api_name="/generate_audio")
 
 
 def png(path: str) -> np.ndarray:
@@ -91,6 +92,19 @@ def test_image_completion_keeps_the_prompt_rows(client):
     assert png(grid).shape == (256, 4 * 256 + 3 * 4, 3)  # prompt | 2 samples | original, 4x
     again = complete(client, samples=1, seed=6, model="image-b").result(timeout=120)[1]  # same weights as image-a
     assert np.array_equal(png(again[1]["image"]), second)  # sample i depends on its seed only
+
+
+def test_the_api_takes_none_as_off_for_top_k_and_top_p(client):
+    """None is "off" for top-k / top-p, on the page's own events and on the documented API (whose names and
+    defaults are sample.py's: tests/test_app_api.py)."""
+    first = complete(client, samples=1, seed=5).result(timeout=120)[1][1]  # top-k 0 and top-p 1: off
+    with_none = complete(client, samples=1, seed=5, top_k=None, top_p=None).result(timeout=120)[1][1]
+    assert np.array_equal(png(with_none["image"]), png(first["image"]))
+    by_name = client.submit(prompt=handle_file(str(HOUSE)), prompt_rows=ROWS, num_samples=1, seed=5, top_k=None,
+                            top_p=None, checkpoint="image-a", api_name="/sample_image").result(timeout=120)[1]
+    assert np.array_equal(png(by_name[0]), png(first["image"]))  # the same sample through the API
+    _, wav_file, _, status = generate(client, length_s=0.05, seed=3, top_k=None, top_p=None).result(timeout=120)
+    assert "from scratch" in status and sf.info(wav_file).frames == 600
 
 
 def test_the_crop_preview_shows_where_the_prompt_ends(client):
@@ -139,6 +153,7 @@ IMAGE_ERRORS = {
     "too many samples": (dict(samples=9), "Number of samples must be a whole number from 1 to 8, got 9"),
     "negative temperature": (dict(temperature=-1), "Temperature must be a number from 0 to 2"),
     "top-p zero": (dict(top_p=0.0), "Top-p must be above 0"),
+    "seeds past the largest": (dict(seed=2**31 - 1), "Seed must be at most 2147483646 with 2 samples"),
     "unknown model": (dict(model="nope"), "no image model called 'nope'; the image models are ['image-a', 'image-b']"),
     "audio model for images": (dict(model="audio"), "no image model called 'audio'"),
     "prompt rows without a picture": (dict(picture=None), "Upload a picture"),
@@ -146,7 +161,8 @@ IMAGE_ERRORS = {
 AUDIO_ERRORS = {
     "empty clip": (dict(clip="empty.wav"), "cannot read audio empty.wav"),
     "corrupt clip": (dict(clip="noise.wav"), "cannot read audio noise.wav"),
-    "silent clip": (dict(clip="silent.wav"), "silent.wav is silent"),
+    "silent clip": (dict(clip="silent.wav", prompt_s=1.0), "silent.wav is silent"),  # all 0.5 s of it read
+    "silent prompt": (dict(clip="silent.wav"), "the first 0.10 s of silent.wav are silent"),  # only 0.1 s read
     "no clip to continue": (dict(clip=None), "Upload a clip to continue"),
     "longer than the context": (dict(mode="From scratch", length_s=1.0),
                                 "Length must be above 0 and at most 0.34 seconds"),
@@ -174,6 +190,24 @@ def test_bad_audio_input_is_an_error(case, client, bad_files):
     with pytest.raises(AppError) as e:
         generate(client, **args).result(timeout=60)
     assert message in str(e.value)
+
+
+def test_a_long_upload_is_decoded_only_as_far_as_the_prompt(client, tmp_path, monkeypatch):
+    sr = 192000
+    t = np.arange(sr) / sr
+    sf.write(tmp_path / "long.flac", np.tile(0.3 * np.sin(2 * np.pi * 440 * t), 20), sr, subtype="PCM_16")  # 20 s
+    frames, real = [], sf.SoundFile.read
+
+    def read(self, *args, **kw):
+        out = real(self, *args, **kw)
+        frames.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    _, wav, _, status = generate(client, mode="Continue a clip", clip=tmp_path / "long.flac", prompt_s=0.1,
+                                 length_s=0.01).result(timeout=60)
+    assert "after a 0.10 s prompt" in status
+    assert 0.1 * sr <= sum(frames) <= 0.15 * sr  # the prompt's 0.1 s (and the resampler's margin), not 20 s
 
 
 def test_the_server_keeps_serving_after_errors(client, bad_files):
@@ -236,6 +270,26 @@ def test_the_page_without_checkpoints_says_what_to_do(tmp_path):
         page = str(build_demo(Registry(folder, torch.device("cpu"))).config)
         assert "No models yet" in page and "python train.py image" in page and "--checkpoints DIR" in page
     assert "could not use broken.json" in page and "not valid JSON" in page
+
+
+def test_cards_with_fields_of_the_wrong_type_are_listed_as_unusable_and_the_app_starts(checkpoints, tmp_path):
+    import json
+    import shutil
+
+    for name in ("audio.json", "audio.safetensors"):
+        shutil.copy(checkpoints / name, tmp_path / name)
+    card = json.loads((checkpoints / "audio.json").read_text())
+    for name, bad in (("codec", {"codec": "oops"}), ("weights", {"weights": "oops"}), ("config", {"config": 7})):
+        shutil.copy(checkpoints / "audio.safetensors", tmp_path / f"{name}.safetensors")
+        (tmp_path / f"{name}.json").write_text(json.dumps(card | bad))
+    registry = Registry(tmp_path, torch.device("cpu"))
+    assert [e.name for e in registry.entries] == ["audio"]
+    config = build_demo(registry).config
+    texts = "\n".join(str(c["props"].get("value")) for c in config["components"] if c["type"] == "markdown")
+    for name, message in (("codec", "'codec' must be an object or null, got \"oops\""),
+                          ("weights", "'weights' must be an object, got \"oops\""),
+                          ("config", "'config' must be an object, got 7")):
+        assert f"**Could not use** {name}.json: model card" in texts and message in texts, (name, message)
 
 
 def test_each_tab_has_a_model_selector_only_when_there_is_a_choice(checkpoints):

@@ -1,6 +1,7 @@
 """Checkpoint I/O: safetensors + JSON card, and clear errors for anything wrong with them."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -133,3 +134,53 @@ def test_update_card_adds_fields_and_keeps_the_weights_loadable(tmp_path):
     with pytest.raises(CheckpointError, match="no model card"):
         update_card(tmp_path / "missing", {"a": 1})
 
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("codec", "oops", "'codec' must be an object or null, got \"oops\""),
+    ("weights", "oops", "'weights' must be an object, got \"oops\""),
+    ("config", [1], "'config' must be an object, got [1]"),
+    ("config", {"n_layers": "two"}, "'config' holds an invalid config"),
+    ("steps", "3", "'steps' must be a whole number or null, got \"3\""),
+    ("held_out_bits_per_dim", True, "'held_out_bits_per_dim' must be a number or null, got true"),
+    ("data", 5, "'data' must be an object or a string or null, got 5"),
+    ("training_history", {"a": 1}, "'training_history' must be a list or null"),
+    ("format", 1, "not a model card of this project"),
+])
+def test_a_card_field_of_the_wrong_type_is_reported_by_name(tmp_path, field, value, message):
+    from models import check_card
+
+    save_model(make_model(), tmp_path / "m", CARD)
+    card = json.loads((tmp_path / "m.json").read_text())
+    (tmp_path / "m.json").write_text(json.dumps(card | {field: value}))
+    for load in (load_card, load_model):
+        with pytest.raises(CheckpointError) as e:
+            load(tmp_path / "m")
+        assert message in str(e.value) and "m.json" in str(e.value)
+    with pytest.raises(CheckpointError, match="is missing"):
+        check_card({k: v for k, v in card.items() if k != "weights"})
+    for part, bad, said in (("codec", {"kind": 3}, "'codec.kind' must be a string or null"),
+                            ("weights", {**card["weights"], "bytes": "9"}, "'weights.bytes' must be a whole number"),
+                            ("weights", {**card["weights"], "sha256": "abc"}, "64 lower-case hex digits")):
+        with pytest.raises(CheckpointError, match=re.escape(said)):
+            check_card(card | {part: bad})
+    assert check_card(card) is card
+
+
+def test_save_model_never_writes_a_card_that_load_card_refuses(tmp_path):
+    with pytest.raises(CheckpointError, match="'steps' must be a whole number"):
+        save_model(make_model(), tmp_path / "m", {"steps": "many"})
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_save_model_removes_the_temporaries_of_a_killed_save(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [tmp_path / f"m.safetensors.{int(dead.stdout)}.tmp", tmp_path / f"m.json.{int(dead.stdout)}.tmp"]
+    other = tmp_path / f"n.safetensors.{int(dead.stdout)}.tmp"
+    for p in (*stale, other):
+        p.write_bytes(b"half")
+    save_model(make_model(), tmp_path / "m", CARD)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors", other.name]

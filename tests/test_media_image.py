@@ -155,3 +155,67 @@ def test_load_image_bomb_guard(tmp_path):
     Image.new("1", (9000, 8000)).save(tmp_path / "big.png")  # 72 M pixels, tiny file
     with pytest.raises(ValueError, match="pixels"):
         load_image(tmp_path / "big.png")
+
+
+# ---------------------------------------------------------------- large images, reduced (issue 30, defect 2)
+
+
+def _full_size_result(path, size=64):
+    """What load_image gave before large images were reduced: every conversion at full size."""
+    from PIL import ImageOps
+
+    from media.image import _square_resize
+
+    with Image.open(path) as im:
+        im.load()
+        return _square_resize(ImageOps.exif_transpose(im), size)
+
+
+def _large_images(tmp_path) -> dict[str, Image.Image]:
+    h, w = 1100, 1500  # over 8 x 64 on the short side: reduced by 2 before the box resample
+    y, x = np.mgrid[0:h, 0:w]
+    rgba = np.stack([x % 256, y % 256, (x * y) % 256, (x + y) % 256], -1).astype(np.uint8)
+    grey16 = ((x * 40 + y * 7) % 65536).astype(np.uint16)
+    grey_float = (x / w * 0.9 + y / h * 0.1).astype(np.float32)
+    grey_float[0, :10] = np.nan
+    return {"rgba.png": Image.fromarray(rgba, "RGBA"), "grey16.png": Image.fromarray(grey16),
+            "float.tif": Image.fromarray(grey_float, "F"),
+            "palette.png": Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE),
+            "big_ints.tif": Image.fromarray((x * 100 + y).astype(np.int32), "I")}
+
+
+def test_large_images_are_converted_a_strip_at_a_time(tmp_path, monkeypatch):
+    import media.image
+
+    converted = []
+    real = media.image.to_rgb
+
+    def to_rgb(im, *args, **kw):
+        converted.append(im.width * im.height)
+        return real(im, *args, **kw)
+
+    for name, im in _large_images(tmp_path).items():
+        im.save(tmp_path / name)
+        expected = _full_size_result(tmp_path / name)
+        converted.clear()
+        monkeypatch.setattr(media.image, "to_rgb", to_rgb)
+        got = load_image(tmp_path / name)
+        monkeypatch.undo()
+        assert converted and max(converted) <= 2 * media.image.STRIP_PIXELS, name  # never the whole image at once
+        assert got.shape == (64, 64, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - expected.astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 40, (name, diff.mean(), diff.max())  # the same picture
+
+
+def test_large_images_keep_their_exif_orientation(tmp_path):
+    h, w = 1100, 1500
+    a = np.zeros((h, w, 3), np.uint8)
+    a[: h // 2, : w // 2] = 255  # white top-left quarter
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(a).save(tmp_path / "o.png", exif=exif)
+        expected = _full_size_result(tmp_path / "o.png")
+        got = load_image(tmp_path / "o.png")
+        diff = np.abs(got.astype(int) - expected.astype(int))
+        assert diff.mean() < 1.0 and diff.max() <= 40, orientation  # a wrong turn would differ by 255 in places

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +131,24 @@ def test_audio_continues_a_prompt(files, tmp_path):
     assert meta["arguments"]["samples"] == 500 and meta["arguments"]["top_k"] == 50
 
 
+def test_a_long_prompt_is_decoded_only_for_its_prompt_seconds(files, tmp_path, monkeypatch):
+    sr = 192000
+    t = np.arange(sr) / sr
+    sf.write(tmp_path / "long.flac", np.tile(0.3 * np.sin(2 * np.pi * 440 * t), 20), sr, subtype="PCM_16")  # 20 s
+    frames, real = [], sf.SoundFile.read
+
+    def read(self, *args, **kw):
+        out = real(self, *args, **kw)
+        frames.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    assert run("audio", "--checkpoint", files["audio"], "--prompt", tmp_path / "long.flac", "--prompt-seconds", 0.1,
+               "--samples", 10, "--out-dir", tmp_path / "out") == 0
+    assert 0.1 * sr <= sum(frames) <= 0.15 * sr  # 0.1 s (and the resampler's margin) of the 20 s file
+    assert sf.info(tmp_path / "out" / "prompt.wav").frames == 1200
+
+
 def test_audio_from_scratch_defaults_to_the_model_context_in_a_timestamped_folder(files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert run("audio", "--checkpoint", files["audio"]) == 0
@@ -149,7 +169,10 @@ def broken(files, tmp_path) -> dict[str, Path]:
         shutil.copy(src, tmp_path / src.name.replace("image", "cut"))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(cut.read_bytes()[:-1000])
-    return {"png": tmp_path / "x.png", "ckpt": tmp_path / "cut"}
+    card_of = json.loads(card.read_text())
+    shutil.copy(weights, tmp_path / "oops.safetensors")
+    (tmp_path / "oops.json").write_text(json.dumps(card_of | {"weights": "oops"}))  # a field of the wrong type
+    return {"png": tmp_path / "x.png", "ckpt": tmp_path / "cut", "oops": tmp_path / "oops"}
 
 
 ERRORS = {
@@ -159,9 +182,17 @@ ERRORS = {
     "negative temperature": (["image", "--checkpoint", "{image}", "--temperature", "-1"], "--temperature must be"),
     "top-p out of range": (["audio", "--checkpoint", "{audio}", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     "no samples": (["image", "--checkpoint", "{image}", "--num-samples", "0"], "--num-samples must be >= 1"),
+    "a billion samples": (["image", "--checkpoint", "{image}", "--num-samples", "1000000000"],
+                          "--num-samples must be at most 10,000 per call, got 1,000,000,000"),
+    "seed past 2^64": (["audio", "--checkpoint", "{audio}", "--seed", str(2**64)],
+                       "--seed must be in 0..18446744073709551615 with --num-samples 1"),
+    "seeds past 2^64": (["image", "--checkpoint", "{image}", "--seed", str(2**64 - 2)],
+                        "--seed must be in 0..18446744073709551612 with --num-samples 4"),
+    "negative seed": (["image", "--checkpoint", "{image}", "--seed", "-1"], "--seed must be in 0.."),
     "no batch": (["audio", "--checkpoint", "{audio}", "--batch-size", "0"], "--batch-size must be >= 1"),
     "missing checkpoint": (["image", "--checkpoint", "{tmp}/nothing"], "no model card"),
     "truncated checkpoint": (["image", "--checkpoint", "{cut}"], "truncated"),
+    "card field of the wrong type": (["image", "--checkpoint", "{oops}"], "'weights' must be an object, got \"oops\""),
     "image model for audio": (["audio", "--checkpoint", "{image}"], "is an image model"),
     "audio past the context": (["audio", "--checkpoint", "{audio}", "--samples", "4097"],
                                "--samples must be in 1..4096"),
@@ -176,7 +207,7 @@ ERRORS = {
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, files, broken, tmp_path, capsys):
     args, message = ERRORS[case]
     values = {"image": files["image"], "audio": files["audio"], "png": files["png"], "wav": files["wav"],
-              "bad_png": broken["png"], "cut": broken["ckpt"], "tmp": tmp_path}
+              "bad_png": broken["png"], "cut": broken["ckpt"], "oops": broken["oops"], "tmp": tmp_path}
     before = sorted(p.name for p in tmp_path.iterdir())
     args = [a.format(**values) for a in args] + ["--out-dir", str(tmp_path / "new" / "run")]
     assert run(*args) == 2
@@ -237,3 +268,45 @@ def test_the_script_runs_from_the_command_line(files, tmp_path):
     assert done.stderr.splitlines() == [f"sample.py: error: checkpoint {files['image']} is an image model; "
                                         "'sample.py audio' needs an audio model"]
     assert list(tmp_path.iterdir()) == []
+
+
+def _start_long_run(files, out: Path) -> tuple[subprocess.Popen, Path]:
+    """sample.py in its own process on a long job, once its hidden temporary folder exists."""
+    cmd = [sys.executable, str(Path(sample.__file__)), "image", "--checkpoint", str(files["image"]), "--num-samples",
+           "500", "--out-dir", str(out), "--quiet", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=out.parent, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not leftovers(out.parent):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    (tmp,) = [out.parent / name for name in leftovers(out.parent)]
+    return proc, tmp
+
+
+def test_sigterm_is_handled_like_ctrl_c(files, tmp_path):
+    proc, tmp = _start_long_run(files, tmp_path / "run")
+    assert re.fullmatch(rf"\.run\.{proc.pid}\.[a-z0-9_]{{8}}\.tmp", tmp.name)  # the writer's PID in the name
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "sample.py: terminated; nothing was written" in err
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
+def test_the_temporary_folders_of_killed_runs_are_removed_by_the_next(files, tmp_path):
+    out = tmp_path / "run"
+    proc, tmp = _start_long_run(files, out)
+    proc.kill()  # SIGKILL: nothing can clean up
+    proc.communicate(timeout=60)
+    assert tmp.is_dir()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".run.{alive.pid}.abcd1234.tmp"  # a run still writing: kept
+        others = [tmp_path / ".run.keep", tmp_path / ".other.1.abcd1234.tmp", tmp_path / f".run.{proc.pid}.old-x"]
+        for p in (running, *others):
+            p.mkdir()
+        assert run_image(files, out, "--num-samples", 1) == 0
+        assert not tmp.exists() and running.is_dir() and all(p.is_dir() for p in others)
+        assert (out / "sample_000.png").is_file()
+    finally:
+        alive.kill()
+        alive.wait()

@@ -164,6 +164,9 @@ def test_bad_generate_arguments_are_refused():
         sample(model, ok.int(), 20, [1, 2])
     with pytest.raises(ValueError, match="prompt tokens"):
         sample(model, ok + 300, 20, [1, 2])
+    with pytest.raises(ValueError, match=r"seeds must be 2 integers in 0..18446744073709551615"):
+        sample(model, ok, 20, [1, 2**64])  # past what torch.Generator.manual_seed takes: no traceback from it
+    assert sample(model, ok, 6, [0, 2**64 - 1]).shape == (2, 6)
 
 
 def test_image_completion_keeps_the_prompt_rows_bit_for_bit():

@@ -219,12 +219,27 @@ def test_the_log_drops_lines_past_the_checkpoint_on_resume(images, tmp_path):
     assert [r["step"] for r in read_log(run) if "event" not in r] == [1, 2, 3]
 
 
-def torchrun(args: list[str], tmp_path: Path) -> None:
+def test_resume_drops_a_torn_last_line_of_the_log(tmp_path):
+    log = tmp_path / "log.jsonl"
+    whole = [json.dumps({"event": "start", "step": 0}), json.dumps({"step": 1, "loss": 2.0}),
+             json.dumps({"step": 2, "loss": 1.5})]
+    log.write_text("\n".join(whole) + "\n" + json.dumps({"step": 3, "loss": 1.25})[:9])  # killed mid-write
+    training.log.Log(log, True, resume_step=2).close()
+    assert log.read_text() == "".join(line + "\n" for line in whole)
+    log.write_text(log.read_text() + '{"step": 2, "lo')
+    lg = training.log.Log(log, True, resume_step=1)
+    lg.write(step=2, loss=1.0)
+    lg.close()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2]
+
+
+def torchrun(args: list[str], tmp_path: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
 
 
 @pytest.mark.parametrize("shard", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
@@ -232,7 +247,8 @@ def test_two_processes_take_the_same_step_as_one_on_the_same_global_batch(images
     common = ["image", "--data", str(images), *FAST, "--steps", "2", "--precision", "fp32", "--lr", "1e-2",
               "--warmup", "1", "--eval-every", "0"]
     assert train.main([*common, "--out", str(tmp_path / "one"), "--micro-batch", "2"]) == 0
-    torchrun([*common, "--out", str(tmp_path / "two"), "--micro-batch", "1", *shard], tmp_path)
+    err = torchrun([*common, "--out", str(tmp_path / "two"), "--micro-batch", "1", *shard], tmp_path)
+    assert "returned a view tensor" not in err and "wrong gradients" not in err  # FSDP's warning, on every step
     one, two = saved_params(tmp_path / "one"), saved_params(tmp_path / "two")
     assert one.keys() == two.keys()
     torch.manual_seed(0)
@@ -268,9 +284,9 @@ def nan_forward_on(calls: set[int]):
     original = SparseTransformer.forward
     count = {"n": 0}
 
-    def forward(self, tokens):
+    def forward(self, tokens, **kw):
         count["n"] += 1
-        out = original(self, tokens)
+        out = original(self, tokens, **kw)
         return out * float("nan") if count["n"] in calls and self.training else out
 
     return forward
@@ -358,6 +374,27 @@ def test_resume_reads_state_as_tensors_and_plain_data_and_refuses_pickled_object
     assert "the file is corrupt" in capsys.readouterr().err
 
 
+def test_temporaries_of_a_run_killed_during_a_save_are_removed_on_the_next_start(images, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(images), "--out", str(run), *FAST, "--steps", "2", "--eval-every", "0"]
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [run / f"state.pt.{dead_pid}.tmp", run / f"log.jsonl.{dead_pid}.tmp"]
+        kept = [run / f"state.pt.{alive.pid}.tmp", run / f"other.pt.{dead_pid}.tmp", run / "state.pt.tmp",
+                run / f"state.pt.{dead_pid}.tmp.bak"]
+        for p in stale + kept:
+            p.write_bytes(b"x" * 1000)
+        assert train.main(["image", "--data", str(images), "--out", str(run), "--resume", "--quiet"]) == 0
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+        assert f"removed {stale[0]}, a temporary file of a killed run" in capsys.readouterr().err
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_run_settings_are_replaced_atomically(tmp_path, monkeypatch):
     cfg, settings = config_for("image", "tiny"), {"kind": "image", **training.RUN_SETTINGS}
     training.settings.save_run_settings(tmp_path, settings, cfg)
@@ -424,6 +461,53 @@ def test_missing_or_empty_data_is_a_clear_error(tmp_path, capsys):
     for data in (tmp_path / "nowhere", tmp_path / "empty"):
         assert train.main(["image", "--data", str(data), "--out", str(tmp_path / "run"), *FAST]) == 2
         assert "cannot read --data" in capsys.readouterr().err
+
+
+def picture_folder(folder: Path, n: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir()
+    y, x = np.mgrid[0:64, 0:64]
+    for i in range(n):
+        Image.fromarray(np.stack([x * 4 + i, y * 4, (x + y) * 2], -1).astype(np.uint8)).save(folder / f"p{i}.png")
+    return folder
+
+
+def test_a_folder_of_three_pictures_trains_without_a_held_out_split(tmp_path, capsys):
+    data = picture_folder(tmp_path / "three", 3)
+    argv = ["image", "--data", str(data), "--out", str(tmp_path / "run"), *FAST, "--steps", "1"]
+    assert train.main([*argv, "--eval-every", "0"]) == 0  # no val split needed: no evaluation, no export
+    assert read_log(tmp_path / "run")[0]["val_items"] == 0
+    assert train.main([*argv, "--out", str(tmp_path / "run2"), "--eval-every", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no readable images for split 'val'" in err and "--val-fraction" in err and "--eval-every 0" in err
+
+
+def test_val_fraction_goes_to_the_folder_readers_and_is_kept_on_resume(tmp_path, capsys):
+    data = picture_folder(tmp_path / "six", 6)
+    run = tmp_path / "run"
+    argv = ["image", "--data", str(data), "--out", str(run), *FAST, "--steps", "2", "--eval-every", "1",
+            "--val-fraction", "0.5"]
+    assert train.main([*argv, "--stop-after", "1"]) == 0
+    start = read_log(run)[0]
+    assert start["val_items"] >= 1 and start["train_items"] + start["val_items"] == 6
+    assert json.loads((run / "run.json").read_text())["val_fraction"] == 0.5
+    assert train.main(["image", "--data", str(data), "--out", str(run), "--resume", "--quiet"]) == 0
+    assert [r["train_items"] for r in read_log(run) if r.get("event") == "start"] == [start["train_items"]] * 2
+    assert train.main([*argv, "--out", str(tmp_path / "bad"), "--val-fraction", "1"]) == 2
+    assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_data_smaller_than_a_batch_is_a_clear_error(images, tmp_path, capsys):
+    data = picture_folder(tmp_path / "three", 3)
+    argv = ["image", "--data", str(data), "--out", str(tmp_path / "run"), *FAST, "--eval-every", "0",
+            "--batch-size", "4", "--micro-batch", "4"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error:") and "fewer than one global batch" in err and "--micro-batch" in err
+    assert train.main(["image", "--data", str(images), "--out", str(tmp_path / "npz"), *FAST,
+                       "--val-fraction", "0.1"]) == 2
+    assert "--val-fraction is for folders" in capsys.readouterr().err
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine():

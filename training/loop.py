@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from data import Batches, open_dataset
 from models import CheckpointError, ModelConfig, SparseTransformer, load_card, load_model
+from models.checkpoint import remove_stale_temporaries
 from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
 
 from .distributed import (
@@ -54,6 +55,9 @@ def train(given: dict) -> dict:
         return run(s, d)
     finally:
         close_distributed(d)
+
+
+RUN_FILES = ("state.pt", "run.json", "log.jsonl")  # what a run writes atomically in its --out folder
 
 
 @dataclass
@@ -111,6 +115,8 @@ def set_up(s: dict, d: Dist) -> Run:
     accum = accumulation(s, d)
     train_set, val_set = open_data(s, cfg)
     if d.main:
+        for p in remove_stale_temporaries(out, RUN_FILES):  # left by a run killed in the middle of a save
+            print(f"removed {p}, a temporary file of a killed run", file=sys.stderr)
         save_run_settings(out, s, cfg)
     torch.manual_seed(s["seed"])
     model, progress = new_model(s, cfg, d)
@@ -120,7 +126,7 @@ def set_up(s: dict, d: Dist) -> Run:
     parts = Parts(model=model, optimizer=make_optimizer(model, s["lr"], s["weight_decay"]),
                   scaler=torch.amp.GradScaler(d.device.type, enabled=s["precision"] == "fp16"),
                   ema=EMA(model, s["ema"]) if s["ema"] > 0 else None,
-                  batches=Batches(train_set, s["micro_batch"], seed=s["seed"], rank=d.rank, world_size=d.world))
+                  batches=batches(train_set, s, d))
     if s["resume"]:
         progress = resume_state(out / "state.pt", parts, s["fsdp"], d)
         if progress.history is None:  # a state.pt written before runs kept their history
@@ -133,7 +139,7 @@ def set_up(s: dict, d: Dist) -> Run:
                   parameters=model.num_parameters(),
                   precision=s["precision"], precision_how=precision_how,
                   flops_per_sequence=flops_per_seq, peak_flops=peak, peak_how=peak_how, accum=accum,
-                  train_items=len(train_set), val_items=len(val_set),
+                  train_items=len(train_set), val_items=len(val_set) if val_set is not None else 0,
                   skipped_files=getattr(train_set, "skipped", 0) + getattr(val_set, "skipped", 0))
     return Run(s, d, cfg, out, train_set, val_set, net, parts, progress, accum, flops_per_seq, peak, log)
 
@@ -148,13 +154,37 @@ def accumulation(s: dict, d: Dist) -> int:
 
 
 def open_data(s: dict, cfg: ModelConfig) -> tuple:
-    """The training and validation sets of --data."""
-    seq_kw = {"seq_len": cfg.seq_len} if s["kind"] == "audio" else {}
+    """The training and validation sets of --data. The validation set is None when the run needs none (--eval-every
+    0 and no --export) and the data has none (e.g. a folder of 3 images)."""
+    kw = {"seq_len": cfg.seq_len} if s["kind"] == "audio" else {}
+    if s["val_fraction"] is not None:
+        kw["val_fraction"] = s["val_fraction"]
+    needs_val = s["eval_every"] > 0 or s["export"] is not None
     try:
-        return open_dataset(s["kind"], s["data"], "train", **seq_kw), open_dataset(s["kind"], s["data"], "val",
-                                                                                   **seq_kw)
+        train_set = open_dataset(s["kind"], s["data"], "train", **kw)
+    except TypeError:  # a reader without val_fraction
+        raise TrainingError(f"--val-fraction is for folders of images or audio files; --data {s['data']} holds its "
+                            "own held-out files (ImageNet-64 npz val files)") from None
     except (ValueError, FileNotFoundError) as e:
         raise TrainingError(f"cannot read --data {s['data']}: {e}") from None
+    try:
+        val_set = open_dataset(s["kind"], s["data"], "val", **kw)
+    except (ValueError, FileNotFoundError) as e:
+        if needs_val:
+            why = "--eval-every" if s["eval_every"] > 0 else "--export"
+            raise TrainingError(f"cannot read --data {s['data']}: {e}. {why} needs held-out data: raise "
+                                "--val-fraction, or pass --eval-every 0 (without --export)") from None
+        val_set = None
+    return train_set, val_set
+
+
+def batches(train_set, s: dict, d: Dist) -> Batches:
+    """This process's batches of the training set; a clear error when the set is smaller than one global batch."""
+    try:
+        return Batches(train_set, s["micro_batch"], seed=s["seed"], rank=d.rank, world_size=d.world)
+    except ValueError as e:
+        raise TrainingError(f"--data {s['data']}: {e} (--micro-batch {s['micro_batch']} x {d.world} "
+                            "process(es)): add data, or lower --micro-batch") from None
 
 
 def new_model(s: dict, cfg: ModelConfig, d: Dist) -> tuple[SparseTransformer, Progress]:
@@ -277,8 +307,8 @@ def accumulate_gradients(r: Run) -> float:
         batch = next(r.parts.batches).to(d.device)
         with gradient_sync(r.net, s["fsdp"], d, sync=micro == r.accum - 1):
             with autocast(d.device, s["precision"]):
-                logits = r.net(batch)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.flatten())
+                logits = r.net(batch, flat=True)  # [B * N, vocab]: not a view (FSDP warns about those)
+            loss = F.cross_entropy(logits.float(), batch.flatten())
             r.parts.scaler.scale(loss / r.accum).backward()
         loss_sum += loss.detach().double()
     return float(d.all_reduce(loss_sum) / (r.accum * d.world))

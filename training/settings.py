@@ -14,7 +14,7 @@ from .errors import TrainingError
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
                     layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
                     warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="auto", recompute=True,
-                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None)
+                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None)
 # Settings of this invocation only.
 CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
                eval_every=100, eval_items=64, save_every=100, save_minutes=10.0, device="auto", threads=None,
@@ -82,6 +82,10 @@ def _check_ranges(settings: dict) -> None:
         raise TrainingError("--lr and --clip must be > 0, --warmup and --weight-decay >= 0")
     if not 0 <= settings["min_lr_ratio"] <= 1 or not 0 <= settings["ema"] < 1:
         raise TrainingError("--min-lr-ratio must be in [0, 1] and --ema in [0, 1)")
+    if settings["val_fraction"] is not None and not 0 <= settings["val_fraction"] < 1:
+        raise TrainingError(f"--val-fraction must be in [0, 1), got {settings['val_fraction']}")
+    if settings["eval_every"] is None or settings["eval_every"] < 0:
+        raise TrainingError(f"--eval-every must be >= 0 (0 = off), got {settings['eval_every']}")
     if settings["stop_after"] is not None and settings["stop_after"] < 1:
         raise TrainingError(f"--stop-after must be >= 1, got {settings['stop_after']}")
 
