@@ -69,40 +69,46 @@ class CpuPlan:
 
 def _partition(counts: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     """Split the outer blocks with counts > 0 into groups (indices, padded count) of least total cost:
-    sum of n * max count + GROUP_COST per group, over the blocks sorted by count (dynamic programming)."""
+    sum of n * max count + GROUP_COST per group. Dynamic programming over the runs of equal counts (in
+    decreasing order), since cutting inside a run only adds a group."""
     order = torch.argsort(counts, descending=True, stable=True)
     order = order[counts[order] > 0]
-    c = counts[order].tolist()
-    best, cut = [0.0] * (len(c) + 1), [0] * (len(c) + 1)
-    for k in range(1, len(c) + 1):
-        best[k], cut[k] = min((best[i] + (k - i) * c[i] + GROUP_COST, i) for i in range(k))
-    groups, k = [], len(c)
+    values, sizes = torch.unique_consecutive(counts[order], return_counts=True)
+    v, ends = values.tolist(), torch.cumsum(sizes, 0).tolist()
+    starts = [0, *ends[:-1]]
+    best, cut = [0.0] * (len(v) + 1), [0] * (len(v) + 1)
+    for k in range(1, len(v) + 1):
+        best[k], cut[k] = min((best[r] + (ends[k - 1] - starts[r]) * v[r] + GROUP_COST, r) for r in range(k))
+    groups, k = [], len(v)
     while k:
-        groups.append((order[cut[k]:k], c[cut[k]]))
-        k = cut[k]
+        r = cut[k]
+        groups.append((order[starts[r]:ends[k - 1]], v[r]))
+        k = r
     return groups[::-1]
 
 
 def _schedule(outer: torch.Tensor, inner: torch.Tensor, ids: torch.Tensor, n_outer: int, nnz: int) -> Schedule:
     """The schedule for entries (outer block, inner block, weight id), sorted by outer block."""
     counts = torch.bincount(outer, minlength=n_outer)
-    start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(outer.numel()) - start[outer]
-    groups, offset = [], 0
-    for dst, count in _partition(counts):
-        pos = torch.full((n_outer,), -1, dtype=torch.long)
-        pos[dst] = torch.arange(dst.numel())
-        mine = pos[outer] >= 0
+    slot = torch.arange(outer.numel()) - (torch.cumsum(counts, 0) - counts)[outer]  # rank within the outer block
+    parts = _partition(counts)
+    group_of = torch.zeros(n_outer, dtype=torch.long)
+    pos = torch.zeros(n_outer, dtype=torch.long)
+    for k, (dst, _) in enumerate(parts):
+        group_of[dst], pos[dst] = k, torch.arange(dst.numel())
+    by_group = torch.argsort(group_of[outer], stable=True)
+    ends = torch.cumsum(torch.bincount(group_of[outer], minlength=len(parts)), 0).tolist()
+    groups, offset, first = [], 0, 0
+    for (dst, count), end in zip(parts, ends, strict=True):
+        mine = by_group[first:end]
         flat = pos[outer[mine]] * count + slot[mine]
         src = torch.zeros(dst.numel() * count, dtype=torch.long)
         wid = torch.zeros_like(src)
         wdst = torch.full_like(src, nnz)
         src[flat], wid[flat], wdst[flat] = inner[mine], ids[mine], ids[mine]
-        pads = (wdst == nnz).nonzero().flatten().tolist()
-        groups.append(Group(offset, dst, src, wid, wdst, pads, count))
-        offset += dst.numel()
-    order = torch.cat([g.dst for g in groups])
-    return Schedule(groups, order, (counts == 0).nonzero().flatten())
+        groups.append(Group(offset, dst, src, wid, wdst, (wdst == nnz).nonzero().flatten().tolist(), count))
+        offset, first = offset + dst.numel(), end
+    return Schedule(groups, torch.cat([g.dst for g in groups]), (counts == 0).nonzero().flatten())
 
 
 def cpu_plan(rows: torch.Tensor, cols: torch.Tensor, in_blocks: int, out_blocks: int, block: int) -> CpuPlan:
