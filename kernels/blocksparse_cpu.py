@@ -14,11 +14,16 @@ puts them in place. x, y, dy and dx stay token-major: no transposed copies.
 The backward runs the same schedule over the layout's rows, gathering dy once per tile for both
 gradients: dx_i = [dy_{j_1} | ... ] @ [W[i, j_1]^T ; ...] and [dW[i, j_1] | ...] = x_i^T @ [dy_{j_1} | ...].
 Row i's weight blocks are its row-major ids; each is written once: no scatter-add, no atomics.
+
+Small blocks in float32 (block <= BSR_MAX_BLOCK) run the forward and dX through torch's BSR matmul (MKL)
+instead, which reads the blocks in place: there gathering 8- or 16-wide pieces costs more than it saves
+(measured, docs/benchmarks.md). dW always runs the schedule above.
 """
 
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ import torch
 CHUNK_BYTES = 4 << 20  # gathered operand of one bmm (larger tiles: fewer calls; measured best at 4 MiB)
 MIN_TOKENS = 128  # tiles split the tokens only above this many (shorter matmuls run slower)
 GROUP_COST = 8  # fixed cost of one more group, in block products (calls, partial tiles)
+BSR_MAX_BLOCK = 16  # float32 forward and dX through torch's BSR mm up to this block (faster there, measured)
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,20 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class BsrLists:
+    """Compressed-row lists for torch BSR tensors: of W^T (by output block: ``t_crow``, ``t_col`` and the
+    weight ids ``t_ids``) and of W (by input block, in the weight's own order: ``crow``, ``col``)."""
+
+    t_crow: torch.Tensor
+    t_col: torch.Tensor
+    t_ids: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+
+
+@dataclass(frozen=True)
 class CpuPlan:
-    """Schedules by output block (forward) and by input block (dX and dW)."""
+    """Schedules by output block (forward) and by input block (dX and dW); BSR lists for small blocks."""
 
     block: int
     in_blocks: int
@@ -65,6 +83,7 @@ class CpuPlan:
     nnz: int
     by_col: Schedule
     by_row: Schedule
+    bsr: BsrLists | None
 
 
 def _partition(counts: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
@@ -115,9 +134,33 @@ def cpu_plan(rows: torch.Tensor, cols: torch.Tensor, in_blocks: int, out_blocks:
     """The plan for the non-zero blocks (rows[k], cols[k]), k in row-major order."""
     nnz = rows.numel()
     by_col = torch.argsort(cols, stable=True)
+    bsr = None
+    if block <= BSR_MAX_BLOCK:
+        zero = torch.zeros(1, dtype=torch.long)
+        t_crow = torch.cat([zero, torch.cumsum(torch.bincount(cols, minlength=out_blocks), 0)])
+        crow = torch.cat([zero, torch.cumsum(torch.bincount(rows, minlength=in_blocks), 0)])
+        bsr = BsrLists(t_crow, rows[by_col], by_col, crow, cols)
     return CpuPlan(block, in_blocks, out_blocks, nnz,
                    _schedule(cols[by_col], rows[by_col], by_col, out_blocks, nnz),
-                   _schedule(rows, cols, torch.arange(nnz), in_blocks, nnz))
+                   _schedule(rows, cols, torch.arange(nnz), in_blocks, nnz), bsr)
+
+
+def _bsr_product(plan: CpuPlan, w: torch.Tensor, a: torch.Tensor, forward: bool) -> torch.Tensor:
+    """a [T, k] @ W (forward) or @ W^T (dX), through torch's BSR mm: [T, k] -> [T, n]."""
+    lists, b = plan.bsr, plan.block
+    shape = (plan.in_blocks * b, plan.out_blocks * b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "Sparse BSR tensor support is in beta state"
+        if forward:  # y^T = W^T x^T: W^T's blocks are w's, transposed, in column order
+            values = torch.index_select(w.transpose(1, 2), 0, lists.t_ids)
+            m = torch.sparse_bsr_tensor(lists.t_crow, lists.t_col, values, size=shape[::-1])
+        else:  # dx^T = W dy^T: W's blocks in row-major order are w itself
+            m = torch.sparse_bsr_tensor(lists.crow, lists.col, w.contiguous(), size=shape)
+        return torch.mm(m, a.t()).t().contiguous()
+
+
+def _uses_bsr(plan: CpuPlan, dtype: torch.dtype) -> bool:
+    return plan.bsr is not None and dtype == torch.float32  # torch's CPU BSR mm has no 16-bit kernels
 
 
 def _tiles(group: Group, tokens: int, row_bytes: int) -> Iterator[tuple[int, int, int, int]]:
@@ -189,6 +232,8 @@ def forward(x: torch.Tensor, w: torch.Tensor, plan: CpuPlan) -> tuple[torch.Tens
     T, b, sched = x.shape[0], plan.block, plan.by_col
     if T == 0:
         return x.new_zeros(0, plan.out_blocks * b), x
+    if _uses_bsr(plan, x.dtype):
+        return _bsr_product(plan, w, x, forward=True), x
     x3 = x.view(T, plan.in_blocks, b)
     work = x.new_empty(sched.order.numel(), T, b)
     scratch = _Scratch(sched, T, b, x, backward=False)
@@ -206,6 +251,11 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan: CpuPlan, 
     T, b, sched = dy.shape[0], plan.block, plan.by_row
     if T == 0:
         return dy.new_zeros(0, plan.in_blocks * b) if need_dx else None, torch.zeros_like(w) if need_dw else None
+    dx = None
+    if need_dx and _uses_bsr(plan, dy.dtype):
+        dx, need_dx = _bsr_product(plan, w, dy, forward=False), False
+    if not (need_dx or need_dw):
+        return dx, None
     dy3, x3 = dy.view(T, plan.out_blocks, b), x.view(T, plan.in_blocks, b)
     work = dy.new_empty(sched.order.numel(), T, b) if need_dx else None
     dw = w.new_empty(plan.nnz + 1, b, b) if need_dw else None  # the last block takes the padding's products
@@ -229,5 +279,6 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan: CpuPlan, 
                     blocks = scratch.weights[:n * c]
                     blocks.view(n, c, b, b).copy_(sums.view(n, b, c, b).transpose(1, 2))
                     dw.index_copy_(0, g.wdst[s * c:e * c], blocks)
-    dx = _token_major(work, sched, plan.in_blocks) if need_dx else None
+    if need_dx:
+        dx = _token_major(work, sched, plan.in_blocks)
     return dx, dw[:plan.nnz] if need_dw else None

@@ -111,10 +111,25 @@ def test_cpu_tiles_split_tokens_and_blocks(monkeypatch):
     """Tiny tiles: several output blocks per group split, tokens split (dW sums over token tiles)."""
     import kernels.blocksparse_cpu as cpu
 
-    monkeypatch.setattr(cpu, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 8192)
     monkeypatch.setattr(cpu, "MIN_TOKENS", 4)
-    mm = BlockSparseMatMul(random_layout(7, 6, 0.4, seed=9), 8)
+    mm = BlockSparseMatMul(random_layout(7, 6, 0.4, seed=9), 32)
     x, w, dy = inputs(mm, torch.float32, lead=(37,))
+    assert_close(run(mm, x, w, dy, "cpu"), run(mm, x, w, dy, "reference"), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["random-0.5", "empty-rows-cols"])
+@pytest.mark.parametrize("block", [8, 16])
+def test_cpu_gather_schedule_for_small_float32_blocks(monkeypatch, layout, block):
+    """float32 blocks of 8 and 16 run the forward and dX through torch's BSR mm; the gather schedule,
+    which they would take otherwise (and take for dW), gives the same values."""
+    import kernels.blocksparse_cpu as cpu
+
+    assert BlockSparseMatMul(LAYOUTS[layout](), block).cpu_plan.bsr is not None
+    monkeypatch.setattr(cpu, "BSR_MAX_BLOCK", 0)
+    mm = BlockSparseMatMul(LAYOUTS[layout](), block)
+    assert mm.cpu_plan.bsr is None
+    x, w, dy = inputs(mm, torch.float32)
     assert_close(run(mm, x, w, dy, "cpu"), run(mm, x, w, dy, "reference"), torch.float32)
 
 
@@ -123,16 +138,17 @@ def test_cpu_groups_pad_unequal_counts():
     import kernels.blocksparse_cpu as cpu
 
     layout = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 1, 0], [0, 0, 1, 1]])
-    plan = cpu.cpu_plan(*layout.nonzero().unbind(1), 4, 4, 8)
+    plan = cpu.cpu_plan(*layout.nonzero().unbind(1), 4, 4, 32)
     for schedule in (plan.by_col, plan.by_row):
         assert sum(g.dst.numel() for g in schedule.groups) == 4
         assert any(g.pads for g in schedule.groups)
         assert sorted(schedule.order.tolist()) == [0, 1, 2, 3]
-    mm = BlockSparseMatMul(layout, 8)
+    mm = BlockSparseMatMul(layout, 32)
     x, w, dy = inputs(mm, torch.float32)
+    assert_close(run(mm, x, w, dy, "cpu"), run(mm, x, w, dy, "reference"), torch.float32)
     w[0] = float("inf")  # a padded slot reads block 0's position: it must contribute zero, not inf * 0
     y = mm(x, w, backend="cpu")
-    assert torch.isinf(y[..., :8]).any() and torch.isfinite(y[..., 8:]).all()
+    assert not torch.isfinite(y[..., :32]).all() and torch.isfinite(y[..., 32:]).all()
 
 
 def test_triton_weight_gradient_split_over_tokens(monkeypatch):
