@@ -12,6 +12,7 @@ once here, then one backend runs forward and backward:
 from __future__ import annotations
 
 from functools import cached_property
+from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -35,7 +36,7 @@ class BlockSparseMatMul:
     """
 
     def __init__(self, layout: object, block: int) -> None:
-        if block not in BSMM_BLOCKS or isinstance(block, bool):
+        if isinstance(block, bool) or not isinstance(block, int) or block not in BSMM_BLOCKS:
             raise ValueError(f"block must be one of {BSMM_BLOCKS}, got {block!r}")
         self.layout = as_layout(layout)
         self.block = block
@@ -144,7 +145,8 @@ class BlockSparseMatMul:
         return self._device_tables[key]
 
 
-def _backend(name: str):
+def _backend(name: str) -> ModuleType:
+    """The module of a backend: forward(x, w, plan) -> (y, saved), backward(dy, saved, w, plan, dx?, dw?)."""
     if name == "cpu":
         return blocksparse_cpu
     from . import blocksparse_triton  # Triton is imported only when its backend runs
@@ -152,7 +154,8 @@ def _backend(name: str):
     return blocksparse_triton
 
 
-def _plan(mm: BlockSparseMatMul, name: str, device: torch.device):
+def _plan(mm: BlockSparseMatMul, name: str, device: torch.device) -> object:
+    """What the backend's kernels read: the CPU plan, or the Triton kernels' lists on ``device``."""
     return mm.cpu_plan if name == "cpu" else mm.device_tables(device)
 
 

@@ -76,12 +76,12 @@ def test_triton_matches_reference(layout, block, dtype):
     assert_close(run(mm, x, w, dy, "triton"), run(mm, x, w, dy, "reference"), dtype)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_non_contiguous_and_3d_inputs(backend):
-    mm = BlockSparseMatMul(empty_rows_and_cols(), 16)
+@pytest.mark.parametrize("backend,block", [("cpu", 16), ("cpu", 32), ("triton", 16)])
+def test_non_contiguous_and_3d_inputs(backend, block):
+    mm = BlockSparseMatMul(empty_rows_and_cols(), block)
     g = torch.Generator().manual_seed(7)
     base = torch.randn(3, mm.in_features * 2, 5, generator=g).to(DEVICE).requires_grad_(True)
-    w_base = torch.randn(16, 16, mm.nnz, generator=g).to(DEVICE).requires_grad_(True)
+    w_base = torch.randn(block, block, mm.nnz, generator=g).to(DEVICE).requires_grad_(True)
     dy = torch.randn(5, 3, mm.out_features, generator=g).to(DEVICE)
 
     def grads(backend):
@@ -194,6 +194,7 @@ def test_bad_inputs_name_the_problem(monkeypatch):
     x, w, _ = inputs(mm, torch.float32)
     calls = [
         (lambda: BlockSparseMatMul(torch.ones(2, 2), 12), "block must be one of"),
+        (lambda: BlockSparseMatMul(torch.ones(2, 2), 8.0), "block must be one of"),
         (lambda: BlockSparseMatMul(torch.zeros(2, 2), 8), "no non-zero block"),
         (lambda: BlockSparseMatMul(torch.ones(2, 2, 2), 8), "2-D 0/1 array"),
         (lambda: BlockSparseMatMul([[0, 2]], 8), "only 0 and 1"),
