@@ -15,9 +15,11 @@ The backward runs the same schedule over the layout's rows, gathering dy once pe
 gradients: dx_i = [dy_{j_1} | ... ] @ [W[i, j_1]^T ; ...] and [dW[i, j_1] | ...] = x_i^T @ [dy_{j_1} | ...].
 Row i's weight blocks are its row-major ids; each is written once: no scatter-add, no atomics.
 
-Small blocks in float32 (block <= BSR_MAX_BLOCK) run the forward and dX through torch's BSR matmul (MKL)
-instead, which reads the blocks in place: there gathering 8- or 16-wide pieces costs more than it saves
-(measured, docs/benchmarks.md). dW always runs the schedule above.
+Small blocks in float32 run dX through torch's BSR matmul (MKL) instead, which reads W's blocks in place
+(w itself, in row-major order, is W's BSR values): gathering 8- or 16-wide pieces costs more than it
+saves. At block 8 the forward does too from BSR_FORWARD_MIN_TOKENS tokens on; below, the transposed copy
+of w that W^T's BSR values need costs more than the product saves. dW always runs the schedule above.
+(All measured on one core, 4,096 features: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import torch
 CHUNK_BYTES = 4 << 20  # gathered operand of one bmm (larger tiles: fewer calls; measured best at 4 MiB)
 MIN_TOKENS = 128  # tiles split the tokens only above this many (shorter matmuls run slower)
 GROUP_COST = 8  # fixed cost of one more group, in block products (calls, partial tiles)
-BSR_MAX_BLOCK = 16  # float32 forward and dX through torch's BSR mm up to this block (faster there, measured)
+BSR_MAX_BLOCK = 16  # float32 dX through torch's BSR mm up to this block (faster at every token count tried)
+BSR_FORWARD_MAX_BLOCK = 8  # ... and the forward up to this block,
+BSR_FORWARD_MIN_TOKENS = 128  # from this many tokens (block 8, density 0.5: 82 ms against 119 at 128 tokens)
 
 
 @dataclass(frozen=True)
@@ -159,8 +163,11 @@ def _bsr_product(plan: CpuPlan, w: torch.Tensor, a: torch.Tensor, forward: bool)
         return torch.mm(m, a.t()).t().contiguous()
 
 
-def _uses_bsr(plan: CpuPlan, dtype: torch.dtype) -> bool:
-    return plan.bsr is not None and dtype == torch.float32  # torch's CPU BSR mm has no 16-bit kernels
+def _uses_bsr(plan: CpuPlan, dtype: torch.dtype, forward_tokens: int | None = None) -> bool:
+    """dX (forward_tokens None) or the forward of that many tokens through torch's BSR mm?"""
+    if plan.bsr is None or dtype != torch.float32:  # torch's CPU BSR mm has no 16-bit kernels
+        return False
+    return forward_tokens is None or (plan.block <= BSR_FORWARD_MAX_BLOCK and forward_tokens >= BSR_FORWARD_MIN_TOKENS)
 
 
 def _tiles(group: Group, tokens: int, row_bytes: int) -> Iterator[tuple[int, int, int, int]]:
@@ -232,7 +239,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, plan: CpuPlan) -> tuple[torch.Tens
     T, b, sched = x.shape[0], plan.block, plan.by_col
     if T == 0:
         return x.new_zeros(0, plan.out_blocks * b), x
-    if _uses_bsr(plan, x.dtype):
+    if _uses_bsr(plan, x.dtype, forward_tokens=T):
         return _bsr_product(plan, w, x, forward=True), x
     x3 = x.view(T, plan.in_blocks, b)
     work = x.new_empty(sched.order.numel(), T, b)

@@ -118,19 +118,25 @@ def test_cpu_tiles_split_tokens_and_blocks(monkeypatch):
     assert_close(run(mm, x, w, dy, "cpu"), run(mm, x, w, dy, "reference"), torch.float32)
 
 
-@pytest.mark.parametrize("layout", ["random-0.5", "empty-rows-cols"])
+@pytest.mark.parametrize("tokens", [22, 130])
 @pytest.mark.parametrize("block", [8, 16])
-def test_cpu_gather_schedule_for_small_float32_blocks(monkeypatch, layout, block):
-    """float32 blocks of 8 and 16 run the forward and dX through torch's BSR mm; the gather schedule,
-    which they would take otherwise (and take for dW), gives the same values."""
+def test_cpu_small_float32_blocks_take_torch_bsr_where_measured_faster(monkeypatch, tokens, block):
+    """float32 blocks of 8 and 16 run dX through torch's BSR mm, and block 8 its forward too from 128 tokens;
+    both that and the gather schedule, which they would take otherwise (and take for dW), are right."""
     import kernels.blocksparse_cpu as cpu
 
-    assert BlockSparseMatMul(LAYOUTS[layout](), block).cpu_plan.bsr is not None
+    calls = []
+    bsr_product = cpu._bsr_product
+    monkeypatch.setattr(cpu, "_bsr_product", lambda *a, **k: calls.append(k["forward"]) or bsr_product(*a, **k))
+    mm = BlockSparseMatMul(empty_rows_and_cols(), block)
+    x, w, dy = inputs(mm, torch.float32, lead=(tokens,))
+    want = run(mm, x, w, dy, "reference")
+    assert_close(run(mm, x, w, dy, "cpu"), want, torch.float32)
+    assert calls == ([True] if block == 8 and tokens >= 128 else []) + [False]
     monkeypatch.setattr(cpu, "BSR_MAX_BLOCK", 0)
-    mm = BlockSparseMatMul(LAYOUTS[layout](), block)
+    mm = BlockSparseMatMul(empty_rows_and_cols(), block)
     assert mm.cpu_plan.bsr is None
-    x, w, dy = inputs(mm, torch.float32)
-    assert_close(run(mm, x, w, dy, "cpu"), run(mm, x, w, dy, "reference"), torch.float32)
+    assert_close(run(mm, x, w, dy, "cpu"), want, torch.float32)
 
 
 def test_cpu_groups_pad_unequal_counts():
