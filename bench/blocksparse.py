@@ -1,7 +1,7 @@
 """Benchmark block-sparse weight matmul (kernels.BlockSparseMatMul) against dense matmul and torch's BSR.
 
 Run: ``python -m bench.blocksparse [--quick] [--features 4096,12288] [--tokens 32,256] [--blocks 8,16,32,64]
-[--densities 0.5,0.25,0.1,0.05,0.02] [--repeats R] [--threads N]``.
+[--densities 0.5,0.25,0.1,0.05,0.02] [--repeats R] [--threads N] [--clock wall|cpu]``.
 Prints one table per (features, tokens); the LAST line printed is one line of JSON with every figure.
 
 What is measured (CPU, always; float32; y = x @ W, x [tokens, features], W [features, features]):
@@ -14,8 +14,10 @@ What is measured (CPU, always; float32; y = x @ W, x [tokens, features], W [feat
     CPU autograd for BSR, so forward + backward is written out with torch's own sparse ops:
     dX^T = ``torch.mm(W_bsr, dy^T)`` and dW on the listed entries by ``torch.sparse.sampled_addmm`` (CSR:
     the only sparse op torch offers for it).
-  Times are medians of --repeats calls after one warm-up call (which also builds our CPU plan, cached on
-  the BlockSparseMatMul). --quick: 4,096 features, blocks 32, every density, 3 repeats.
+  Each row times all six in turn, --repeats rounds after one warm-up call each (which also builds our CPU
+  plan, cached on the BlockSparseMatMul), and reports medians: dense is re-measured next to every row, so
+  a burst of contention hits both sides. --clock cpu times this process's CPU time instead of wall time
+  (with --threads 1, close to the time on an idle core). --quick: 4,096 features, block 32, 3 repeats.
 Speed-up = dense time / ours; "vs BSR" = BSR time / ours. Other processes' CPU use during the run is printed
 (in cores): on a shared machine, a figure with other cores busy is a figure under contention.
 
@@ -32,11 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import time
 import warnings
+from collections.abc import Callable
 
 import torch
 
-from bench.common import CpuContention, cpu_name, error_text, fmt, median_time, print_table, ratio, sig
+from bench.common import CpuContention, cpu_name, error_text, fmt, print_table, ratio, sig
 from kernels import BlockSparseMatMul, random_layout
 
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.02)
@@ -73,77 +78,87 @@ def _csr_pattern(mm: BlockSparseMatMul) -> torch.Tensor:
     return mm.layout.repeat_interleave(b, 0).repeat_interleave(b, 1).float().to_sparse_csr()
 
 
-def _dense_times(features: int, tokens: int, repeats: int) -> tuple[float, float]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, features, generator=g, requires_grad=True)
-    weight = torch.randn(features, features, generator=g).div_(features ** 0.5).requires_grad_(True)
-    dy = torch.randn(tokens, features, generator=g)
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float]) -> dict[str, float]:
+    """Median time of each function over ``repeats`` rounds that call every function once, in turn, after
+    one warm-up call each: on a shared machine, each sees the same spread of contention."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
-    def step():
-        x.grad = weight.grad = None
-        (x @ weight).backward(dy)
 
-    with torch.no_grad():
-        fwd = median_time(lambda: x @ weight, repeats)
-    return fwd, median_time(step, repeats)
-
-
-def _sparse_times(features: int, tokens: int, block: int, density: float, repeats: int) -> dict:
-    """Ours and torch's BSR path, forward and forward + backward, on one random layout."""
+def _row(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, block: int, density: float, repeats: int,
+         clock: Callable[[], float]) -> dict:
+    """Dense, ours and torch's BSR path, forward and forward + backward, on one random layout."""
+    features = x.shape[1]
     mm = BlockSparseMatMul(random_layout(features // block, features // block, density, seed=0), block)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, features, generator=g, requires_grad=True)
-    w = torch.randn(mm.w_shape, generator=g).div_((density * features) ** 0.5).requires_grad_(True)
-    dy = torch.randn(tokens, features, generator=g)
+    w = torch.randn(mm.w_shape, generator=torch.Generator().manual_seed(1)).div_((density * features) ** 0.5)
+    w.requires_grad_(True)
+    xd = x.detach()
 
-    def ours_step():
-        x.grad = w.grad = None
-        mm(x, w, backend="cpu").backward(dy)
+    def no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> None:
+            with torch.no_grad():
+                fn()
+        return run
 
+    def step(y_of: Callable[[], torch.Tensor], leaves: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+        def run() -> None:
+            for t in leaves:
+                t.grad = None
+            y_of().backward(dy)
+        return run
+
+    fns = {"dense_fwd": no_grad(lambda: x @ weight), "dense_fwd_bwd": step(lambda: x @ weight, (x, weight)),
+           "ours_fwd": no_grad(lambda: mm(x, w, backend="cpu")),
+           "ours_fwd_bwd": step(lambda: mm(x, w, backend="cpu"), (x, w))}
     row = {"density_actual": mm.density, "nnz": mm.nnz}
-    with torch.no_grad():
-        row["ours_fwd"] = median_time(lambda: mm(x, w, backend="cpu"), repeats)
-    row["ours_fwd_bwd"] = median_time(ours_step, repeats)
     try:
-        with torch.no_grad():
-            wt_bsr, w_bsr = _bsr_pair(mm, w.detach())
-            pattern = _csr_pattern(mm)
-            xt, dyt = x.detach().t(), dy.t()
+        wt_bsr, w_bsr = _bsr_pair(mm, w.detach())
+        pattern = _csr_pattern(mm)
+        xt, dyt = xd.t(), dy.t()
 
-            def bsr_step():
-                torch.mm(wt_bsr, xt)  # y^T
-                torch.mm(w_bsr, dyt)  # dx^T
-                torch.sparse.sampled_addmm(pattern, xt, dy, beta=0.0)  # dW on the listed entries
+        def bsr_step() -> None:
+            torch.mm(wt_bsr, xt)  # y^T
+            torch.mm(w_bsr, dyt)  # dx^T
+            torch.sparse.sampled_addmm(pattern, xt, dy, beta=0.0)  # dW on the listed entries
 
-            row["bsr_fwd"] = median_time(lambda: torch.mm(wt_bsr, xt), repeats)
-            row["bsr_fwd_bwd"] = median_time(bsr_step, repeats)
+        fns |= {"bsr_fwd": lambda: torch.mm(wt_bsr, xt), "bsr_fwd_bwd": bsr_step}
     except (RuntimeError, NotImplementedError) as e:
         row["bsr_error"] = error_text(e)
-    return row
+    return row | _interleaved(fns, repeats, clock)
 
 
-def run_cpu(features: list[int], tokens: list[int], blocks: list[int], densities: list[float],
-            repeats: int) -> list[dict]:
+def run_cpu(features: list[int], tokens: list[int], blocks: list[int], densities: list[float], repeats: int,
+            clock: Callable[[], float]) -> list[dict]:
     results = []
     for f in features:
         for t in tokens:
-            dense_fwd, dense_fb = _dense_times(f, t, repeats)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(t, f, generator=g, requires_grad=True)
+            weight = torch.randn(f, f, generator=g).div_(f ** 0.5).requires_grad_(True)
+            dy = torch.randn(t, f, generator=g)
             rows = []
             for b in blocks:
                 for d in densities:
-                    r = {"features": f, "tokens": t, "block": b, "density": d, "dense_fwd": dense_fwd,
-                         "dense_fwd_bwd": dense_fb, **_sparse_times(f, t, b, d, repeats)}
+                    r = {"features": f, "tokens": t, "block": b, "density": d,
+                         **_row(x, weight, dy, b, d, repeats, clock)}
                     results.append(r)
-                    ours_f, ours_fb = r["ours_fwd"], r["ours_fwd_bwd"]
-                    rows.append([str(b), f"{d:g}", fmt(_ms(ours_f), ".3g"), fmt(ratio(dense_fwd, ours_f), ".2f") + "x",
-                                 fmt(_ms(ours_fb), ".3g"), fmt(ratio(dense_fb, ours_fb), ".2f") + "x",
-                                 fmt(_ms(r.get("bsr_fwd")), ".3g"), fmt(_ms(r.get("bsr_fwd_bwd")), ".3g"),
-                                 fmt(ratio(r.get("bsr_fwd_bwd"), ours_fb), ".2f") + "x"])
+                    rows.append([str(b), f"{d:g}", *(fmt(_ms(r.get(k)), ".3g") for k in ("dense_fwd", "ours_fwd")),
+                                 fmt(ratio(r["dense_fwd"], r["ours_fwd"]), ".2f") + "x",
+                                 *(fmt(_ms(r.get(k)), ".3g") for k in ("dense_fwd_bwd", "ours_fwd_bwd")),
+                                 fmt(ratio(r["dense_fwd_bwd"], r["ours_fwd_bwd"]), ".2f") + "x",
+                                 *(fmt(_ms(r.get(k)), ".3g") for k in ("bsr_fwd", "bsr_fwd_bwd")),
+                                 fmt(ratio(r.get("bsr_fwd_bwd"), r["ours_fwd_bwd"]), ".2f") + "x"])
                     print(f"  measured block {b} density {d:g}", flush=True)
-            print_table(f"CPU fp32, {f:,} features, {t} tokens: dense fwd {dense_fwd * 1e3:.3g} ms, "
-                        f"fwd+bwd {dense_fb * 1e3:.3g} ms",
-                        ["block", "density", "ours fwd ms", "vs dense", "ours fwd+bwd ms", "vs dense",
-                         "BSR fwd ms", "BSR fwd+bwd ms", "fwd+bwd vs BSR"], rows)
+            print_table(f"CPU fp32, {f:,} features, {t} tokens (ms)",
+                        ["block", "density", "dense fwd", "ours fwd", "vs dense", "dense f+b", "ours f+b", "vs dense",
+                         "BSR fwd", "BSR f+b", "f+b vs BSR"], rows)
     return results
 
 
@@ -228,15 +243,18 @@ def main() -> None:
     ap.add_argument("--densities", type=_floats, default=list(DENSITIES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or this process's CPU time (robust to other processes with --threads 1)")
     args = ap.parse_args()
     if args.quick:
         args.features, args.blocks, args.repeats = [4096], [32], 3
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    print(f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}")
+    print(f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, {args.clock} clock")
     contention = CpuContention()
-    cpu = run_cpu(args.features, args.tokens, args.blocks, args.densities, args.repeats)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    cpu = run_cpu(args.features, args.tokens, args.blocks, args.densities, args.repeats, clock)
     busy = contention.other_cores()
     print(f"\nOther processes kept {fmt(busy, '.2f')} cores busy on average during the CPU runs.")
     goals = targets(cpu)
@@ -249,8 +267,9 @@ def main() -> None:
     else:
         print("GPU: no CUDA device here; the GPU section did not run.")
     print(json.dumps({"cpu": cpu_name(), "machine": platform.machine(), "threads": threads, "torch": torch.__version__,
-                      "repeats": args.repeats, "quick": args.quick, "other_cores_busy": sig(busy, 2),
-                      "targets": goals, "rows": _rounded(cpu), "gpu": None if gpu is None else _rounded(gpu)}))
+                      "clock": args.clock, "repeats": args.repeats, "quick": args.quick,
+                      "other_cores_busy": sig(busy, 2), "targets": goals, "rows": _rounded(cpu),
+                      "gpu": None if gpu is None else _rounded(gpu)}))
 
 
 
