@@ -18,7 +18,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import blocksparse_cpu
-from .attention import _triton_available
 from .blocksparse_layouts import as_layout
 
 BSMM_BACKENDS = ("auto", "triton", "cpu", "reference")
@@ -98,9 +97,12 @@ class BlockSparseMatMul:
             raise ValueError(f"x and w must be on the same device, got {x.device} and {w.device}")
         if backend == "auto":
             backend = "triton" if x.device.type == "cuda" else "cpu"
-        if backend == "triton" and not _triton_available(x.device):
-            raise ValueError("backend='triton' needs triton installed and CUDA tensors "
-                             "(or TRITON_INTERPRET=1 to run the kernels on the CPU)")
+        if backend == "triton":  # triton is optional: imported when asked for
+            try:
+                from . import triton_attention
+            except ImportError as exc:
+                raise ValueError(f"backend='triton' needs triton installed ({exc})") from exc
+            triton_attention.launch_mode(x.device)  # compiled for CUDA tensors, interpreted for CPU ones, or why not
         if backend == "cpu" and x.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got device {x.device}")
         lead = x.shape[:-1]

@@ -219,6 +219,8 @@ def test_bad_inputs_name_the_problem(monkeypatch):
     for call, message in calls:
         with pytest.raises(ValueError, match=message):
             call()
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="backend='triton' needs"):
+    import kernels.triton_attention  # interpreted or compiled is decided when the kernels are imported
+
+    monkeypatch.setattr(kernels.triton_attention, "INTERPRETED", False)  # as on a GPU machine: CPU tensors refused
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         mm(x, w, backend="triton")
