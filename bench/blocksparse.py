@@ -17,7 +17,8 @@ What is measured (CPU, always; float32; y = x @ W, x [tokens, features], W [feat
   Each row times all six in turn, --repeats rounds after one warm-up call each (which also builds our CPU
   plan, cached on the BlockSparseMatMul), and reports medians: dense is re-measured next to every row, so
   a burst of contention hits both sides. --clock cpu times this process's CPU time instead of wall time
-  (with --threads 1, close to the time on an idle core). --quick: 4,096 features, block 32, 3 repeats.
+  (with --threads 1, close to the time on an idle core). --repeats defaults to 3. --quick: 4,096 features,
+  block 32.
 Speed-up = dense time / ours; "vs BSR" = BSR time / ours. Other processes' CPU use during the run is printed
 (in cores): on a shared machine, a figure with other cores busy is a figure under contention.
 
@@ -236,18 +237,18 @@ def _rounded(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--quick", action="store_true", help="4,096 features, block 32, every density, 3 repeats")
+    ap.add_argument("--quick", action="store_true", help="4,096 features, block 32, every density")
     ap.add_argument("--features", type=_ints, default=[4096, 12288])
     ap.add_argument("--tokens", type=_ints, default=[32, 256])
     ap.add_argument("--blocks", type=_ints, default=[8, 16, 32, 64])
     ap.add_argument("--densities", type=_floats, default=list(DENSITIES))
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time, or this process's CPU time (robust to other processes with --threads 1)")
     args = ap.parse_args()
     if args.quick:
-        args.features, args.blocks, args.repeats = [4096], [32], 3
+        args.features, args.blocks = [4096], [32]
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK_BYTES = 4 << 20  # gathered operand of one bmm (larger tiles: fewer calls; measured best at 4 MiB)
+CHUNK_BYTES = 16 << 20  # gathered operand of one tile: large tiles mean few calls, which matters on a loaded
+# machine (each multi-threaded call may wait for a descheduled thread); on one idle core 4 and 16 MiB time alike
 MIN_TOKENS = 128  # tiles split the tokens only above this many (shorter matmuls run slower)
 GROUP_COST = 8  # fixed cost of one more group, in block products (calls, partial tiles)
 BSR_MAX_BLOCK = 16  # float32 dX through torch's BSR mm up to this block (faster at every token count tried)
