@@ -49,7 +49,7 @@ def steps_of(run: Path) -> dict[int, dict]:
 
 
 def saved_params(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "state.pt", weights_only=False)["model"]
+    return torch.load(run / "state.pt", weights_only=True)["model"]
 
 
 def test_a_tiny_run_logs_checkpoints_and_exports(images, tmp_path):
@@ -119,12 +119,12 @@ def test_init_with_more_layers_deepens_the_checkpoint_and_resumes_as_deepened(im
     state_path = tmp_path / "b" / "state.pt"
     resume = ["image", "--data", str(images), "--out", str(tmp_path / "b"), "--resume", "--quiet", "--peak-tflops",
               "1", "--checkpoints", str(ck)]
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=True)
     assert state["history"] == source.card["training_history"]  # the runs behind the --init weights
     del state["history"]  # as written before runs kept their history: resuming reads it from the --init card
     torch.save(state, state_path)
     assert train.main([*resume, "--stop-after", "1"]) == 0
-    state = torch.load(state_path, weights_only=False)
+    state = torch.load(state_path, weights_only=True)
     assert state["step"] == 2 and state["history"] == source.card["training_history"]
     state["history"] = [{"steps": 7, "note": "kept across --resume"}]
     torch.save(state, state_path)
@@ -167,8 +167,8 @@ def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path
         assert split[step]["lr"] == whole[step]["lr"], step
     a, b = saved_params(tmp_path / "whole"), saved_params(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ema_a = torch.load(tmp_path / "whole" / "state.pt", weights_only=False)["ema"]["params"]
-    ema_b = torch.load(tmp_path / "split" / "state.pt", weights_only=False)["ema"]["params"]
+    ema_a = torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["ema"]["params"]
+    ema_b = torch.load(tmp_path / "split" / "state.pt", weights_only=True)["ema"]["params"]
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b, strict=True))
 
 
@@ -267,7 +267,7 @@ def test_fp16_with_dynamic_loss_scaling_trains(images, tmp_path):
             "--eval-every", "2"]
     assert train.main(argv) == 0
     assert all(math.isfinite(r["loss"]) for r in steps_of(run).values())
-    assert torch.load(run / "state.pt", weights_only=False)["scaler"]["scale"] > 0
+    assert torch.load(run / "state.pt", weights_only=True)["scaler"]["scale"] > 0
 
 
 def test_gradient_accumulation_equals_one_big_batch(images, tmp_path):
@@ -323,7 +323,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(images, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    saved_step = torch.load(run / "state.pt", weights_only=False)["step"]
+    saved_step = torch.load(run / "state.pt", weights_only=True)["step"]
     assert 1 <= saved_step < 200 and "resume with --resume" in err
     assert train.main(["image", "--data", str(images), "--out", str(run), "--resume", "--quiet", "--steps",
                        str(saved_step + 1)]) == 0
