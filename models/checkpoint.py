@@ -184,7 +184,7 @@ CARD_FIELDS: dict[str, tuple[type, ...]] = {
     "steps": _INT + _NONE, "tokens_seen": _INT + _NONE, "held_out_items": _INT + _NONE,
     "compute_pf_days": _NUMBER + _NONE, "held_out_bits_per_dim": _NUMBER + _NONE, "ema_decay": _NUMBER + _NONE,
     "date": _TEXT + _NONE, "data": (dict, str, *_NONE), "training": (dict, *_NONE), "evaluation": (dict, *_NONE),
-    "training_history": (list, *_NONE),
+    "training_history": (list, *_NONE), "pruned": (dict, *_NONE),
 }
 REQUIRED_CARD_FIELDS = ("format", "config", "weights")
 WEIGHTS_FIELDS: dict[str, tuple[type, ...]] = {"file": _TEXT, "bytes": _INT, "sha256": _TEXT}
@@ -278,6 +278,11 @@ def _load_strict(model: SparseTransformer, tensors: dict[str, torch.Tensor], sou
     if missing or unexpected or shapes:
         raise CheckpointError(f"weights {source} do not fit the config: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
+    # a sparse layer's layout buffer: the blocks the weights hold must be the ones the config (re)builds
+    moved = [k for k, v in own.items() if k.endswith(".layout") and not torch.equal(tensors[k], v)]
+    if moved:
+        raise CheckpointError(f"weights {source} hold other block layouts than the config builds ({moved[:3]}): "
+                              "the layout recipe (ff_layout, ff_density, ff_block, ff_seed) or ff_masks was changed")
     model.load_state_dict(tensors)
 
 

@@ -23,9 +23,14 @@ GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
-    """Parameters that take part in matrix multiplies (all linear weights)."""
+    """Parameters that take part in matrix multiplies (all linear weights); a block-sparse feed-forward layer
+    counts only its non-zero blocks."""
     d = cfg.d_model
-    return cfg.n_layers * (4 + 2 * cfg.ff_mult) * d * d + d * cfg.vocab
+    total = cfg.n_layers * (4 + 2 * cfg.ff_mult) * d * d + d * cfg.vocab
+    for layer in cfg.sparse_ff_layers:
+        fc, proj = cfg.ff_layouts(layer)
+        total += (int(fc.sum()) + int(proj.sum())) * cfg.ff_block**2 - 2 * cfg.ff_width * d
+    return total
 
 
 def attention_scores(cfg: ModelConfig, seq_len: int | None = None) -> int:

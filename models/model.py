@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import BLOCK_SIZES, KINDS, PATTERNS, Layout, Pattern, attention, layout_of
+from kernels import BLOCK_SIZES, KINDS, PATTERNS, BlockSparseLinear, Layout, Pattern, attention, layout_of
+
+from .sparse_ff import FF_BLOCKS, FF_LAYOUTS, SparseLinear, decode_layout, layer_seed, recipe_layout
 
 SCHEDULES = ("strided", "fixed", "all")  # ModelConfig.pattern: which kind each layer uses
 HEAD_DIMS = (32, 64, 128)
@@ -46,6 +48,11 @@ class ModelConfig:
     pos_factors: the learned position embedding is a sum of one table per factor of
       the position's mixed-radix digits, e.g. (64, 64, 3) = (row, column, channel) for
       images and (rows, stride) for audio; their product must cover ``seq_len``.
+    ff_layout: "dense" (the default), or block-sparse feed-forward layers (models/sparse_ff.py): "random" or
+      "banded" (layouts rebuilt from the recipe: ``ff_density``, ``ff_block``, ``ff_seed``), "pruned" (layouts
+      stored in ``ff_masks``, hex, fc then proj of each sparse layer). ``ff_layers`` lists the blocks whose
+      feed-forward is sparse (empty: all). A sparse-wide model raises ``ff_mult`` and lowers ``ff_density``:
+      ff_mult=8, ff_density=0.5 has the parameters and FLOPs of the dense ff_mult=4.
     """
 
     n_layers: int = 8
@@ -62,10 +69,18 @@ class ModelConfig:
     seq_len: int = 12288
     pos_factors: tuple[int, ...] = (64, 64, 3)
     vocab: int = 256
+    ff_layout: str = "dense"
+    ff_density: float = 1.0
+    ff_block: int = 32
+    ff_seed: int = 0
+    ff_layers: tuple[int, ...] = ()
+    ff_masks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pos_factors", tuple(self.pos_factors))
         object.__setattr__(self, "layer_patterns", tuple(self.layer_patterns))
+        object.__setattr__(self, "ff_layers", tuple(self.ff_layers))
+        object.__setattr__(self, "ff_masks", tuple(self.ff_masks))
         for name in ("n_layers", "d_model", "n_heads", "ff_mult", "stride", "seq_len", "vocab", "summary"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -90,6 +105,54 @@ class ModelConfig:
         if math.prod(self.pos_factors) < self.seq_len:
             raise ValueError(f"pos_factors {self.pos_factors} cover {math.prod(self.pos_factors)} positions, "
                              f"fewer than seq_len={self.seq_len}")
+        self._check_ff()
+
+    def _check_ff(self) -> None:
+        """The sparse feed-forward fields (see the class notes)."""
+        if self.ff_layout not in FF_LAYOUTS:
+            raise ValueError(f"ff_layout must be one of {FF_LAYOUTS}, got {self.ff_layout!r}")
+        if self.ff_layout == "dense":
+            extra = [f.name for f in dataclasses.fields(self)
+                     if f.name.startswith("ff_") and f.name not in ("ff_layout", "ff_mult")
+                     and getattr(self, f.name) != f.default]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to sparse feed-forward layers: set ff_layout to one "
+                                 f"of {FF_LAYOUTS[1:]}")
+            return
+        d = self.ff_density
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 1:
+            raise ValueError(f"ff_density must be a number in (0, 1], got {d!r}")
+        if self.ff_block not in FF_BLOCKS or self.d_model % self.ff_block:
+            raise ValueError(f"ff_block must be one of {FF_BLOCKS} dividing d_model ({self.d_model}), got "
+                             f"{self.ff_block!r}")
+        check_int("ff_seed", self.ff_seed, 0)
+        layers = self.ff_layers
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or list(layers) != sorted(set(layers)) \
+                or (layers and not 0 <= layers[0] <= layers[-1] < self.n_layers):
+            raise ValueError(f"ff_layers must be increasing layer numbers in [0, {self.n_layers}), got {layers!r}")
+        wanted = 2 * len(self.sparse_ff_layers) if self.ff_layout == "pruned" else 0
+        if len(self.ff_masks) != wanted:
+            raise ValueError(f"ff_masks must hold {wanted} layouts (fc and proj of each sparse layer) with "
+                             f"ff_layout={self.ff_layout!r}, got {len(self.ff_masks)}")
+        if self.ff_layout == "pruned":
+            for layer in self.sparse_ff_layers:
+                self.ff_layouts(layer)  # decodes (and so checks) the stored layouts
+
+    @property
+    def ff_width(self) -> int:
+        """The feed-forward hidden size."""
+        return self.ff_mult * self.d_model
+
+    @property
+    def sparse_ff_layers(self) -> tuple[int, ...]:
+        """The layers whose feed-forward is block-sparse."""
+        if self.ff_layout == "dense":
+            return ()
+        return self.ff_layers or tuple(range(self.n_layers))
+
+    def ff_layouts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(fc [d/b, width/b], proj [width/b, d/b]) bool layouts of ``layer``'s feed-forward, None when dense."""
+        return _ff_layouts(self, layer)
 
     @property
     def head_dim(self) -> int:
@@ -119,12 +182,20 @@ class ModelConfig:
         if self.layer_patterns:
             raise ValueError("a model with explicit layer_patterns has no schedule for new layers; "
                              "give the new config's layer_patterns instead")
+        if self.ff_layout != "dense":
+            raise ValueError("a model with sparse feed-forward layers cannot be deepened (new blocks would need "
+                             "their own layouts)")
         return dataclasses.replace(self, n_layers=n_layers)
 
     def to_dict(self) -> dict:
-        """JSON-ready fields (tuples as lists)."""
-        return {**dataclasses.asdict(self), "pos_factors": list(self.pos_factors),
-                "layer_patterns": list(self.layer_patterns)}
+        """JSON-ready fields (tuples as lists). A dense model leaves the ff_* sparse fields out, so its card is
+        what it was before they existed."""
+        d = {**dataclasses.asdict(self), "pos_factors": list(self.pos_factors),
+             "layer_patterns": list(self.layer_patterns), "ff_layers": list(self.ff_layers),
+             "ff_masks": list(self.ff_masks)}
+        if self.ff_layout == "dense":
+            d = {k: v for k, v in d.items() if not k.startswith("ff_") or k == "ff_mult"}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -135,6 +206,19 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+
+@lru_cache(maxsize=256)
+def _ff_layouts(cfg: ModelConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    check_int("layer", layer, 0, cfg.n_layers - 1)
+    if layer not in cfg.sparse_ff_layers:
+        return None
+    blocks = (cfg.d_model // cfg.ff_block, cfg.ff_width // cfg.ff_block)
+    if cfg.ff_layout == "pruned":
+        k = 2 * cfg.sparse_ff_layers.index(layer)
+        return decode_layout(cfg.ff_masks[k], blocks), decode_layout(cfg.ff_masks[k + 1], blocks[::-1])
+    return tuple(recipe_layout(cfg.ff_layout, *shape, cfg.ff_density, layer_seed(cfg.ff_seed, layer, m))
+                 for m, shape in enumerate((blocks, blocks[::-1])))
 
 
 @lru_cache(maxsize=64)
@@ -164,12 +248,18 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Linear, GeLU, linear. [B, N, d] -> [B, N, d]."""
+    """Linear, GeLU, linear. [B, N, d] -> [B, N, d]. Both linears are block-sparse (models/sparse_ff.py) in the
+    layers ``cfg.sparse_ff_layers`` lists."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.ff_mult * cfg.d_model)
-        self.proj = nn.Linear(cfg.ff_mult * cfg.d_model, cfg.d_model)
+        layouts = cfg.ff_layouts(layer)
+        if layouts is None:
+            self.fc = nn.Linear(cfg.d_model, cfg.ff_width)
+            self.proj = nn.Linear(cfg.ff_width, cfg.d_model)
+        else:
+            self.fc = SparseLinear(cfg.d_model, cfg.ff_width, layouts[0], cfg.ff_block)
+            self.proj = SparseLinear(cfg.ff_width, cfg.d_model, layouts[1], cfg.ff_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
@@ -183,7 +273,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg, layer)
         self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.ff = FeedForward(cfg)
+        self.ff = FeedForward(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, backend: str = "auto", cache=None) -> torch.Tensor:
@@ -213,7 +303,7 @@ class SparseTransformer(nn.Module):
         """The paper's initialisation."""
         cfg = self.cfg
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, BlockSparseLinear)):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):

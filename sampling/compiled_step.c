@@ -5,7 +5,9 @@
      embed | per layer: norm + qkv | attention, the keys of each (row, head) split T ways, the new key and
      value written to the cache first | combine + proj + residual | norm + fc + gelu | proj + residual |
      norm + head
-   Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously.
+   Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously; a block-sparse
+   feed-forward matrix (models/sparse_ff.py) is packed per output block, over the input blocks it reads only
+   (see Mat), and the same loops skip the blocks that are not there.
    Each output is summed in the same order whatever the batch size, so a sample does not depend on
    the batch it runs in.
    Entry points: st_new / st_layer / st_start (set up, on the caller's tensors), st_step (one position of
@@ -70,16 +72,33 @@ static inline v8 vgelu(v8 x) {
     return 0.5f * x * (2.0f - 2.0f / (1.0f + vexp(2.0f * u)));
 }
 
+/* A weight matrix as matmul reads it: output blocks of out_bs outputs (a multiple of TILE), output block j
+   reading the input blocks col_ptr[j] .. col_ptr[j + 1] - 1 of the list, each in_bs inputs from input
+   starts[k]. Packed per output block, then [out_bs / 16][listed blocks * in_bs][16]. A dense matrix is one
+   output block (all outputs) reading one input block (all inputs): the packing [out / 16][in][16]. */
+typedef struct {
+    const float *w, *b;
+    int in_bs, out_bs;
+    const int *col_ptr, *starts;
+} Mat;
+
+static const int DENSE_PTR[2] = {0, 1}, DENSE_START[1] = {0};
+static Mat dense_mat(const float *w, const float *b, int in, int out) {
+    return (Mat){.w = w, .b = b, .in_bs = in, .out_bs = out, .col_ptr = DENSE_PTR, .starts = DENSE_START};
+}
+
 typedef struct {
     int kind, slots, rows, summary;       /* slots: local ring / stride / sequence (all) */
     int lo[MAX_HEADS];                    /* fixed: first summary column of each head */
     float *kv, *summaries;                /* the cache's tensors (sampling/kv_cache.py layouts) */
-    const float *n1w, *n1b, *qkv_w, *qkv_b, *pw, *pb, *n2w, *n2b, *fw, *fb, *f2w, *f2b;
+    const float *n1w, *n1b, *n2w, *n2b;
+    Mat qkv, proj, fc, fc2;               /* attention in and out, feed-forward in and out */
 } Layer;
 
 typedef struct {
     int B, d, H, D, ff, V, n_layers, T, max_keys;
-    const float *tok_emb, *start, *pos_emb, *nw, *nb, *hw, *hb;
+    const float *tok_emb, *start, *pos_emb, *nw, *nb;
+    Mat head;
     Layer *layers;
     float *x, *qkv, *f;                   /* [B, d], [B, 3d], [B, ff] */
     float *norm, *y, *scores;             /* per thread: [B, d], [B, d], [max_keys] */
@@ -144,24 +163,29 @@ typedef float vt __attribute__((vector_size(32)));
 static inline vt ldt(const float *p) { vt v; memcpy(&v, p, sizeof v); return v; }
 static inline void stt(float *p, vt v) { memcpy(p, &v, sizeof v); }
 
-/* R rows of x (row stride ldx) times C tiles of packed w from tile t: acc = bias + sum_i x[i] w[i],
-   in the order i = 0, 1, ... for every output; then out = acc, gelu(acc) or out + acc. */
-static inline __attribute__((always_inline)) void tiles(const float *x, int ldx, const float *w, const float *bias,
-                                                         int in, int t, float *out, int ldo, int mode,
-                                                         const int R, const int C) {
+/* R rows of x (row stride ldx) times C tiles of M from tile t (all in one output block of M):
+   acc = bias + sum_i x[i] w[i] over the inputs the block reads, in increasing order for every output;
+   then out = acc, gelu(acc) or out + acc. */
+static inline __attribute__((always_inline)) void tiles(const float *x, int ldx, const Mat *M, int t, float *out,
+                                                         int ldo, int mode, const int R, const int C) {
+    int per_block = M->out_bs / TILE, j = t / per_block, first = M->col_ptr[j], bs = M->in_bs;
+    int blocks = M->col_ptr[j + 1] - first, len = blocks * bs;  /* len: the inputs of each packed tile */
     vt acc[MAX_ROWS][MAX_COLS][PARTS];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
-            for (int h = 0; h < PARTS; h++) acc[r][c][h] = ldt(bias + (t + c) * TILE + VW * h);
-    const float *wt = w + (size_t)t * in * TILE;
-    for (int i = 0; i < in; i++) {
-        vt wv[MAX_COLS][PARTS];
-        for (int c = 0; c < C; c++)
-            for (int h = 0; h < PARTS; h++) wv[c][h] = ldt(wt + ((size_t)c * in + i) * TILE + VW * h);
-        for (int r = 0; r < R; r++) {
-            vt xv = x[r * ldx + i] - (vt){0};
+            for (int h = 0; h < PARTS; h++) acc[r][c][h] = ldt(M->b + (t + c) * TILE + VW * h);
+    const float *wt = M->w + (size_t)first * bs * M->out_bs + (size_t)(t % per_block) * len * TILE;
+    for (int q = 0; q < blocks; q++) {
+        const float *xq = x + M->starts[first + q], *wq = wt + (size_t)q * bs * TILE;
+        for (int i = 0; i < bs; i++) {
+            vt wv[MAX_COLS][PARTS];
             for (int c = 0; c < C; c++)
-                for (int h = 0; h < PARTS; h++) acc[r][c][h] += xv * wv[c][h];
+                for (int h = 0; h < PARTS; h++) wv[c][h] = ldt(wq + ((size_t)c * len + i) * TILE + VW * h);
+            for (int r = 0; r < R; r++) {
+                vt xv = xq[r * ldx + i] - (vt){0};
+                for (int c = 0; c < C; c++)
+                    for (int h = 0; h < PARTS; h++) acc[r][c][h] += xv * wv[c][h];
+            }
         }
     }
     for (int r = 0; r < R; r++)
@@ -175,10 +199,9 @@ static inline __attribute__((always_inline)) void tiles(const float *x, int ldx,
 
 /* Tiles [t, t_end) for R rows, as many tiles at a time as the accumulators allow. */
 #define RUN(R, C) \
-    for (; (C) <= COLS(R) && t + (C) <= t_end; t += (C)) tiles(x, ldx, w, bias, in, t, out, ldo, mode, R, C)
-static inline __attribute__((always_inline)) void row_tiles(const float *x, int ldx, const float *w,
-                                                             const float *bias, int in, int t, int t_end, float *out,
-                                                             int ldo, int mode, const int R) {
+    for (; (C) <= COLS(R) && t + (C) <= t_end; t += (C)) tiles(x, ldx, M, t, out, ldo, mode, R, C)
+static inline __attribute__((always_inline)) void row_tiles(const float *x, int ldx, const Mat *M, int t,
+                                                             int t_end, float *out, int ldo, int mode, const int R) {
     RUN(R, 8);
     RUN(R, 4);
     RUN(R, 2);
@@ -186,16 +209,19 @@ static inline __attribute__((always_inline)) void row_tiles(const float *x, int 
 }
 #undef RUN
 
-/* out [B, n_out] (row stride ldo) from x [B, in] and packed w, for tiles [t0, t1) of this thread:
+/* out [B, n_out] (row stride ldo) from x [B, in] and M, for tiles [t0, t1) of this thread:
    groups of 8 rows (AVX-512 only), 4, 2 and 1 in turn through as many tiles as the first group takes at a
-   time, so that each tile is read from memory once for the whole batch and reused from L1 by the next. */
-static void matmul(const float *x, int ldx, const float *w, const float *bias, int in, int t0, int t1,
-                   float *out, int ldo, int mode, int B) {
+   time (never past the end of an output block of M), so that each tile is read from memory once for the
+   whole batch and reused from L1 by the next. */
+static void matmul(const float *x, int ldx, const Mat *M, int t0, int t1, float *out, int ldo, int mode, int B) {
     int first = COLS(8) >= 1 && B >= 8 ? 8 : B >= 4 ? 4 : B >= 2 ? 2 : 1, chunk = COLS(first);
-    for (int t = t0; t < t1; t += chunk) {
-        int te = t + chunk < t1 ? t + chunk : t1, r = 0;
+    int per_block = M->out_bs / TILE;
+    for (int t = t0, te; t < t1; t = te) {
+        int block_end = (t / per_block + 1) * per_block, r = 0;
+        te = t + chunk < t1 ? t + chunk : t1;
+        te = te < block_end ? te : block_end;
 #define GROUP(R) for (; COLS(R) >= 1 && r + (R) <= B; r += (R)) \
-    row_tiles(x + r * ldx, ldx, w, bias, in, t, te, out + r * ldo, ldo, mode, R)
+    row_tiles(x + r * ldx, ldx, M, t, te, out + r * ldo, ldo, mode, R)
         GROUP(8);
         GROUP(4);
         GROUP(2);
@@ -340,25 +366,25 @@ static void run_step(Step *s, int tid, int *sense) {
         const Layer *L = &s->layers[l];
         layer_norm(s->x, L->n1w, L->n1b, norm, B, d);
         my_tiles(3 * d, T, tid, &t0, &t1);
-        matmul(norm, d, L->qkv_w, L->qkv_b, d, t0, t1, s->qkv, 3 * d, STORE, B);
+        matmul(norm, d, &L->qkv, t0, t1, s->qkv, 3 * d, STORE, B);
         barrier(s, sense);
         attention(s, L, tid);
         barrier(s, sense);
         combine(s, y);
         my_tiles(d, T, tid, &t0, &t1);
-        matmul(y, d, L->pw, L->pb, d, t0, t1, s->x, d, ADD, B);
+        matmul(y, d, &L->proj, t0, t1, s->x, d, ADD, B);
         barrier(s, sense);
         layer_norm(s->x, L->n2w, L->n2b, norm, B, d);
         my_tiles(s->ff, T, tid, &t0, &t1);
-        matmul(norm, d, L->fw, L->fb, d, t0, t1, s->f, s->ff, GELU, B);
+        matmul(norm, d, &L->fc, t0, t1, s->f, s->ff, GELU, B);
         barrier(s, sense);
         my_tiles(d, T, tid, &t0, &t1);
-        matmul(s->f, s->ff, L->f2w, L->f2b, s->ff, t0, t1, s->x, d, ADD, B);
+        matmul(s->f, s->ff, &L->fc2, t0, t1, s->x, d, ADD, B);
         barrier(s, sense);
     }
     layer_norm(s->x, s->nw, s->nb, norm, B, d);
     my_tiles(s->V, T, tid, &t0, &t1);
-    matmul(norm, d, s->hw, s->hb, d, t0, t1, s->logits, s->V, STORE, B);
+    matmul(norm, d, &s->head, t0, t1, s->logits, s->V, STORE, B);
     barrier(s, sense);
 }
 
@@ -399,7 +425,7 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
     if (!s) return NULL;
     *s = (Step){.B = B, .nrows = B, .d = d, .H = H, .D = d / H, .ff = ff, .V = V, .n_layers = n_layers, .T = T,
                 .max_keys = max_keys, .tok_emb = tok_emb, .start = start, .pos_emb = pos_emb, .nw = nw, .nb = nb,
-                .hw = hw, .hb = hb};
+                .head = dense_mat(hw, hb, d, V)};
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     s->layers = calloc(n_layers, sizeof(Layer));
@@ -428,8 +454,17 @@ void st_layer(Step *s, int l, int kind, float *kv, float *summaries, int slots, 
     Layer *L = &s->layers[l];
     L->kind = kind, L->kv = kv, L->summaries = summaries, L->slots = slots, L->rows = rows, L->summary = summary;
     for (int h = 0; h < s->H && lo; h++) L->lo[h] = lo[h];
-    L->n1w = w[0], L->n1b = w[1], L->qkv_w = w[2], L->qkv_b = w[3], L->pw = w[4], L->pb = w[5];
-    L->n2w = w[6], L->n2b = w[7], L->fw = w[8], L->fb = w[9], L->f2w = w[10], L->f2b = w[11];
+    int d = s->d;
+    L->n1w = w[0], L->n1b = w[1], L->n2w = w[6], L->n2b = w[7];
+    L->qkv = dense_mat(w[2], w[3], d, 3 * d), L->proj = dense_mat(w[4], w[5], d, d);
+    L->fc = dense_mat(w[8], w[9], d, s->ff), L->fc2 = dense_mat(w[10], w[11], s->ff, d);
+}
+
+/* Make layer l's feed-forward matrix (which: 0 in, 1 out) block-sparse, in blocks of bs (a multiple of TILE):
+   packed weights w, col_ptr [outputs / bs + 1] and starts [listed blocks] as in Mat; its bias stays. */
+void st_sparse(Step *s, int l, int which, const float *w, int bs, const int *col_ptr, const int *starts) {
+    Mat *M = which ? &s->layers[l].fc2 : &s->layers[l].fc;
+    M->w = w, M->in_bs = bs, M->out_bs = bs, M->col_ptr = col_ptr, M->starts = starts;
 }
 
 /* Start the T - 1 workers; returns the threads that will run the steps (fewer if a worker could not start). */

@@ -190,6 +190,8 @@ def library() -> ctypes.CDLL | None:
     lib.st_new.argtypes = [ctypes.c_int] * 8 + [_P] * 7
     lib.st_layer.restype = None
     lib.st_layer.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P]
+    lib.st_sparse.restype = None
+    lib.st_sparse.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P, _P]
     lib.st_start.restype = ctypes.c_int
     lib.st_start.argtypes = [_P]
     lib.st_step.restype = ctypes.c_int
@@ -218,8 +220,10 @@ def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | Non
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         return f"it runs fp32 on the CPU (the model is {param.dtype} on {param.device})"
-    if cfg.vocab % TILE or (cfg.ff_mult * cfg.d_model) % TILE:
+    if cfg.vocab % TILE or cfg.ff_width % TILE:
         return f"vocab and the feed-forward width must be multiples of {TILE}"
+    if cfg.sparse_ff_layers and cfg.ff_block % TILE:
+        return f"block-sparse feed-forward layers need blocks that are multiples of {TILE} (ff_block={cfg.ff_block})"
     if cfg.n_heads > MAX_HEADS:
         return f"at most {MAX_HEADS} heads"
     if any(type(c.pattern) not in PATTERNS for c in caches):
@@ -234,6 +238,21 @@ def _pack(linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
     w = linear.weight.detach()
     out, inp = w.shape
     return w.view(out // TILE, TILE, inp).transpose(1, 2).contiguous(), linear.bias.detach().contiguous()
+
+
+def _pack_sparse(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block-sparse linear layer (models/sparse_ff.py) as compiled_step.c's Mat reads it: (weights packed per
+    output block j as [block / 16, listed * block, 16] over the input blocks that feed j in increasing order,
+    col_ptr [out_blocks + 1] int32, starts [nnz] int32: each listed block's first input)."""
+    mm, w = linear.mm, linear.weight.detach()
+    b = mm.block
+    order = torch.argsort(mm.cols * mm.in_blocks + mm.rows)  # by output block, then input block
+    packed = w[order].view(-1, b, b // TILE, TILE)  # [nnz, in, tile, 16]
+    counts = torch.bincount(mm.cols, minlength=mm.out_blocks)
+    parts = [p.permute(2, 0, 1, 3).reshape(b // TILE, -1, TILE) for p in packed.split(counts.tolist())]
+    col_ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    starts = (mm.rows[order] * b).to(torch.int32)
+    return torch.cat([p.flatten() for p in parts]).contiguous(), col_ptr.contiguous(), starts.contiguous()
 
 
 class CompiledStep(DecodeStep):
@@ -266,14 +285,16 @@ class CompiledStep(DecodeStep):
         keep = [d(model.tok_emb.weight), d(model.start), pos_emb.contiguous(), d(model.norm.weight),
                 d(model.norm.bias), head_w, head_b]
         max_keys = max(c.slots.keys for c in caches)
-        handle = lib.st_new(B, cfg.d_model, cfg.n_heads, cfg.ff_mult * cfg.d_model, cfg.vocab, cfg.n_layers,
+        handle = lib.st_new(B, cfg.d_model, cfg.n_heads, cfg.ff_width, cfg.vocab, cfg.n_layers,
                             threads, max_keys, *(t.data_ptr() for t in keep))
         if not handle:
             raise MemoryError("the compiled decoding step could not allocate its buffers")
         self._finalizer = weakref.finalize(self, lib.st_free, handle)
         for i, (block, cache) in enumerate(zip(model.blocks, caches, strict=True)):
+            sparse = i in cfg.sparse_ff_layers
+            ff = [(d(m.weight), d(m.bias)) if sparse else _pack(m) for m in (block.ff.fc, block.ff.proj)]
             weights = [d(block.norm1.weight), d(block.norm1.bias), *_pack(block.attn.qkv), *_pack(block.attn.proj),
-                       d(block.norm2.weight), d(block.norm2.bias), *_pack(block.ff.fc), *_pack(block.ff.proj)]
+                       d(block.norm2.weight), d(block.norm2.bias), *ff[0], *ff[1]]
             keep += weights
             pointers = (_P * len(weights))(*(w.data_ptr() for w in weights))
             fixed = isinstance(cache, FixedCache)
@@ -282,6 +303,11 @@ class CompiledStep(DecodeStep):
             lib.st_layer(handle, i, cache.pattern.code, cache.kv.data_ptr(),
                          cache.summaries.data_ptr() if fixed else None, slots.slots, slots.rows, slots.summary, lo,
                          pointers)
+            for which, m in enumerate((block.ff.fc, block.ff.proj) if sparse else ()):
+                packed = _pack_sparse(m)  # the dense-layout pointers given above are replaced
+                keep += packed
+                lib.st_sparse(handle, i, which, *(t.data_ptr() for t in packed[:1]), cfg.ff_block,
+                              *(t.data_ptr() for t in packed[1:]))
         keep += [t for c in caches for t in c.tensors()]
         self._keep, self._lib, self._handle = keep, lib, handle
         self.threads = lib.st_start(handle)  # fewer than asked if a worker could not start

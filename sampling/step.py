@@ -10,10 +10,12 @@ when it is set up (sampling.sampler.make_step); tests check both against the ful
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from kernels import BlockSparseMatMul
 from models.model import ModelConfig, SparseTransformer
 
 from .kv_cache import LayerCache
@@ -40,10 +42,11 @@ class DecodeStep:
 
 class TorchStep(DecodeStep):
     """The step in plain functional ops on the model's own weights (no module dispatch, pre-transposed
-    matrices). On a CPU each weight matrix is split by output columns into ``shards`` pieces applied with
-    one batched matmul (``baddbmm``), so every core streams its own share of the weights (a plain
-    matrix-vector product runs on one core). shards: default on a CPU torch's thread count rounded down to
-    a divisor of gcd(d_model, vocab) (:func:`weight_shards`), elsewhere 1."""
+    matrices; block-sparse feed-forward weights through their ``BlockSparseMatMul``). On a CPU each dense weight
+    matrix is split by output columns into ``shards`` pieces applied with one batched matmul (``baddbmm``), so
+    every core streams its own share of the weights (a plain matrix-vector product runs on one core). shards:
+    default on a CPU torch's thread count rounded down to a divisor of gcd(d_model, vocab) (:func:`weight_shards`),
+    elsewhere 1."""
 
     def __init__(self, model: SparseTransformer, caches: list[LayerCache], pos_emb: torch.Tensor,
                  shards: int | None = None):
@@ -67,9 +70,15 @@ class TorchStep(DecodeStep):
                 return w.contiguous(), b
             return w.unflatten(1, (shards, -1)).transpose(0, 1).contiguous(), b.view(shards, 1, -1)
 
+        def ff_lin(m: torch.nn.Module) -> tuple:
+            """lin(m) for a dense layer; (x -> x @ W + b, None) for a block-sparse one (models/sparse_ff.py)."""
+            if isinstance(m, torch.nn.Linear):
+                return lin(m)
+            return partial(_block_sparse_linear, m.mm, m.weight.detach(), m.bias.detach()), None
+
         d = lambda t: t.detach()  # noqa: E731
         self.blocks = [(d(b.norm1.weight), d(b.norm1.bias), *lin(b.attn.qkv), *lin(b.attn.proj),
-                        d(b.norm2.weight), d(b.norm2.bias), *lin(b.ff.fc), *lin(b.ff.proj))
+                        d(b.norm2.weight), d(b.norm2.bias), *ff_lin(b.ff.fc), *ff_lin(b.ff.proj))
                        for b in model.blocks]
         self.final = (d(model.norm.weight), d(model.norm.bias), *lin(model.head))
         self.tok_emb, self.start = d(model.tok_emb.weight), d(model.start)
@@ -86,7 +95,9 @@ class TorchStep(DecodeStep):
             qkv = linear(norm(x, (d,), n1w, n1b), qkv_w, qkv_b).view(B, 3, H, 1, D)
             y = cache.step(pos, qkv.select(1, 0), qkv.narrow(1, 1, 2).squeeze(3))  # [B, H, 1, D]
             x = x + linear(y.view(B, d), pw, pb)
-            x = x + linear(F.gelu(linear(norm(x, (d,), n2w, n2b), fw, fb), approximate="tanh"), f2w, f2b)
+            h = norm(x, (d,), n2w, n2b)
+            h = F.gelu(linear(h, fw, fb) if fb is not None else fw(h), approximate="tanh")
+            x = x + (linear(h, f2w, f2b) if f2b is not None else f2w(h))
         nw, nb, hw, hb = self.final
         return linear(norm(x, (d,), nw, nb), hw, hb).float()
 
@@ -95,6 +106,12 @@ def weight_shards(cfg: ModelConfig, threads: int) -> int:
     """The most shards, at most ``threads``, dividing every linear layer's outputs (multiples of d_model or vocab)."""
     common = math.gcd(cfg.d_model, cfg.vocab)
     return max(s for s in range(1, max(1, threads) + 1) if common % s == 0)
+
+
+def _block_sparse_linear(mm: BlockSparseMatMul, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x [B, in] @ W + b [out] -> [B, out] for W block-sparse (its blocks w [nnz, block, block]), as the model's
+    layer computes it."""
+    return mm(x, w) + b
 
 
 def _addmm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

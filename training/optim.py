@@ -8,10 +8,11 @@ import torch
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not biases, norms, embeddings, the start vector)."""
+    """AdamW; weight decay on matrices only (not biases, norms, embeddings, the start vector); a block-sparse
+    weight [nnz, block, block] is a matrix's blocks."""
     decay, rest = [], []
     for name, p in model.named_parameters():
-        is_matrix = p.dim() == 2 and "emb" not in name
+        is_matrix = p.dim() >= 2 and "emb" not in name
         (decay if is_matrix else rest).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
