@@ -45,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--stride", type=int)
     m.add_argument("--block", type=int)
     m.add_argument("--seq-len", type=int, help="audio only: samples per training window (default 65,536)")
+    m.add_argument("--ff-layout", choices=("dense", "random", "banded"),
+                   help="block-sparse feed-forward layers from a layout recipe (default dense); sparse-wide at "
+                   "the dense parameters and FLOPs: --ff-mult 8 --ff-layout random --ff-density 0.5")
+    m.add_argument("--ff-density", type=float, help="share of the feed-forward weight blocks kept, in (0, 1]")
+    m.add_argument("--ff-block", type=int, help="feed-forward weight block size: 8, 16, 32 or 64 (default 32; "
+                   "the compiled decoding step needs 16 or more)")
+    m.add_argument("--ff-seed", type=int, help="seed of the random feed-forward layouts (default 0)")
+    m.add_argument("--ff-layers", help="comma-separated layers whose feed-forward is sparse (default all)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
     o.add_argument("--batch-size", type=int, help="sequences per optimizer step, all processes (default 8)")

@@ -188,3 +188,35 @@ def test_sparse_model_trains_and_decays_its_block_weights():
         optimizer.step()
         losses.append(loss.item())
     assert model.blocks[0].ff.fc.weight.grad.abs().sum() > 0 and losses[-1] < losses[0]
+
+
+def test_train_py_trains_a_sparse_wide_model_and_fine_tunes_a_pruned_one(tmp_path, capsys):
+    import numpy as np
+
+    import train
+    from data import write_imagenet64_npz
+
+    imgs = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    write_imagenet64_npz(tmp_path / "Imagenet64_train_part1.npz", imgs[:4], list(range(4)))
+    write_imagenet64_npz(tmp_path / "val_data.npz", imgs[4:], [0, 1])
+    common = ["image", "--data", str(tmp_path), "--batch-size", "2", "--peak-tflops", "1", "--quiet",
+              "--eval-every", "0", "--eval-items", "2", "--precision", "fp32", "--checkpoints", str(tmp_path / "ck")]
+    wide = [*common, "--out", str(tmp_path / "wide"), "--config", "tiny", "--ff-mult", "8", "--ff-layout", "random",
+            "--ff-density", "0.5", "--ff-block", "16", "--steps", "2", "--export", "wide"]
+    assert train.main(wide) == 0
+    model = load_model(tmp_path / "ck" / "wide")
+    assert model.cfg.ff_layout == "random" and model.cfg.ff_width == 8 * model.cfg.d_model
+    dense = SparseTransformer(ModelConfig.from_dict({**model.card["config"], "ff_mult": 4, "ff_layout": "dense",
+                                                     "ff_density": 1.0, "ff_block": 32}))
+    assert model.card["compute_pf_days"] == pytest.approx(
+        training_flops_per_sequence(dense.cfg) * 2 * 2 / 86400e15)  # 2 steps of 2 sequences, as dense FLOPs
+    save_model(prune_model(dense, 0.5, block=16), tmp_path / "ck" / "pruned", {"codec": codec_card("image")})
+    tune = [*common, "--out", str(tmp_path / "tune"), "--init", str(tmp_path / "ck" / "pruned"), "--steps", "1",
+            "--export", "tuned"]
+    assert train.main(tune) == 0
+    tuned = load_model(tmp_path / "ck" / "tuned")
+    assert tuned.cfg == load_model(tmp_path / "ck" / "pruned").cfg
+    assert train.main([*common, "--out", str(tmp_path / "bad"), "--config", "tiny", "--ff-layers", "x"]) == 2
+    assert "--ff-layers must be comma-separated" in capsys.readouterr().err
+    assert train.main([*common, "--out", str(tmp_path / "bad"), "--config", "tiny", "--ff-density", "0.5"]) == 2
+    assert "only apply to sparse feed-forward layers" in capsys.readouterr().err

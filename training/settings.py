@@ -12,7 +12,8 @@ from .errors import TrainingError
 
 # Settings a resumed run takes from its checkpoint; changing them would not continue the same run.
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
-                    layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
+                    layer_patterns=None, stride=None, block=None, seq_len=None, ff_layout=None, ff_density=None,
+                    ff_block=None, ff_seed=None, ff_layers=None, batch_size=8, micro_batch=1, lr=5e-4,
                     warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="auto", recompute=True,
                     ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None)
 # Settings of this invocation only.
@@ -22,7 +23,8 @@ CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, 
 # Model flags -> the ModelConfig fields they set.
 MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult="ff_mult", dropout="dropout",
                    pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
-                   seq_len="seq_len")
+                   seq_len="seq_len", ff_layout="ff_layout", ff_density="ff_density", ff_block="ff_block",
+                   ff_seed="ff_seed", ff_layers="ff_layers")
 
 
 def resolve_settings(given: dict) -> dict:
@@ -97,6 +99,12 @@ def model_config(s: dict) -> ModelConfig:
     overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
     if "layer_patterns" in overrides:
         overrides["layer_patterns"] = tuple(k.strip() for k in overrides["layer_patterns"].split(","))
+    if "ff_layers" in overrides:
+        try:
+            overrides["ff_layers"] = tuple(int(k) for k in overrides["ff_layers"].split(","))
+        except ValueError:
+            raise TrainingError(f"--ff-layers must be comma-separated layer numbers, got "
+                                f"{overrides['ff_layers']!r}") from None
     if s["kind"] == "image" and "seq_len" in overrides:
         raise TrainingError("--seq-len is for audio; image models see whole 64x64x3 images (12,288 tokens)")
     try:
