@@ -1,11 +1,14 @@
 """Benchmark sampling: tokens/s at batch 1 and 8, a half-image completion, a 65,536-sample clip.
 
-Run: ``python -m bench.sample [--quick] [--checkpoints DIR]``. Prints a table per model; the LAST
-line printed is one line of JSON.
+Run: ``python -m bench.sample [--quick] [--checkpoints DIR] [--models A,B] [--prune 1,0.5,0.25 [--prune-block 32]]
+[--steady-only]``. Prints a table per model; the LAST line printed is one line of JSON.
 
 Models: every checkpoint in --checkpoints; when there is none of a kind, the named config the
 shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, labelled so
-(decoding speed does not depend on the weights' values).
+(decoding speed does not depend on the weights' values). --models keeps only the named ones. --prune adds,
+for each dense model, a row per density: the model pruned by block magnitude (models.prune.prune_model; feed-
+forward layers, blocks of --prune-block), labelled "NAME pruned D". --steady-only times only the tokens/s of
+the two steps (no dense cache, naive, half image or clip rows).
 Rows (fp32 on the CPU, temperature 1, all of torch's threads):
   * ours: KV-cached decoding (sampling.generate) with the compiled C step (sampling/compiled_step.py):
     steady tokens/s (the median of 3 runs of 256 steps) at a position past the first half, batch 1
@@ -36,6 +39,7 @@ import torch
 from bench.common import CpuContention, cpu_name, fmt, print_table, sig
 from models import SparseTransformer, config_for, load_card, load_model, model_kind
 from models.flops import device_peak_flops, matmul_parameters
+from models.prune import prune_model
 from sampling import Decoder, SamplingOptions, generate
 
 STEPS, RUNS = 256, 3
@@ -106,7 +110,7 @@ def timed_generate(model: SparseTransformer, prompt_len: int, length: int) -> fl
 def step_cost(model: SparseTransformer, cache_read_per_token: float, batch: int = 1) -> tuple[float, float]:
     """(bytes moved, FLOPs) of one step: every weight once plus each sequence's cache entries read."""
     cfg = model.cfg
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 2)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2)
     kv_bytes = cache_read_per_token * 2 * cfg.d_model * 4
     flops = 2 * matmul_parameters(cfg) + 4 * cfg.d_model * cache_read_per_token
     return weight_bytes + batch * kv_bytes, batch * flops
@@ -118,26 +122,37 @@ def keys_read_per_step(model: SparseTransformer, pos: int) -> float:
     return sum(cfg.layer_pattern(layer).keys_read(pos) for layer in range(cfg.n_layers))
 
 
-def models_to_time(folder: Path) -> list[tuple[str, SparseTransformer]]:
+def models_to_time(folder: Path, names: list[str] | None = None, densities: list[float] = (),
+                   block: int = 32) -> list[tuple[str, SparseTransformer]]:
+    """(label, model) for each checkpoint in ``folder`` (only ``names`` if given), or an untrained model of a
+    kind none is of; then each dense one pruned to each of ``densities``."""
     found = []
     for card in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
             load_card(card)
         except ValueError:
             continue
-        found.append((card.stem, load_model(card.with_suffix(""))))
+        if names is None or card.stem in names:
+            found.append((card.stem, load_model(card.with_suffix(""))))
     kinds = {model_kind(m) for _, m in found}
-    for kind in ("image", "audio"):
+    for kind in ("image", "audio") if names is None else ():
         if kind not in kinds:
             model = SparseTransformer(config_for(kind, f"{kind}-cpu")).eval()
             found.append((f"{kind}-cpu (untrained)", model))
-    return found
+    pruned = [(f"{name} pruned {density:g}", prune_model(model, density, block))
+              for name, model in found if model.cfg.ff_layout == "dense" for density in densities]
+    return found + pruned
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="estimate the 65,536-sample clip from 4,096 samples")
     p.add_argument("--checkpoints", default="checkpoints")
+    p.add_argument("--models", type=lambda t: t.split(","), help="comma-separated checkpoint names (default all)")
+    p.add_argument("--prune", type=lambda t: [float(x) for x in t.split(",")], default=[],
+                   help="comma-separated densities: add each dense model pruned to them")
+    p.add_argument("--prune-block", type=int, default=32, help="block size of --prune (default 32)")
+    p.add_argument("--steady-only", action="store_true", help="time only the steady tokens/s rows")
     args = p.parse_args()
     bandwidth = memory_bandwidth()
     peak, _ = device_peak_flops("cpu", torch.float32)
@@ -145,7 +160,7 @@ def main() -> None:
           f"{bandwidth / 1e9:.1f} GB/s (copy), fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     contention = CpuContention()
     results = []
-    for name, model in models_to_time(Path(args.checkpoints)):
+    for name, model in models_to_time(Path(args.checkpoints), args.models, args.prune, args.prune_block):
         kind, n = model_kind(model), model.cfg.seq_len
         torch.manual_seed(0)
         r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6}
@@ -155,11 +170,12 @@ def main() -> None:
         torch_b1, torch_b8 = (steady_tokens_per_s(model, b, step="pytorch") for b in (1, 8))
         r.update(torch_tokens_per_s_b1=torch_b1["tokens_per_s"], torch_tokens_per_s_b8=torch_b8["tokens_per_s"],
                  torch_step=torch_b1["step"])
-        r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, dense=True)["tokens_per_s"]
-        r["naive_tokens_per_s_b1"] = naive_tokens_per_s(model, n // 2)
-        if kind == "image":
+        if not args.steady_only:
+            r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, dense=True)["tokens_per_s"]
+            r["naive_tokens_per_s_b1"] = naive_tokens_per_s(model, n // 2)
+        if kind == "image" and not args.steady_only:
             r["half_image_s"] = timed_generate(model, n // 2, n)
-        if kind == "audio":
+        if kind == "audio" and not args.steady_only:
             clip = min(n, 65536)
             if args.quick:
                 r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, 4096) * clip / 4096, True
@@ -182,7 +198,7 @@ def main() -> None:
                 [[r["model"], f"{r['params_m']:.1f}M", fmt(r["tokens_per_s_b1"], ",.0f"),
                   fmt(r["tokens_per_s_b8"], ",.0f"), fmt(r["tokens_per_s_b8"] / r["tokens_per_s_b1"], ".1f"),
                   fmt(r["torch_tokens_per_s_b1"], ",.0f"), fmt(r["torch_tokens_per_s_b8"], ",.0f"),
-                  fmt(r["dense_tokens_per_s_b1"], ",.0f"), fmt(r["naive_tokens_per_s_b1"], ",.1f"),
+                  fmt(r.get("dense_tokens_per_s_b1"), ",.0f"), fmt(r.get("naive_tokens_per_s_b1"), ",.1f"),
                   fmt(r.get("half_image_s"), ".1f") + (" s" if "half_image_s" in r else ""),
                   "-" if "clip_s" not in r else fmt(r["clip_s"], ".1f") + (" s est." if r["clip_estimated"] else " s"),
                   f"{r['cache_bytes_b1'] / 1e6:.1f} MB", fmt(r["limit_tokens_per_s"], ",.0f"),
