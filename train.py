@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "e.g. local,strided,local,all; overrides --pattern")
     m.add_argument("--stride", type=int)
     m.add_argument("--block", type=int)
-    m.add_argument("--seq-len", type=int, help="audio only: samples per training window (default 65,536)")
+    m.add_argument("--seq-len", type=int, help="audio only: the model's sequence, in samples (default 65,536)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
     o.add_argument("--batch-size", type=int, help="sequences per optimizer step, all processes (default 8)")
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--no-recompute", dest="recompute", action="store_false",
                    help="keep activations instead of recomputing each block in the backward pass")
     o.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999; exported if set (default off)")
+    o.add_argument("--window", type=int, help="audio only: train on windows of this many samples (default: the "
+                   "model's --seq-len), each placed at a random offset of the model's sequence; many more steps per "
+                   "token early in training, while the model still samples its whole --seq-len")
     o.add_argument("--seed", type=int)
     o.add_argument("--val-fraction", type=float, help="share of a folder's files held out for evaluation, in [0, 1) "
                    "(default 0.05; ImageNet-64 npz data has its own val files)")

@@ -18,7 +18,7 @@ from .evaluation import held_out_bits
 from .state import Progress
 
 # The settings each training_history entry records besides its steps, layers and init
-HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "precision", "seed")
+HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "window", "precision", "seed")
 
 
 def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: ModelConfig, d: Dist, train_set, val_set,
@@ -65,7 +65,7 @@ def export_card(s: dict, cfg: ModelConfig, processes: int, train_set, val_set, p
         "steps": progress.step, "tokens_seen": progress.tokens_seen, "compute_pf_days": pf_days(progress.flops),
         "held_out_bits_per_dim": bits, "held_out_items": min(s["eval_items"], len(val_set)),
         "ema_decay": s["ema"] or None,
-        "training": {k: s[k] for k in ("config", "init", "batch_size", "lr", "warmup", "steps", "precision",
+        "training": {k: s[k] for k in ("config", "init", "batch_size", "window", "lr", "warmup", "steps", "precision",
                                        "weight_decay", "clip", "seed", "recompute")} | {"processes": processes},
         "training_history": [*progress.history, run_record(s, cfg, progress.step, processes)],
     }

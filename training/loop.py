@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ from .export import earlier_runs, export_checkpoint
 from .log import Log
 from .optim import lr_factor, make_optimizer, set_lr
 from .precision import PRECISIONS, autocast, settle_precision
-from .settings import model_config, resolve_settings, save_run_settings
+from .settings import model_config, resolve_settings, save_run_settings, training_window
 from .state import Parts, Progress, resume_state, save_state
 
 
@@ -74,6 +75,7 @@ class Run:
     parts: Parts
     progress: Progress
     accum: int  # micro-batches per process per step
+    window: int  # tokens per training sequence (--window, else the model's seq_len)
     flops_per_seq: float
     peak: float  # peak FLOP/s of one process's device, for MFU
     log: Log
@@ -113,7 +115,8 @@ def set_up(s: dict, d: Dist) -> Run:
     precision_how = settle_precision(s, d)
     cfg = model_config(s)
     accum = accumulation(s, d)
-    train_set, val_set = open_data(s, cfg)
+    window = training_window(s, cfg)
+    train_set, val_set = open_data(s, cfg, window)
     if d.main:
         for p in remove_stale_temporaries(out, RUN_FILES):  # left by a run killed in the middle of a save
             print(f"removed {p}, a temporary file of a killed run", file=sys.stderr)
@@ -131,17 +134,17 @@ def set_up(s: dict, d: Dist) -> Run:
         progress = resume_state(out / "state.pt", parts, s["fsdp"], d)
         if progress.history is None:  # a state.pt written before runs kept their history
             progress.history = earlier_runs(load_card(s["init"])) if s["init"] is not None else []
-    flops_per_seq = training_flops_per_sequence(cfg)
+    flops_per_seq = training_flops_per_sequence(cfg, window)
     peak, peak_how = peak_flops(s, d)
     log = Log(out / "log.jsonl", d.main, progress.step if s["resume"] else None)
     if d.main:
         log.write(event="start", step=progress.step, world_size=d.world, device=str(d.device), threads=threads,
                   parameters=model.num_parameters(),
                   precision=s["precision"], precision_how=precision_how,
-                  flops_per_sequence=flops_per_seq, peak_flops=peak, peak_how=peak_how, accum=accum,
+                  window=window, flops_per_sequence=flops_per_seq, peak_flops=peak, peak_how=peak_how, accum=accum,
                   train_items=len(train_set), val_items=len(val_set) if val_set is not None else 0,
                   skipped_files=getattr(train_set, "skipped", 0) + getattr(val_set, "skipped", 0))
-    return Run(s, d, cfg, out, train_set, val_set, net, parts, progress, accum, flops_per_seq, peak, log)
+    return Run(s, d, cfg, out, train_set, val_set, net, parts, progress, accum, window, flops_per_seq, peak, log)
 
 
 def accumulation(s: dict, d: Dist) -> int:
@@ -153,15 +156,16 @@ def accumulation(s: dict, d: Dist) -> int:
     return s["batch_size"] // per_step
 
 
-def open_data(s: dict, cfg: ModelConfig) -> tuple:
-    """The training and validation sets of --data. The validation set is None when the run needs none (--eval-every
-    0 and no --export) and the data has none (e.g. a folder of 3 images)."""
+def open_data(s: dict, cfg: ModelConfig, window: int) -> tuple:
+    """The training (sequences of ``window`` tokens) and validation (whole model sequences) sets of --data. The
+    validation set is None when the run needs none (--eval-every 0 and no --export) and the data has none (e.g. a
+    folder of 3 images)."""
     kw = {"seq_len": cfg.seq_len} if s["kind"] == "audio" else {}
     if s["val_fraction"] is not None:
         kw["val_fraction"] = s["val_fraction"]
     needs_val = s["eval_every"] > 0 or s["export"] is not None
     try:
-        train_set = open_dataset(s["kind"], s["data"], "train", **kw)
+        train_set = open_dataset(s["kind"], s["data"], "train", **{**kw, **({"seq_len": window} if kw else {})})
     except TypeError:  # a reader without val_fraction
         raise TrainingError(f"--val-fraction is for folders of images or audio files; --data {s['data']} holds its "
                             "own held-out files (ImageNet-64 npz val files)") from None
@@ -286,7 +290,7 @@ def take_step(r: Run) -> dict:
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     p.step += 1
-    tokens = s["batch_size"] * r.cfg.seq_len
+    tokens = s["batch_size"] * r.window
     p.tokens_seen += tokens
     p.flops += r.flops_per_seq * s["batch_size"]
     dt = time.perf_counter() - t0
@@ -305,13 +309,25 @@ def accumulate_gradients(r: Run) -> float:
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for micro in range(r.accum):
         batch = next(r.parts.batches).to(d.device)
+        offset = window_offset(r, micro)
         with gradient_sync(r.net, s["fsdp"], d, sync=micro == r.accum - 1):
             with autocast(d.device, s["precision"]):
-                logits = r.net(batch, flat=True)  # [B * N, vocab]: not a view (FSDP warns about those)
+                logits = r.net(batch, flat=True, offset=offset)  # [B * N, vocab]: not a view (FSDP warns about those)
             loss = F.cross_entropy(logits.float(), batch.flatten())
             r.parts.scaler.scale(loss / r.accum).backward()
         loss_sum += loss.detach().double()
     return float(d.all_reduce(loss_sum) / (r.accum * d.world))
+
+
+def window_offset(r: Run, micro: int) -> int:
+    """Where micro-batch ``micro`` of this step sits in the model's sequence: 0 for whole sequences; for --window, a
+    multiple of the config's window_offset_step drawn uniformly, from (seed, step, process, micro) so that a
+    resumed run draws the same."""
+    slots = (r.cfg.seq_len - r.window) // r.cfg.window_offset_step + 1
+    if slots == 1:
+        return 0
+    draw = np.random.default_rng([r.s["seed"], r.progress.step, r.d.rank, micro]).integers(slots)
+    return int(draw) * r.cfg.window_offset_step
 
 
 def report(r: Run, record: dict, bar: tqdm) -> None:

@@ -14,7 +14,7 @@ from .errors import TrainingError
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
                     layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
                     warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="auto", recompute=True,
-                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None)
+                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None, window=None)
 # Settings of this invocation only.
 CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
                eval_every=100, eval_items=64, save_every=100, save_minutes=10.0, device="auto", threads=None,
@@ -88,6 +88,20 @@ def _check_ranges(settings: dict) -> None:
         raise TrainingError(f"--eval-every must be >= 0 (0 = off), got {settings['eval_every']}")
     if settings["stop_after"] is not None and settings["stop_after"] < 1:
         raise TrainingError(f"--stop-after must be >= 1, got {settings['stop_after']}")
+    if settings["window"] is not None:
+        if settings["kind"] != "audio":
+            raise TrainingError("--window is for audio; image models see whole 64x64x3 images (12,288 tokens)")
+        if settings["window"] < 1:
+            raise TrainingError(f"--window must be >= 1, got {settings['window']}")
+
+
+def training_window(s: dict, cfg: ModelConfig) -> int:
+    """Tokens per training sequence: --window, else the model's whole sequence."""
+    if s["window"] is None:
+        return cfg.seq_len
+    if s["window"] > cfg.seq_len:
+        raise TrainingError(f"--window {s['window']} is longer than the model's sequence ({cfg.seq_len})")
+    return s["window"]
 
 
 def model_config(s: dict) -> ModelConfig:
