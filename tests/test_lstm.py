@@ -6,6 +6,7 @@ import torch
 from models import CheckpointError, LSTMConfig, SparseLSTM, codec_card, load_card, load_model, save_model
 from models.checkpoint import checkpoint_paths
 from models.lstm import matmul_parameters
+from sampling import Decoder, SamplingOptions, decoding_step, generate, generate_audio
 
 SPARSE = dict(hidden=64, block=8, density=0.4, n_layers=2, seq_len=256)
 
@@ -145,3 +146,43 @@ def test_bad_inputs_are_refused():
         model(torch.zeros(3, 3, dtype=torch.long), state)
     with pytest.raises(ValueError, match="unknown LSTM config fields"):
         LSTMConfig.from_dict({"hidden": 64, "width": 3})
+
+
+def test_the_decoder_step_after_a_prefill_equals_the_forward_pass():
+    model = make_model()
+    tokens = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full, _ = model(tokens)
+    decoder = Decoder(model, 2, 30)
+    decoder.prefill(tokens[:, :12])
+    steps = [decoder.step(tokens[:, pos - 1], pos) for pos in range(12, 30)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 12:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="runs positions in order"):
+        decoder.step(tokens[:, 0], 5)
+    assert "LSTM" in decoding_step(model) and decoder.cache_bytes == 0
+
+
+def test_greedy_generation_continues_the_prompt_with_the_forward_passes_argmax():
+    model = make_model()
+    prompt = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(4))
+    *_, last = generate(model, prompt, 40, seeds=[0, 1], options=SamplingOptions(temperature=0.0), report_every=7)
+    assert last.finished and last.tokens.shape == (2, 40) and torch.equal(last.tokens[:, :10], prompt)
+    with torch.no_grad():
+        logits, _ = model(last.tokens)
+    assert torch.equal(logits[:, 10:].argmax(-1), last.tokens[:, 10:])
+
+
+def test_sampled_audio_depends_on_the_seed_only():
+    model = make_model(seq_len=64)
+    model.card = {"codec": codec_card("audio")}
+    a = list(generate_audio(model, 48, seeds=[3, 4], batch_size=2))[-1].media
+    b = list(generate_audio(model, 48, seeds=[4], batch_size=1))[-1].media
+    assert a.shape == (2, 48) and a.dtype.name == "uint8" and (a[1] == b[0]).all()
+
+
+def test_lstm_decoding_refuses_transformer_only_options():
+    model = make_model()
+    with pytest.raises(ValueError, match="decodes with its PyTorch step"):
+        Decoder(model, 1, step="compiled")
+    with pytest.raises(ValueError, match="decodes with its PyTorch step"):
+        Decoder(model, 1, dense=True)
