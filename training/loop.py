@@ -2,7 +2,8 @@
 
 ``train(given)`` is the whole run behind train.py: settings, processes, data, the model (fresh, from
 --init, or resumed from state.pt), then steps until --steps, --stop-after or SIGINT/SIGTERM (each stop
-with a checkpoint), and the export at the end.
+with a checkpoint), and the export at the end. With --arch lstm the model is the sparse LSTM baseline, and
+each sequence runs in chunks of --tbptt tokens, the state carried (detached) from one chunk to the next.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import Batches, open_dataset
-from models import CheckpointError, ModelConfig, SparseTransformer, load_card, load_model
+from models import CheckpointError, LSTMConfig, ModelConfig, SparseLSTM, SparseTransformer, load_card, load_model
+from models.architectures import build_model, training_flops_per_sequence
 from models.checkpoint import remove_stale_temporaries
-from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
+from models.flops import PF_DAY, device_peak_flops, pf_days
 
 from .distributed import (
     Dist,
@@ -66,7 +68,7 @@ class Run:
 
     s: dict
     d: Dist
-    cfg: ModelConfig
+    cfg: ModelConfig | LSTMConfig
     out: Path
     train_set: object
     val_set: object
@@ -120,7 +122,8 @@ def set_up(s: dict, d: Dist) -> Run:
         save_run_settings(out, s, cfg)
     torch.manual_seed(s["seed"])
     model, progress = new_model(s, cfg, d)
-    model.recompute = s["recompute"]
+    if isinstance(model, SparseTransformer):
+        model.recompute = s["recompute"]
     model.to(d.device)
     net = wrap_model(model, s["fsdp"], d)
     parts = Parts(model=model, optimizer=make_optimizer(model, s["lr"], s["weight_decay"]),
@@ -153,7 +156,7 @@ def accumulation(s: dict, d: Dist) -> int:
     return s["batch_size"] // per_step
 
 
-def open_data(s: dict, cfg: ModelConfig) -> tuple:
+def open_data(s: dict, cfg: ModelConfig | LSTMConfig) -> tuple:
     """The training and validation sets of --data. The validation set is None when the run needs none (--eval-every
     0 and no --export) and the data has none (e.g. a folder of 3 images)."""
     kw = {"seq_len": cfg.seq_len} if s["kind"] == "audio" else {}
@@ -187,10 +190,10 @@ def batches(train_set, s: dict, d: Dist) -> Batches:
                             "process(es)): add data, or lower --micro-batch") from None
 
 
-def new_model(s: dict, cfg: ModelConfig, d: Dist) -> tuple[SparseTransformer, Progress]:
+def new_model(s: dict, cfg: ModelConfig | LSTMConfig, d: Dist) -> tuple[SparseTransformer | SparseLSTM, Progress]:
     """A new model of ``cfg``; on a new run with --init, holding --init's weights (deepened if asked), with
     its tokens, compute and history counted in the progress."""
-    model, progress = SparseTransformer(cfg), Progress()
+    model, progress = build_model(cfg), Progress()
     if s["init"] is None or s["resume"]:
         return model, progress
     try:
@@ -305,6 +308,9 @@ def accumulate_gradients(r: Run) -> float:
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for micro in range(r.accum):
         batch = next(r.parts.batches).to(d.device)
+        if isinstance(r.cfg, LSTMConfig):
+            loss_sum += lstm_backward(r, batch, sync=micro == r.accum - 1)
+            continue
         with gradient_sync(r.net, s["fsdp"], d, sync=micro == r.accum - 1):
             with autocast(d.device, s["precision"]):
                 logits = r.net(batch, flat=True)  # [B * N, vocab]: not a view (FSDP warns about those)
@@ -312,6 +318,24 @@ def accumulate_gradients(r: Run) -> float:
             r.parts.scaler.scale(loss / r.accum).backward()
         loss_sum += loss.detach().double()
     return float(d.all_reduce(loss_sum) / (r.accum * d.world))
+
+
+def lstm_backward(r: Run, batch: torch.Tensor, sync: bool) -> torch.Tensor:
+    """Truncated backpropagation through time over one micro-batch [B, N]: chunks of --tbptt tokens, each
+    starting from the state the previous chunk ended in (detached); gradients are those of the mean loss over
+    all N tokens, synchronised after the last chunk when ``sync``. Returns that loss (float64, detached)."""
+    s, d = r.s, r.d
+    chunks = batch.split(s["tbptt"], dim=1)
+    state, total = None, torch.zeros((), dtype=torch.float64, device=d.device)
+    for j, chunk in enumerate(chunks):
+        with gradient_sync(r.net, s["fsdp"], d, sync=sync and j == len(chunks) - 1):
+            with autocast(d.device, s["precision"]):
+                logits, state = r.net(chunk, state, flat=True)
+            loss = F.cross_entropy(logits.float(), chunk.flatten(), reduction="sum") / batch.numel()
+            r.parts.scaler.scale(loss / r.accum).backward()
+        state = state.detach()
+        total += loss.detach().double()
+    return total
 
 
 def report(r: Run, record: dict, bar: tqdm) -> None:
