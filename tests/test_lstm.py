@@ -1,8 +1,13 @@
 """The sparse LSTM baseline: chunked state equals one pass, layouts, checkpoints, bad options."""
 
+import json
+
 import pytest
 import torch
 
+import sample
+from app.cards import card_markdown, weight_layout_picture
+from app.registry import Registry
 from models import CheckpointError, LSTMConfig, SparseLSTM, codec_card, load_card, load_model, save_model
 from models.checkpoint import checkpoint_paths
 from models.lstm import matmul_parameters
@@ -186,3 +191,25 @@ def test_lstm_decoding_refuses_transformer_only_options():
         Decoder(model, 1, step="compiled")
     with pytest.raises(ValueError, match="decodes with its PyTorch step"):
         Decoder(model, 1, dense=True)
+
+
+def test_sample_py_samples_audio_from_an_lstm_checkpoint(tmp_path):
+    save_model(make_model(seq_len=512), tmp_path / "lstm", {"codec": codec_card("audio")})
+    out = tmp_path / "out"
+    assert sample.main(["audio", "--checkpoint", str(tmp_path / "lstm"), "--samples", "300", "--num-samples", "2",
+                        "--out-dir", str(out), "--quiet", "--device", "cpu"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert "LSTM" in meta["decoding_step"] and sorted(p.name for p in out.glob("*.wav")) == ["sample_000.wav",
+                                                                                           "sample_001.wav"]
+
+
+def test_the_app_lists_and_describes_an_lstm_checkpoint(tmp_path):
+    save_model(make_model(), tmp_path / "lstm", {"codec": codec_card("audio")})
+    registry = Registry(tmp_path, torch.device("cpu"))
+    assert not registry.problems and [e.name for e in registry.of_kind("audio")] == ["lstm"]
+    entry = registry.entry("lstm", "audio")
+    assert "LSTM baseline, 2 layers, 64 units, small-world block-sparse weights (WS, density 0.4" in \
+        card_markdown(entry)
+    picture, caption = weight_layout_picture(entry.config)
+    assert picture.ndim == 3 and picture.dtype.name == "uint8" and "8 blocks of 8 units" in caption
+    assert isinstance(registry.model("lstm", "audio"), SparseLSTM)
