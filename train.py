@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r = p.add_argument_group("run control")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     r.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this call")
+    r.add_argument("--stop-minutes", type=float, help="stop (with a checkpoint, then --export) after the step that "
+                   "passes this many minutes of this call: for equal-time comparisons")
     r.add_argument("--export", metavar="NAME", help="write CHECKPOINTS/NAME.safetensors + .json at the end")
     r.add_argument("--checkpoints", help="folder for --export (default checkpoints)")
     r.add_argument("--eval-every", type=int, help="held-out bits/dim every K steps (default 100; 0 = off: then, "

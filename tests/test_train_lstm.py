@@ -87,3 +87,10 @@ def test_bad_lstm_settings_exit_with_one_clear_line(clips, tmp_path, capsys, ext
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("train.py: error:")
+
+
+def test_stop_minutes_ends_the_run_with_a_checkpoint_and_the_export(clips, tmp_path):
+    argv = ["audio", "--data", str(clips), "--out", str(tmp_path / "run"), *LSTM, "--steps", "50", "--eval-every",
+            "0", "--stop-minutes", "0.0001", "--export", "lstm", "--checkpoints", str(tmp_path / "ck")]
+    assert train.main(argv) == 0
+    assert len(step_losses(tmp_path / "run")) == 1 and load_model(tmp_path / "ck" / "lstm").card["steps"] == 1

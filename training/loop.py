@@ -239,10 +239,12 @@ def stop_signals() -> Iterator[Stop]:
 
 
 def take_steps(r: Run, stop: Stop) -> dict:
-    """Steps until --steps, --stop-after or a signal, evaluating and saving as asked; the summary so far."""
+    """Steps until --steps, --stop-after, --stop-minutes or a signal, evaluating and saving as asked; the summary
+    so far."""
     s, d, p = r.s, r.d, r.progress
     bar = tqdm(total=s["steps"], initial=p.step, disable=s["quiet"] or not d.main, unit="step", dynamic_ncols=True)
     last_save, start_step, consecutive_bad = time.monotonic(), p.step, 0
+    start_time = last_save
     summary = {"step": p.step, "loss": None, "held_out_bits_per_dim": None}
     r.net.train()
     try:
@@ -257,8 +259,8 @@ def take_steps(r: Run, stop: Stop) -> dict:
                                     "check the data")
             if s["eval_every"] and p.step % s["eval_every"] == 0:
                 summary["held_out_bits_per_dim"] = evaluate(r)
-            signalled, overdue = agree_on_stop(r, stop, last_save)
-            done_here = s["stop_after"] is not None and p.step - start_step >= s["stop_after"]
+            signalled, overdue, out_of_time = agree_on_stop(r, stop, last_save, start_time)
+            done_here = out_of_time or (s["stop_after"] is not None and p.step - start_step >= s["stop_after"])
             if p.step % s["save_every"] == 0 or overdue or signalled or done_here or p.step == s["steps"]:
                 save_state(r.out / "state.pt", r.parts, p, s["fsdp"], d)
                 last_save = time.monotonic()
@@ -359,10 +361,11 @@ def evaluate(r: Run) -> float:
     return bits
 
 
-def agree_on_stop(r: Run, stop: Stop, last_save: float) -> tuple[bool, bool]:
-    """(a signal came to any process, any process is past --save-minutes since the last save): every
-    process takes the same decisions."""
-    flags = torch.tensor([stop.signum is not None, time.monotonic() - last_save > 60 * r.s["save_minutes"]],
-                         dtype=torch.int32, device=r.d.device)
+def agree_on_stop(r: Run, stop: Stop, last_save: float, start_time: float) -> tuple[bool, bool, bool]:
+    """(a signal came to any process, any process is past --save-minutes since the last save, any process is
+    past --stop-minutes since this call's first step): every process takes the same decisions."""
+    now, budget = time.monotonic(), r.s["stop_minutes"]
+    flags = torch.tensor([stop.signum is not None, now - last_save > 60 * r.s["save_minutes"],
+                          budget is not None and now - start_time > 60 * budget], dtype=torch.int32, device=r.d.device)
     r.d.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+    return bool(flags[0]), bool(flags[1]), bool(flags[2])

@@ -19,9 +19,9 @@ RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=No
                     ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None, arch="transformer",
                     hidden=None, density=None, lstm_layout=None, layout_seed=None, multiplicative=None, tbptt=None)
 # Settings of this invocation only.
-CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
-               eval_every=100, eval_items=64, save_every=100, save_minutes=10.0, device="auto", threads=None,
-               max_nonfinite=5, peak_tflops=None, quiet=False)
+CONTROL = dict(data=None, out=None, resume=False, stop_after=None, stop_minutes=None, export=None,
+               checkpoints="checkpoints", eval_every=100, eval_items=64, save_every=100, save_minutes=10.0,
+               device="auto", threads=None, max_nonfinite=5, peak_tflops=None, quiet=False)
 # Model flags -> the ModelConfig fields they set.
 MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult="ff_mult", dropout="dropout",
                    pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
@@ -120,6 +120,8 @@ def _check_ranges(settings: dict) -> None:
         raise TrainingError(f"--eval-every must be >= 0 (0 = off), got {settings['eval_every']}")
     if settings["stop_after"] is not None and settings["stop_after"] < 1:
         raise TrainingError(f"--stop-after must be >= 1, got {settings['stop_after']}")
+    if settings["stop_minutes"] is not None and not settings["stop_minutes"] > 0:
+        raise TrainingError(f"--stop-minutes must be > 0, got {settings['stop_minutes']}")
 
 
 def model_config(s: dict) -> ModelConfig | LSTMConfig:
