@@ -155,10 +155,10 @@ def _write_card(card: dict, card_path: Path) -> None:
 
 def update_card(path: str | os.PathLike, fields: dict) -> dict:
     """Add or replace top-level ``fields`` of checkpoint ``path``'s card (e.g. an evaluation), atomically.
-    The weights and what describes them (format, config, parameters, weights) cannot be changed."""
+    The weights and what describes them (format, config, parameters, weights, architecture) cannot be changed."""
     if not isinstance(fields, dict):
         raise ValueError(f"fields must be a dict, got {type(fields).__name__}")
-    fixed = {"format", "config", "parameters", "weights"} & fields.keys()
+    fixed = {"format", "config", "parameters", "weights", "architecture"} & fields.keys()
     if fixed:
         raise ValueError(f"card fields {sorted(fixed)} describe the weights and cannot be updated")
     try:
