@@ -95,7 +95,7 @@ def card_markdown(entry: Entry) -> str:
     if steps is not None:
         rows.append(("Training", ", ".join([f"{int(steps):,} steps"] + [
             f"{label} {training[k]}" for k, label in (("config", "config"), ("batch_size", "batch"),
-                                                      ("precision", "precision")) if k in training])))
+                                                      ("precision", "precision")) if training.get(k) is not None])))
     rows += [("Tokens seen", _count(tokens) if tokens is not None else None),
              ("Compute", f"{pf:.3g} PF-days" if pf is not None else None)]
     if bits is not None:
