@@ -2,7 +2,8 @@
 
 ``train(given)`` is the whole run behind train.py: settings, processes, data, the model (fresh, from
 --init, or resumed from state.pt), then steps until --steps, --stop-after or SIGINT/SIGTERM (each stop
-with a checkpoint), and the export at the end.
+with a checkpoint), and the export at the end. With --arch lstm the model is the sparse LSTM baseline, and
+each sequence runs in chunks of --tbptt tokens, the state carried (detached) from one chunk to the next.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import Batches, open_dataset
-from models import CheckpointError, ModelConfig, SparseTransformer, load_card, load_model
+from models import CheckpointError, LSTMConfig, ModelConfig, SparseLSTM, SparseTransformer, load_card, load_model
+from models.architectures import build_model, training_flops_per_sequence
 from models.checkpoint import remove_stale_temporaries
-from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
+from models.flops import PF_DAY, device_peak_flops, pf_days
 
 from .distributed import (
     Dist,
@@ -67,7 +69,7 @@ class Run:
 
     s: dict
     d: Dist
-    cfg: ModelConfig
+    cfg: ModelConfig | LSTMConfig
     out: Path
     train_set: object
     val_set: object
@@ -123,7 +125,8 @@ def set_up(s: dict, d: Dist) -> Run:
         save_run_settings(out, s, cfg)
     torch.manual_seed(s["seed"])
     model, progress = new_model(s, cfg, d)
-    model.recompute = s["recompute"]
+    if isinstance(model, SparseTransformer):
+        model.recompute = s["recompute"]
     model.to(d.device)
     net = wrap_model(model, s["fsdp"], d)
     parts = Parts(model=model, optimizer=make_optimizer(model, s["lr"], s["weight_decay"]),
@@ -156,7 +159,7 @@ def accumulation(s: dict, d: Dist) -> int:
     return s["batch_size"] // per_step
 
 
-def open_data(s: dict, cfg: ModelConfig, window: int) -> tuple:
+def open_data(s: dict, cfg: ModelConfig | LSTMConfig, window: int) -> tuple:
     """The training (sequences of ``window`` tokens) and validation (whole model sequences) sets of --data. The
     validation set is None when the run needs none (--eval-every 0 and no --export) and the data has none (e.g. a
     folder of 3 images)."""
@@ -191,10 +194,10 @@ def batches(train_set, s: dict, d: Dist) -> Batches:
                             "process(es)): add data, or lower --micro-batch") from None
 
 
-def new_model(s: dict, cfg: ModelConfig, d: Dist) -> tuple[SparseTransformer, Progress]:
+def new_model(s: dict, cfg: ModelConfig | LSTMConfig, d: Dist) -> tuple[SparseTransformer | SparseLSTM, Progress]:
     """A new model of ``cfg``; on a new run with --init, holding --init's weights (deepened if asked), with
     its tokens, compute and history counted in the progress."""
-    model, progress = SparseTransformer(cfg), Progress()
+    model, progress = build_model(cfg), Progress()
     if s["init"] is None or s["resume"]:
         return model, progress
     try:
@@ -240,10 +243,12 @@ def stop_signals() -> Iterator[Stop]:
 
 
 def take_steps(r: Run, stop: Stop) -> dict:
-    """Steps until --steps, --stop-after or a signal, evaluating and saving as asked; the summary so far."""
+    """Steps until --steps, --stop-after, --stop-minutes or a signal, evaluating and saving as asked; the summary
+    so far."""
     s, d, p = r.s, r.d, r.progress
     bar = tqdm(total=s["steps"], initial=p.step, disable=s["quiet"] or not d.main, unit="step", dynamic_ncols=True)
     last_save, start_step, consecutive_bad = time.monotonic(), p.step, 0
+    start_time = last_save
     summary = {"step": p.step, "loss": None, "held_out_bits_per_dim": None}
     r.net.train()
     try:
@@ -258,8 +263,8 @@ def take_steps(r: Run, stop: Stop) -> dict:
                                     "check the data")
             if s["eval_every"] and p.step % s["eval_every"] == 0:
                 summary["held_out_bits_per_dim"] = evaluate(r)
-            signalled, overdue = agree_on_stop(r, stop, last_save)
-            done_here = s["stop_after"] is not None and p.step - start_step >= s["stop_after"]
+            signalled, overdue, out_of_time = agree_on_stop(r, stop, last_save, start_time)
+            done_here = out_of_time or (s["stop_after"] is not None and p.step - start_step >= s["stop_after"])
             if p.step % s["save_every"] == 0 or overdue or signalled or done_here or p.step == s["steps"]:
                 save_state(r.out / "state.pt", r.parts, p, s["fsdp"], d)
                 last_save = time.monotonic()
@@ -309,6 +314,9 @@ def accumulate_gradients(r: Run) -> float:
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for micro in range(r.accum):
         batch = next(r.parts.batches).to(d.device)
+        if isinstance(r.cfg, LSTMConfig):
+            loss_sum += lstm_backward(r, batch, sync=micro == r.accum - 1)
+            continue
         offset = window_offset(r, micro)
         with gradient_sync(r.net, s["fsdp"], d, sync=micro == r.accum - 1):
             with autocast(d.device, s["precision"]):
@@ -328,6 +336,24 @@ def window_offset(r: Run, micro: int) -> int:
         return 0
     draw = np.random.default_rng([r.s["seed"], r.progress.step, r.d.rank, micro]).integers(slots)
     return int(draw) * r.cfg.window_offset_step
+
+
+def lstm_backward(r: Run, batch: torch.Tensor, sync: bool) -> torch.Tensor:
+    """Truncated backpropagation through time over one micro-batch [B, N]: chunks of --tbptt tokens, each
+    starting from the state the previous chunk ended in (detached); gradients are those of the mean loss over
+    all N tokens, synchronised after the last chunk when ``sync``. Returns that loss (float64, detached)."""
+    s, d = r.s, r.d
+    chunks = batch.split(s["tbptt"], dim=1)
+    state, total = None, torch.zeros((), dtype=torch.float64, device=d.device)
+    for j, chunk in enumerate(chunks):
+        with gradient_sync(r.net, s["fsdp"], d, sync=sync and j == len(chunks) - 1):
+            with autocast(d.device, s["precision"]):
+                logits, state = r.net(chunk, state, flat=True)
+            loss = F.cross_entropy(logits.float(), chunk.flatten(), reduction="sum") / batch.numel()
+            r.parts.scaler.scale(loss / r.accum).backward()
+        state = state.detach()
+        total += loss.detach().double()
+    return total
 
 
 def report(r: Run, record: dict, bar: tqdm) -> None:
@@ -351,10 +377,11 @@ def evaluate(r: Run) -> float:
     return bits
 
 
-def agree_on_stop(r: Run, stop: Stop, last_save: float) -> tuple[bool, bool]:
-    """(a signal came to any process, any process is past --save-minutes since the last save): every
-    process takes the same decisions."""
-    flags = torch.tensor([stop.signum is not None, time.monotonic() - last_save > 60 * r.s["save_minutes"]],
-                         dtype=torch.int32, device=r.d.device)
+def agree_on_stop(r: Run, stop: Stop, last_save: float, start_time: float) -> tuple[bool, bool, bool]:
+    """(a signal came to any process, any process is past --save-minutes since the last save, any process is
+    past --stop-minutes since this call's first step): every process takes the same decisions."""
+    now, budget = time.monotonic(), r.s["stop_minutes"]
+    flags = torch.tensor([stop.signum is not None, now - last_save > 60 * r.s["save_minutes"],
+                          budget is not None and now - start_time > 60 * budget], dtype=torch.int32, device=r.d.device)
     r.d.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+    return bool(flags[0]), bool(flags[1]), bool(flags[2])
