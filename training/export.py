@@ -19,7 +19,7 @@ from .evaluation import held_out_bits
 from .state import Progress
 
 # The settings each training_history entry records besides its steps, layers and init
-HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "window", "precision", "seed")
+HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "precision", "seed")
 
 
 def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: ModelConfig | LSTMConfig, d: Dist,
@@ -77,7 +77,7 @@ def run_record(s: dict, cfg: ModelConfig | LSTMConfig, step: int, processes: int
     """This run's entry in a card's training_history: the steps it took and the settings it took them with."""
     return {"steps": step, "schedule_steps": s["steps"], "layers": cfg.n_layers, "init": s["init"],
             "threads": torch.get_num_threads(), "processes": processes,
-            **{k: s[k] for k in HISTORY_SETTINGS}}
+            **{k: s[k] for k in HISTORY_SETTINGS}, **({"window": s["window"]} if s.get("window") else {})}
 
 
 def earlier_runs(card: dict) -> list[dict]:
