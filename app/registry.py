@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from models import CheckpointError, ModelConfig, SparseTransformer, card_kind, load_card, load_model
+from sampling import SamplingOptions, card_defaults
 
 LOADED_MODELS = 2  # models kept in memory at once (least recently used ones are dropped)
 
@@ -26,6 +27,11 @@ class Entry:
     @property
     def config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.card["config"])
+
+    @property
+    def defaults(self) -> SamplingOptions:
+        """The card's sampling defaults (temperature 1, no filter without them)."""
+        return card_defaults(self.card)
 
 
 def pick_device(name: str) -> torch.device:
@@ -55,7 +61,8 @@ class Registry:
             path = card_path.with_suffix("")
             try:
                 card = load_card(path)
-            except CheckpointError as e:
+                card_defaults(card)
+            except (CheckpointError, ValueError) as e:
                 self.problems.append(f"{card_path.name}: {e}")
                 continue
             self.entries.append(Entry(path.name, path, card_kind(card, ModelConfig.from_dict(card["config"])), card))
