@@ -109,6 +109,17 @@ def test_the_app_starts_from_each_models_defaults(checkpoints, tmp_path):
     assert [p.split(":")[0] for p in Registry(tmp_path, torch.device("cpu")).problems] == ["bad.json"]
 
 
+def test_the_pages_controls_start_at_the_first_models_defaults(checkpoints):
+    import gradio as gr
+
+    from app.registry import Registry
+    from app.ui import build_demo
+
+    demo = build_demo(Registry(checkpoints["plain"].parent, torch.device("cpu")))  # image models: greedy first
+    sliders = {b.label: b.value for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    assert sliders["Temperature"] == 0.0 and sliders["Top-k"] == 0 and sliders["Top-p"] == 1
+
+
 def test_sweep_parsing_distances_and_verdicts():
     assert sweep.number_list("0.9, 1", "temperature") == [0.9, 1.0]
     with pytest.raises(ValueError, match="--top-p must be numbers"):
