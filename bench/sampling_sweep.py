@@ -14,10 +14,10 @@ validation images (whole, and their bottom halves for the completions). Distance
 |ln(sample / data)| over the four figures; the chosen setting has the smallest.
 Audio: N clips of --length samples from scratch, scored by median spectral flatness (music about 0.005, noise
 about 0.56) and median RMS loudness against --length-sample windows of --data-items validation clips. A
-setting is degenerate when its median RMS is not within --loudness-factor of the data's, or when over half its
-clips are stuck (one token value fills over half the clip: silence, a held sample). Distance: |ln(flatness /
-data flatness)| for the others (the lowest flatness while every setting is flatter than the data); the chosen
-setting has the smallest.
+setting is degenerate when any clip is quieter than the data's median RMS / --loudness-factor or stuck (one
+token value fills over half the clip: silence, a held sample), or its median RMS is over --loudness-factor x the
+data's. Distance: |ln(flatness / data flatness)| for the others (the lowest flatness while every setting is
+flatter than the data); the chosen setting has the smallest.
 The figure (--figure, default docs/sampling_<model>.png): a row per setting with its figures in the label,
 the data first; images: completions from scratch | completions of the bottom half; audio: a bar of the flatness
 on a log axis (1e-3 .. 1, data marked) and the waveform and spectrogram of the first clip.
@@ -142,12 +142,12 @@ def image_figure(data_images: np.ndarray, prompts: np.ndarray, data: dict, rows:
 # ---- audio ----
 
 def clip_figures(clips: np.ndarray) -> dict:
-    """mu-law clips uint8 [n, T] -> median flatness, median RMS, share of stuck clips."""
+    """mu-law clips uint8 [n, T] -> median flatness, median and smallest RMS, share of stuck clips."""
     audio = [mu_law_decode(c) for c in clips]
     stuck = [np.bincount(c, minlength=256).max() > STUCK * len(c) for c in clips]
-    return {"flatness": float(np.median([spectral_flatness(a) for a in audio])),
-            "rms": float(np.median([np.sqrt(np.mean(a.astype(np.float64) ** 2)) for a in audio])),
-            "stuck": float(np.mean(stuck))}
+    rms = [np.sqrt(np.mean(a.astype(np.float64) ** 2)) for a in audio]
+    return {"flatness": float(np.median([spectral_flatness(a) for a in audio])), "rms": float(np.median(rms)),
+            "quietest_rms": float(np.min(rms)), "stuck": float(np.mean(stuck))}
 
 
 def audio_data(val, indices: np.ndarray, length: int) -> dict:
@@ -162,11 +162,14 @@ def audio_setting(model, n: int, length: int, options: SamplingOptions, batch: i
 
 
 def audio_verdict(row: dict, data: dict, loudness_factor: float) -> tuple[float, str | None]:
-    """(distance, None) or (inf, why the setting is degenerate)."""
-    if row["stuck"] > 0.5:
+    """(distance, None) or (inf, why the setting is degenerate: any clip stuck or much quieter than the data, or
+    the median clip much louder)."""
+    if row["stuck"] > 0:
         return math.inf, f"stuck ({row['stuck']:.0%} of clips)"
-    if not data["rms"] / loudness_factor <= row["rms"] <= data["rms"] * loudness_factor:
-        return math.inf, f"loudness {row['rms']:.3g} not within {loudness_factor:g}x of the data's {data['rms']:.3g}"
+    if row["quietest_rms"] < data["rms"] / loudness_factor:
+        return math.inf, f"a clip's loudness {row['quietest_rms']:.3g} under 1/{loudness_factor:g} of the data's"
+    if row["rms"] > data["rms"] * loudness_factor:
+        return math.inf, f"loudness {row['rms']:.3g} over {loudness_factor:g}x the data's {data['rms']:.3g}"
     return log_distance([(row["flatness"], data["flatness"])]), None
 
 
@@ -294,7 +297,7 @@ def card_sampling(result: dict, command: str) -> dict:
     chosen = next(r for r in result["rows"] if r.get("chosen"))["options"]
     rule = ("the smallest mean |ln(sample / data)| of roughness and speckle, from scratch and completed"
             if result["kind"] == "image" else
-            "the smallest |ln(median flatness / data's)| among settings neither stuck nor off the data's loudness")
+            "the smallest |ln(median flatness / data's)| among settings with no clip stuck or off the data's loudness")
     return {"temperature": chosen.temperature, "top_k": chosen.top_k, "top_p": chosen.top_p,
             "chosen_by": f"{command} ({datetime.now(timezone.utc):%Y-%m-%d})", "rule": rule,
             "samples": result["samples"], "data": {"items": result["data_items"], **_rounded(result["data_figures"])},
@@ -312,7 +315,7 @@ def main() -> None:
                     help="validation items the data's figures come from (default 64)")
     ap.add_argument("--length", type=int, default=24000, help="audio samples per clip (default 24,000: 2 s)")
     ap.add_argument("--loudness-factor", type=float, default=3.0,
-                    help="audio: a setting whose median RMS is not within this factor of the data's is degenerate")
+                    help="audio: a setting with a clip this many times quieter than the data is degenerate")
     ap.add_argument("--batch", type=int, default=8, help="samples decoded together (default 8)")
     ap.add_argument("--data", help="dataset path (default: the one in the card)")
     ap.add_argument("--figure", type=Path, help="the figure (default docs/sampling_<model>.png; one checkpoint)")

@@ -128,12 +128,14 @@ def test_sweep_parsing_distances_and_verdicts():
     assert grid[0] == SamplingOptions(0.9) and grid[3] == SamplingOptions(1.0, None, 0.95)
     assert sweep.log_distance([(2.0, 1.0), (0.5, 1.0)]) == pytest.approx(math.log(2))
     data = {"flatness": 0.01, "rms": 0.1, "stuck": 0.0}
-    assert sweep.audio_verdict({"flatness": 0.1, "rms": 0.12, "stuck": 0.0}, data, 3)[0] == pytest.approx(math.log(10))
-    assert "loudness" in sweep.audio_verdict({"flatness": 0.1, "rms": 0.01, "stuck": 0.0}, data, 3)[1]
-    assert "stuck" in sweep.audio_verdict({"flatness": 1e-4, "rms": 0.1, "stuck": 1.0}, data, 3)[1]
-    held = np.full((2, 2048), 128, np.uint8)  # one value: a stuck clip
+    ok = {"flatness": 0.1, "rms": 0.12, "quietest_rms": 0.05, "stuck": 0.0}
+    assert sweep.audio_verdict(ok, data, 3)[0] == pytest.approx(math.log(10))
+    assert "loudness" in sweep.audio_verdict(ok | {"quietest_rms": 0.01}, data, 3)[1]  # one near-silent clip
+    assert "loudness" in sweep.audio_verdict(ok | {"rms": 0.5}, data, 3)[1]
+    assert "stuck" in sweep.audio_verdict(ok | {"stuck": 1 / 6}, data, 3)[1]
+    held = np.full((2, 2048), 128, np.uint8)  # one value: a stuck (and silent) clip
     noise = np.random.default_rng(0).integers(0, 256, (2, 2048), dtype=np.uint8)
-    assert sweep.clip_figures(held)["stuck"] == 1.0
+    assert sweep.clip_figures(held)["stuck"] == 1.0 and sweep.clip_figures(held)["quietest_rms"] < 0.01
     assert sweep.clip_figures(noise)["stuck"] == 0.0 and sweep.clip_figures(noise)["flatness"] > 0.3
 
 
@@ -144,7 +146,7 @@ def test_an_audio_sweep_chooses_writes_the_card_and_a_figure(tmp_path):
     row = sweep.audio_setting(model, 2, 1024, SamplingOptions(1.0), 2)
     assert row["media"]["clips"].shape == (2, 1024) and 0 < row["flatness"] <= 1 and row["rms"] > 0
     row["distance"], row["degenerate"] = sweep.audio_verdict(row, data, 3)
-    quiet = row | {"rms": 0.01, "options": SamplingOptions(0.5), "seconds": 0.1}
+    quiet = row | {"quietest_rms": 0.01, "options": SamplingOptions(0.5), "seconds": 0.1}
     quiet["distance"], quiet["degenerate"] = sweep.audio_verdict(quiet, data, 3)
     rows = [quiet, row | {"options": SamplingOptions(1.0), "seconds": 0.1, "chosen": True}]
     assert quiet["distance"] == math.inf and math.isfinite(row["distance"])
