@@ -1,4 +1,4 @@
-"""Train a Sparse Transformer on 64x64 images or raw audio.
+"""Train a Sparse Transformer (or, with --arch lstm, the sparse LSTM baseline) on 64x64 images or raw audio.
 
 One process:    python train.py image --data PATH --out runs/img [--config image-cpu] [--steps N]
 Data parallel:  torchrun --nproc_per_node=N train.py image --data PATH --out runs/img  (DDP: gloo on
@@ -44,7 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "e.g. local,strided,local,all; overrides --pattern")
     m.add_argument("--stride", type=int)
     m.add_argument("--block", type=int)
-    m.add_argument("--seq-len", type=int, help="audio only: samples per training window (default 65,536)")
+    m.add_argument("--seq-len", type=int, help="audio only: the model's sequence, in samples (default 65,536)")
+    a = p.add_argument_group("architecture: --arch lstm trains the sparse LSTM baseline (models/lstm.py) with "
+                             "--layers, --block, --seq-len and these flags instead of the transformer's")
+    a.add_argument("--arch", choices=("transformer", "lstm"), help="model family (default transformer)")
+    a.add_argument("--hidden", type=int, help="LSTM units per layer (default 512)")
+    a.add_argument("--density", type=float, help="share of non-zero weight blocks, in (0, 1]; 1 = dense (default)")
+    a.add_argument("--lstm-layout", choices=("ws", "ba"), help="small-world layout: Watts-Strogatz (default) or "
+                   "Barabasi-Albert")
+    a.add_argument("--layout-seed", type=int, help="seed of the first layout (default 0)")
+    a.add_argument("--multiplicative", action="store_true", help="multiplicative LSTM (mLSTM)")
+    a.add_argument("--tbptt", type=int, help="tokens per chunk of truncated backpropagation through time; the "
+                   "state is carried, detached, across a sequence's chunks (default 1024)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help="total optimizer steps (default 1000)")
     o.add_argument("--batch-size", type=int, help="sequences per optimizer step, all processes (default 8)")
@@ -61,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--no-recompute", dest="recompute", action="store_false",
                    help="keep activations instead of recomputing each block in the backward pass")
     o.add_argument("--ema", type=float, help="EMA decay of the weights, e.g. 0.999; exported if set (default off)")
+    o.add_argument("--window", type=int, help="audio only: train on windows of this many samples (default: the "
+                   "model's --seq-len), each placed at a random offset of the model's sequence; many more steps per "
+                   "token early in training, while the model still samples its whole --seq-len")
     o.add_argument("--seed", type=int)
     o.add_argument("--val-fraction", type=float, help="share of a folder's files held out for evaluation, in [0, 1) "
                    "(default 0.05; ImageNet-64 npz data has its own val files)")
@@ -73,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r = p.add_argument_group("run control")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     r.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this call")
+    r.add_argument("--stop-minutes", type=float, help="stop (with a checkpoint, then --export) after the step that "
+                   "passes this many minutes of this call: for equal-time comparisons")
     r.add_argument("--export", metavar="NAME", help="write CHECKPOINTS/NAME.safetensors + .json at the end")
     r.add_argument("--checkpoints", help="folder for --export (default checkpoints)")
     r.add_argument("--eval-every", type=int, help="held-out bits/dim every K steps (default 100; 0 = off: then, "

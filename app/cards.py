@@ -1,4 +1,5 @@
-"""What the Models tab shows of a checkpoint: its card as Markdown and a picture of its attention layout.
+"""What the Models tab shows of a checkpoint: its card as Markdown and a picture of its attention layout
+(of its first weight layout, for the sparse LSTM baseline).
 
 Cards come from train.py --export or save_model; any field may be missing, so each line is shown
 only when its fields are there.
@@ -14,7 +15,7 @@ from PIL import Image
 
 from kernels import make_layout
 from kernels.render import COLOURS, render_layout
-from models import ModelConfig
+from models import LSTMConfig, ModelConfig
 
 from .registry import Entry
 
@@ -39,13 +40,18 @@ def _code(text: object) -> str:
     return f"`{str(text).replace('`', '').replace('|', '/')}`"
 
 
-def _architecture(cfg: ModelConfig, kind: str) -> str:
+def _architecture(cfg: ModelConfig | LSTMConfig, kind: str) -> str:
+    unit = "tokens" if kind == "image" else "samples"
+    if isinstance(cfg, LSTMConfig):
+        weights = (f"small-world block-sparse weights ({cfg.layout.upper()}, density {cfg.density:g}, "
+                   f"block {cfg.block})" if cfg.sparse else "dense weights")
+        return (f"{'multiplicative ' if cfg.multiplicative else ''}LSTM baseline, {cfg.n_layers} layers, "
+                f"{cfg.hidden} units, {weights}, trained on {cfg.seq_len:,} {unit}")
     pattern = {"strided": f"strided attention (local and strided layers, l = {cfg.stride})",
                "fixed": f"fixed attention (l = {cfg.stride}, c = {cfg.summary})",
                "all": "dense attention"}[cfg.pattern]
     if cfg.layer_patterns:
         pattern = "layers " + ", ".join(cfg.layer_patterns)
-    unit = "tokens" if kind == "image" else "samples"
     return (f"{cfg.n_layers} layers, d = {cfg.d_model}, {cfg.n_heads} heads, {pattern}, block {cfg.block}, "
             f"context {cfg.seq_len:,} {unit}")
 
@@ -101,7 +107,7 @@ def card_markdown(entry: Entry) -> str:
     if steps is not None:
         rows.append(("Training", ", ".join([f"{int(steps):,} steps"] + [
             f"{label} {training[k]}" for k, label in (("config", "config"), ("batch_size", "batch"),
-                                                      ("precision", "precision")) if k in training])))
+                                                      ("precision", "precision")) if training.get(k) is not None])))
     rows += [("Tokens seen", _count(tokens) if tokens is not None else None),
              ("Compute", f"{pf:.3g} PF-days" if pf is not None else None)]
     if bits is not None:
@@ -117,6 +123,18 @@ def card_markdown(entry: Entry) -> str:
     rows.append(("Date", str(card["date"])[:10] if card.get("date") else None))
     lines = "\n".join(f"- **{name}**: {value}" for name, value in rows if value)
     return f"### {entry.name}\n{' · '.join(summary)}\n\n{lines}\n"
+
+
+def weight_layout_picture(cfg: LSTMConfig) -> tuple[np.ndarray, str]:
+    """The LSTM's first input-weight layout (one pixel per block, 4 pixels when small) and a caption."""
+    if not cfg.sparse:
+        return np.full((64, 64, 3), 40, np.uint8), "Dense weights: every block is there."
+    layout = cfg.square_layout(0).numpy()
+    scale = max(1, 256 // layout.shape[0])
+    picture = np.where(layout, 30, 235).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+    caption = (f"Which of the {layout.shape[0]} blocks of {cfg.block} units feed which (dark: a weight block), "
+               f"{100 * layout.mean():.1f}% of them; each matrix has its own seed.")
+    return np.repeat(picture[..., None], 3, -1), caption
 
 
 def layout_kinds(cfg: ModelConfig) -> list[str]:

@@ -23,7 +23,8 @@ from PIL import Image
 from media.audio import SAMPLE_RATE, load_audio, save_wav, tokens_to_audio, tokens_to_pcm16
 from media.image import load_image
 from media.pictures import audio_picture, make_grid, masked_prompt
-from models import CheckpointError, SparseTransformer
+from models import CheckpointError
+from models.architectures import Model
 from sampling import MediaProgress, SamplingOptions, complete_image, generate_audio
 from sampling.recipe import make_recipe, write_recipe
 
@@ -146,7 +147,7 @@ class Studio:
         self.registry = registry
         self.history = history or History()
 
-    def _model(self, name: object, kind: str) -> SparseTransformer:
+    def _model(self, name: object, kind: str) -> Model:
         try:
             return self.registry.model(name, kind)
         except CheckpointError as e:

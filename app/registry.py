@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, ModelConfig, SparseTransformer, card_kind, load_card, load_model
+from models import CheckpointError, card_kind, config_from_card, load_card, load_model
+from models.architectures import Config, Model
 from sampling import SamplingOptions, card_defaults
 
 LOADED_MODELS = 2  # models kept in memory at once (least recently used ones are dropped)
@@ -25,8 +26,8 @@ class Entry:
     card: dict
 
     @property
-    def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.card["config"])
+    def config(self) -> Config:
+        return config_from_card(self.card)
 
     @property
     def defaults(self) -> SamplingOptions:
@@ -65,8 +66,8 @@ class Registry:
             except (CheckpointError, ValueError) as e:
                 self.problems.append(f"{card_path.name}: {e}")
                 continue
-            self.entries.append(Entry(path.name, path, card_kind(card, ModelConfig.from_dict(card["config"])), card))
-        self._loaded: OrderedDict[str, SparseTransformer] = OrderedDict()
+            self.entries.append(Entry(path.name, path, card_kind(card, config_from_card(card)), card))
+        self._loaded: OrderedDict[str, Model] = OrderedDict()
         self._lock = threading.Lock()
 
     def of_kind(self, kind: str) -> list[Entry]:
@@ -80,7 +81,7 @@ class Registry:
                 return e
         raise ValueError(f"no {kind} model called {name!r}; the {kind} models are {choices}")
 
-    def model(self, name: object, kind: str) -> SparseTransformer:
+    def model(self, name: object, kind: str) -> Model:
         """The loaded model (CheckpointError if its weights are missing or corrupt)."""
         entry = self.entry(name, kind)
         with self._lock:

@@ -12,10 +12,11 @@ from pathlib import Path
 import gradio as gr
 
 from media.audio import SAMPLE_RATE
+from models import LSTMConfig
 from sampling import SamplingOptions
 
 from .api import api_functions
-from .cards import card_markdown, layout_picture
+from .cards import card_markdown, layout_picture, weight_layout_picture
 from .handlers import CONTINUE, FROM_SCRATCH, MAX_SAMPLES, MAX_SEED, MAX_TEMPERATURE, Studio, crop_preview
 from .history import HISTORY_SIZE, HistoryEntry
 from .registry import Registry
@@ -257,8 +258,11 @@ def models_tab(registry: Registry) -> None:
             with gr.Column(scale=3):
                 gr.Markdown(card_markdown(entry))
             with gr.Column(scale=2):
-                picture, caption = layout_picture(entry.config)
-                gr.Image(picture, label=f"Attention layout of {entry.name}", interactive=False, format="png",
+                if isinstance(entry.config, LSTMConfig):
+                    (picture, caption), what = weight_layout_picture(entry.config), "Weight layout"
+                else:
+                    (picture, caption), what = layout_picture(entry.config), "Attention layout"
+                gr.Image(picture, label=f"{what} of {entry.name}", interactive=False, format="png",
                          buttons=[], height=340)
                 gr.Markdown(caption, elem_classes="caption")
     for problem in registry.problems:

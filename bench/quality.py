@@ -40,6 +40,7 @@ from media.audio import SAMPLE_RATE, mu_law_decode
 from media.image import tokens_to_image
 from media.measures import image_texture, spectral_flatness
 from models import model_kind
+from models.architectures import TRANSFORMER
 from models.checkpoint import checkpoint_paths, load_model, update_card
 from models.evaluate import sequence_bits
 from sampling import SamplingOptions, complete_image, generate_audio, resolve_options
@@ -113,8 +114,9 @@ def evaluate(path: Path, data: str | None, items: int | None, batch: int, measur
         else:
             codecs["FLAC"] = codecs.get("FLAC", 0) + flac_bits(seq)
     unit = "bits/dim" if kind == "image" else "bits/byte"
-    result = {"checkpoint": str(path), "kind": kind, "unit": unit, "data": str(data), "split": "val", "items": n,
-              "of_items": len(val), "tokens": tokens, "model": model_bits / tokens,
+    result = {"checkpoint": str(path), "architecture": card.get("architecture", TRANSFORMER),
+              "parameters": card.get("parameters"), "kind": kind, "unit": unit, "data": str(data), "split": "val",
+              "items": n, "of_items": len(val), "tokens": tokens, "model": model_bits / tokens,
               "codecs": {k: v / tokens for k, v in codecs.items()}, "model_seconds": seconds}
     if measure:
         options = resolve_options(card, *requested)
@@ -202,7 +204,8 @@ def main() -> None:
         r["saving_vs_best_codec"] = 1 - r["model"] / best
         rows = [["model", fmt(r["model"], ".3f"), "-"]] + [
             [name, fmt(v, ".3f"), f"{100 * (1 - r['model'] / v):+.1f}%"] for name, v in r["codecs"].items()]
-        print_table(f"{path} ({r['kind']}): {r['items']} of {r['of_items']} validation items of {r['data']}",
+        print_table(f"{path} ({r['kind']}, {r['architecture']}, {r['parameters']} parameters): {r['items']} of "
+                    f"{r['of_items']} validation items of {r['data']}",
                     ["coder", r["unit"], "model saves"], rows)
         if "samples" in r:
             measures = r["samples"]

@@ -99,10 +99,11 @@ class BlockSparseMatMul:
             backend = "triton" if x.device.type == "cuda" else "cpu"
         if backend == "triton":  # triton is optional: imported when asked for
             try:
-                from . import triton_attention
+                from . import blocksparse_triton, triton_attention
             except ImportError as exc:
                 raise ValueError(f"backend='triton' needs triton installed ({exc})") from exc
-            triton_attention.launch_mode(x.device)  # compiled for CUDA tensors, interpreted for CPU ones, or why not
+            # compiled kernels for CUDA tensors, interpreted ones for CPU tensors, or why not
+            triton_attention.launch_mode(x.device, blocksparse_triton.INTERPRETED)
         if backend == "cpu" and x.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got device {x.device}")
         lead = x.shape[:-1]

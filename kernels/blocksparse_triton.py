@@ -13,8 +13,6 @@ block index by a stride are int64.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -76,15 +74,17 @@ def _bsmm_dw_kernel(X, DY, DW, rows, cols, T, s_x, s_dy, tokens_per_split, nnz,
     tl.store(out, acc.to(DW.dtype.element_ty), mask=feat_ok[:, None] & feat_ok[None, :])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# As for attention (kernels/triton_attention.py): @triton.jit made these kernels either compiled or run by the
+# interpreter when this module was imported; the launch decision and the kernels' constants follow that, never the
+# environment of a later call.
+INTERPRETED: bool = not isinstance(_bsmm_kernel, triton.runtime.JITFunction)
 
 
 def _meta(dtype: torch.dtype, block: int) -> dict:
     """Compile-time constants shared by the kernels: fp32 exact (no tf32); 16-bit inputs upcast under the
     interpreter (it has no bf16 dot), native on the GPU."""
     return dict(BLOCK=block, TILE=max(block, MIN_TILE),
-                PRECISION=1 if dtype == torch.float32 else 2 if _interpreted() else 0, num_warps=4)
+                PRECISION=1 if dtype == torch.float32 else 2 if INTERPRETED else 0, num_warps=4)
 
 
 def _token_tile(tokens: int) -> int:

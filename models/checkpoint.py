@@ -3,6 +3,8 @@
 The card holds the model config, the codec, the training data, steps, tokens seen,
 compute (PF-days), held-out bits/dim and the date, plus the weights' size and SHA-256,
 so a corrupt or truncated file, or weights of another config, fail with a clear error.
+The card's ``architecture`` names the model family (models/architectures.py): absent for the
+Sparse Transformer, "lstm" for the sparse LSTM baseline (models/lstm.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from safetensors.torch import save_file
 
 from media.image import IMAGE_TOKENS
 
+from .architectures import ARCHITECTURES, TRANSFORMER, Config, Model, architecture_name, build_model, config_from_card
+from .lstm import SparseLSTM
 from .model import ModelConfig, SparseTransformer
 
 FORMAT = "sparse-transformer-studio/1"
@@ -101,7 +105,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) ->
     return removed
 
 
-def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | None = None) -> Path:
+def save_model(model: Model, path: str | os.PathLike, card: dict | None = None) -> Path:
     """Write ``path``.safetensors and ``path``.json; returns the card's path.
 
     card: what to record besides the config (codec, data, steps, tokens_seen,
@@ -109,8 +113,8 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
     Each file is written to a temporary name and renamed, so a crash never leaves
     a half-written checkpoint under the final name.
     """
-    if not isinstance(model, SparseTransformer):
-        raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
+    if not isinstance(model, (SparseTransformer, SparseLSTM)):
+        raise ValueError(f"model must be a SparseTransformer or a SparseLSTM, got {type(model).__name__}")
     if card is not None and not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
     card = dict(card or {})
@@ -122,9 +126,15 @@ def save_model(model: SparseTransformer, path: str | os.PathLike, card: dict | N
     weights.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(weights.parent, (weights.name, card_path.name))  # of an earlier save that was killed
     config = model.cfg.to_dict()
+    architecture = architecture_name(model.cfg)
+    if architecture != TRANSFORMER:
+        card["architecture"] = architecture
+    else:
+        card.pop("architecture", None)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config)})
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config),
+                                                 "architecture": architecture})
     os.chmod(weights, 0o644)
     card.update(
         format=FORMAT,
@@ -145,10 +155,10 @@ def _write_card(card: dict, card_path: Path) -> None:
 
 def update_card(path: str | os.PathLike, fields: dict) -> dict:
     """Add or replace top-level ``fields`` of checkpoint ``path``'s card (e.g. an evaluation), atomically.
-    The weights and what describes them (format, config, parameters, weights) cannot be changed."""
+    The weights and what describes them (format, config, parameters, weights, architecture) cannot be changed."""
     if not isinstance(fields, dict):
         raise ValueError(f"fields must be a dict, got {type(fields).__name__}")
-    fixed = {"format", "config", "parameters", "weights"} & fields.keys()
+    fixed = {"format", "config", "parameters", "weights", "architecture"} & fields.keys()
     if fixed:
         raise ValueError(f"card fields {sorted(fixed)} describe the weights and cannot be updated")
     try:
@@ -184,7 +194,7 @@ CARD_FIELDS: dict[str, tuple[type, ...]] = {
     "steps": _INT + _NONE, "tokens_seen": _INT + _NONE, "held_out_items": _INT + _NONE,
     "compute_pf_days": _NUMBER + _NONE, "held_out_bits_per_dim": _NUMBER + _NONE, "ema_decay": _NUMBER + _NONE,
     "date": _TEXT + _NONE, "data": (dict, str, *_NONE), "training": (dict, *_NONE), "evaluation": (dict, *_NONE),
-    "training_history": (list, *_NONE), "sampling": (dict, *_NONE),
+    "training_history": (list, *_NONE), "sampling": (dict, *_NONE), "architecture": _TEXT,
 }
 REQUIRED_CARD_FIELDS = ("format", "config", "weights")
 WEIGHTS_FIELDS: dict[str, tuple[type, ...]] = {"file": _TEXT, "bytes": _INT, "sha256": _TEXT}
@@ -235,14 +245,17 @@ def check_card(card: object, card_path: object = "(card)") -> dict:
     for key in ("parameters", "steps", "tokens_seen", "held_out_items"):
         if isinstance(card.get(key), int) and card[key] < 0:
             raise CheckpointError(f"model card {card_path}: {key!r} must be >= 0, got {card[key]}")
+    if card.get("architecture", TRANSFORMER) not in ARCHITECTURES:
+        raise CheckpointError(f"model card {card_path}: unknown 'architecture' {card['architecture']!r}; known: "
+                              f"{sorted(ARCHITECTURES)}")
     try:
-        ModelConfig.from_dict(card["config"])
+        config_from_card(card)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise CheckpointError(f"model card {card_path}: 'config' holds an invalid config: {e}") from None
     return card
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> SparseTransformer:
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> Model:
     """Load checkpoint ``path`` ("checkpoints/NAME"): the model in eval mode, its card in ``.card``."""
     card = load_card(path)
     weights, card_path = checkpoint_paths(path)
@@ -261,20 +274,21 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> S
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"weights {weights} cannot be read: {e}") from None
-    cfg = ModelConfig.from_dict(card["config"])
+    cfg = config_from_card(card)
     try:
-        saved = ModelConfig.from_dict(json.loads(meta["config"]))
+        saved = config_from_card({"architecture": meta.get("architecture", TRANSFORMER),
+                                  "config": json.loads(meta["config"])})
     except (KeyError, TypeError, ValueError):
         saved = None
     if saved != cfg:
         raise CheckpointError(f"weights {weights} were saved for another config than the card {card_path}")
-    model = SparseTransformer(cfg)
+    model = build_model(cfg)
     _load_strict(model, tensors, weights)
     model.card = card
     return model.to(device).eval()
 
 
-def _load_strict(model: SparseTransformer, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _load_strict(model: Model, tensors: dict[str, torch.Tensor], source: Path) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -283,17 +297,24 @@ def _load_strict(model: SparseTransformer, tensors: dict[str, torch.Tensor], sou
     if missing or unexpected or shapes:
         raise CheckpointError(f"weights {source} do not fit the config: missing {missing[:5]}, unexpected "
                               f"{unexpected[:5]}, shape mismatches {shapes[:5]}")
+    if isinstance(model, SparseLSTM) and "layouts" in tensors:
+        try:
+            model.check_layouts(tensors["layouts"])
+        except ValueError as e:
+            raise CheckpointError(f"weights {source}: {e}") from None
     model.load_state_dict(tensors)
 
 
-def card_kind(card: dict, cfg: ModelConfig) -> str:
+def card_kind(card: dict, cfg: Config) -> str:
     """"image" or "audio": the card's codec kind when it names one, else from the config's shape."""
     kind = (card.get("codec") or {}).get("kind") if isinstance(card.get("codec"), dict) else None
     if kind in ("image", "audio"):
         return kind
+    if not isinstance(cfg, ModelConfig):
+        return "image" if cfg.seq_len == IMAGE_TOKENS else "audio"
     return "image" if cfg.seq_len == IMAGE_TOKENS and cfg.pos_factors == (64, 64, 3) else "audio"
 
 
-def model_kind(model: SparseTransformer) -> str:
+def model_kind(model: Model) -> str:
     """"image" or "audio", from the card when the model has one, else from its shape."""
     return card_kind(getattr(model, "card", None) or {}, model.cfg)

@@ -113,6 +113,13 @@ class ModelConfig:
         heads = self.n_heads if pattern.distinct_summaries else 1
         return _layout(pattern, self.seq_len if seq_len is None else seq_len, self.block, heads)
 
+    @property
+    def window_offset_step(self) -> int:
+        """Window offsets that are multiples of this see the same attention pattern as position 0 does: a
+        multiple of the block, and of the stride where a layer's pattern repeats with the stride."""
+        kinds = {self.layer_kind(i) for i in range(self.n_layers)}
+        return math.lcm(self.block, self.stride) if kinds & {"strided", "fixed"} else self.block
+
     def deepened(self, n_layers: int) -> ModelConfig:
         """This config with ``n_layers`` (at least its own) layers on the same pattern schedule."""
         check_int("n_layers", n_layers, self.n_layers)
@@ -237,23 +244,27 @@ class SparseTransformer(nn.Module):
             rest = rest // f
         return out
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, N] -> block input [B, N, d]: start + shifted token embeddings + positions."""
+    def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """tokens [B, N] -> block input [B, N, d]: start + shifted token embeddings + positions offset..offset+N-1."""
         B, N = tokens.shape
         x = self.tok_emb(tokens[:, :-1])
         x = torch.cat([self.start.to(x.dtype).expand(B, 1, -1), x], 1)
-        return x + self.position_embedding(torch.arange(N, device=tokens.device))
+        return x + self.position_embedding(torch.arange(offset, offset + N, device=tokens.device))
 
-    def forward(self, tokens: torch.Tensor, flat: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, flat: bool = False, offset: int = 0) -> torch.Tensor:
         """tokens [B, N] int64 (N <= cfg.seq_len) -> logits [B, N, vocab] (logits[:, t] predicts tokens[:, t]).
 
         flat: logits [B * N, vocab] instead, the same numbers. They are the head's own output, where the [B, N, vocab]
         logits are a view of it (a linear layer on 3-d input computes on 2-d and reshapes): training asks for them
         flat, since FSDP warns on every step when the sharded model returns a view (an in-place op on one would
         skip its all-gather), and the loss flattens them anyway.
+        offset: the window's first position in a sequence of cfg.seq_len (offset + N <= cfg.seq_len), for training
+        on windows shorter than the model's sequence (train.py --window): the window starts without the context
+        before it, as sequence position 0 does. Attention patterns are translation-invariant for offsets that are
+        multiples of ``cfg.window_offset_step``.
         """
-        self._check_tokens(tokens)
-        x = self.embed(tokens)
+        self._check_tokens(tokens, offset)
+        x = self.embed(tokens, offset)
         for block in self.blocks:
             if self.recompute and torch.is_grad_enabled():
                 x = checkpoint(block, x, self.backend, use_reentrant=False)
@@ -270,13 +281,16 @@ class SparseTransformer(nn.Module):
         for block, cache in zip(self.blocks, caches, strict=True):
             x = block(x, self.backend, cache)
 
-    def _check_tokens(self, tokens: object) -> None:
+    def _check_tokens(self, tokens: object, offset: int = 0) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
             desc = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens)
             raise ValueError(f"tokens must be an int64 tensor [B, N], got {desc}")
         n = tokens.shape[1]
         if not 1 <= n <= self.cfg.seq_len:
             raise ValueError(f"tokens has {n} positions; this model takes 1 to {self.cfg.seq_len}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= self.cfg.seq_len - n:
+            raise ValueError(f"offset must be an int in [0, {self.cfg.seq_len - n}] (offset + {n} positions <= "
+                             f"seq_len {self.cfg.seq_len}), got {offset!r}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab):
             raise ValueError(f"token values must be in [0, {self.cfg.vocab}), got "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")

@@ -17,6 +17,7 @@ import torch
 from media.audio import SAMPLE_RATE, mu_law_encode
 from media.image import IMAGE_SIZE, IMAGE_TOKENS, image_to_tokens, tokens_to_image
 from models.checkpoint import model_kind
+from models.lstm import SparseLSTM
 from models.model import SparseTransformer, check_int
 
 from .options import SamplingOptions
@@ -38,8 +39,8 @@ class MediaProgress:
 
 
 def _check(model: SparseTransformer, kind: str, seeds: list[int], batch_size: int) -> None:
-    if not isinstance(model, SparseTransformer):
-        raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
+    if not isinstance(model, (SparseTransformer, SparseLSTM)):
+        raise ValueError(f"model must be a SparseTransformer or a SparseLSTM, got {type(model).__name__}")
     if model_kind(model) != kind:
         raise ValueError(f"this is an {model_kind(model)} model; {kind} sampling needs an {kind} model")
     if not seeds:

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from models.lstm import SparseLSTM
 from models.model import SparseTransformer, check_int
 
 from . import compiled_step
 from .compiled_step import CompiledStep
 from .kv_cache import LayerCache, make_caches
+from .lstm_step import LSTMStep
 from .options import SamplingOptions
 from .step import DecodeStep, TorchStep
 
@@ -47,8 +49,10 @@ def make_step(model: SparseTransformer, caches: list[LayerCache], pos_emb: torch
     return TorchStep(model, caches, pos_emb, shards)
 
 
-def decoding_step(model: SparseTransformer) -> str:
+def decoding_step(model: SparseTransformer | SparseLSTM) -> str:
     """Which step :func:`generate` will use for ``model`` as it is now (device, dtype), and why not the C one."""
+    if isinstance(model, SparseLSTM):
+        return "PyTorch LSTM step (sampling/lstm_step.py)"
     reason = compiled_step.unavailable(model, [])
     return "compiled C step (sampling/compiled_step.c)" if reason is None else f"PyTorch step ({reason})"
 
@@ -60,17 +64,27 @@ class Decoder:
     by :func:`make_step` from ``step`` ("auto", "pytorch", "compiled") and ``shards``.
     dense: keep and read every past position in every layer (a baseline for benchmarks; it
     is not the model's pattern, so its samples differ).
+    A SparseLSTM has no caches: its step (sampling/lstm_step.py) carries the recurrent state, and ``step``
+    must be "auto" or "pytorch", without ``dense`` or ``shards``.
     """
 
-    def __init__(self, model: SparseTransformer, batch: int, seq_len: int | None = None, dense: bool = False,
-                 shards: int | None = None, step: str = "auto"):
-        if not isinstance(model, SparseTransformer):
-            raise ValueError(f"model must be a SparseTransformer, got {type(model).__name__}")
+    def __init__(self, model: SparseTransformer | SparseLSTM, batch: int, seq_len: int | None = None,
+                 dense: bool = False, shards: int | None = None, step: str = "auto"):
+        if not isinstance(model, (SparseTransformer, SparseLSTM)):
+            raise ValueError(f"model must be a SparseTransformer or a SparseLSTM, got {type(model).__name__}")
         if step not in STEPS:  # before the caches are allocated
             raise ValueError(f"step must be one of {STEPS}, got {step!r}")
         self.model, self.cfg = model, model.cfg
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if isinstance(model, SparseLSTM):
+            if step == "compiled" or dense or shards is not None:
+                raise ValueError("an LSTM decodes with its PyTorch step: step 'compiled', dense caches and shards "
+                                 "are for the Sparse Transformer")
+            self.caches = []
+            self.seq_len = check_int("seq_len", seq_len, 1) if seq_len is not None else model.cfg.seq_len
+            self.step: DecodeStep = LSTMStep(model, batch)
+            return
         self.caches: list[LayerCache] = make_caches(self.cfg, batch, seq_len, self.device, self.dtype, dense)
         self.seq_len = self.caches[0].seq_len
         with torch.no_grad():
@@ -86,7 +100,10 @@ class Decoder:
         """Fill the caches with positions 0..P-1 of tokens [B, P]: one parallel forward pass per PREFILL_ROWS
         sequences (eight 6,144-token prompts took 7.0-7.4 s in one pass, 5.1-5.8 s in passes of two and
         4.4-6.3 s one at a time, interleaved, on a 2-core VM: a smaller pass keeps its activations in the
-        CPU's caches)."""
+        CPU's caches). An LSTM's step runs the whole prompt in one pass and keeps the state."""
+        if isinstance(self.step, LSTMStep):
+            self.step.prefill(tokens.to(self.device))
+            return
         was_training = self.model.training
         self.model.eval()
         tokens = tokens.to(self.device)
@@ -128,7 +145,7 @@ class Progress:
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
-def generate(model: SparseTransformer, prompt: torch.Tensor, length: int, seeds: list[int],
+def generate(model: SparseTransformer | SparseLSTM, prompt: torch.Tensor, length: int, seeds: list[int],
              options: SamplingOptions | None = None, report_every: int = 256, dense_cache: bool = False,
              step: str = "auto") -> Iterator[Progress]:
     """Sample ``length`` tokens per sequence, continuing ``prompt`` [B, P] (P may be 0).

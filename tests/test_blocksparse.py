@@ -219,8 +219,9 @@ def test_bad_inputs_name_the_problem(monkeypatch):
     for call, message in calls:
         with pytest.raises(ValueError, match=message):
             call()
-    import kernels.triton_attention  # interpreted or compiled is decided when the kernels are imported
+    import kernels.blocksparse_triton  # interpreted or compiled is decided when the kernels are imported
 
-    monkeypatch.setattr(kernels.triton_attention, "INTERPRETED", False)  # as on a GPU machine: CPU tensors refused
+    assert kernels.blocksparse_triton.INTERPRETED  # tests/conftest.py sets TRITON_INTERPRET=1 first
+    monkeypatch.setattr(kernels.blocksparse_triton, "INTERPRETED", False)  # as on a GPU machine: CPU tensors refused
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         mm(x, w, backend="triton")

@@ -219,3 +219,16 @@ def test_flops_count_matmuls_and_computed_attention_blocks():
     assert scores < 0.05 * dense_causal  # sparse: a few percent of dense
     assert training_flops_per_sequence(cfg) == 6 * p * 12288 + 12 * cfg.d_model * scores
     assert dataclasses.replace(cfg, pattern="all").layer_kind(0) == "all"
+
+
+def test_an_offset_moves_only_the_position_embedding_and_is_checked():
+    torch.manual_seed(0)
+    model = SparseTransformer(config_for("audio", "tiny", seq_len=1024)).eval()
+    torch.nn.init.normal_(model.head.weight)  # zero at initialisation
+    tokens = torch.randint(0, 256, (2, 64))
+    shift = model.position_embedding(torch.arange(256, 320)) - model.position_embedding(torch.arange(64))
+    assert torch.allclose(model.embed(tokens, 256), model.embed(tokens) + shift)
+    assert not torch.allclose(model(tokens, offset=256), model(tokens))
+    for bad in (-1, 1024 - 63, 2.0, True):
+        with pytest.raises(ValueError, match="offset must be an int"):
+            model(tokens, offset=bad)

@@ -430,7 +430,35 @@ def test_audio_training_from_a_folder_of_clips(tmp_path):
     assert start["event"] == "start" and start["skipped_files"] >= 1
 
 
+def test_audio_windows_train_at_offsets_of_the_models_sequence(tmp_path, monkeypatch):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    t = np.arange(12000 * 3) / 12000
+    for i in range(3):
+        sf.write(clips / f"clip{i}.wav", (0.5 * np.sin(2 * np.pi * (220 + 50 * i) * t)).astype(np.float32), 12000)
+    offsets, forward = [], SparseTransformer.forward
+
+    def spy(self, tokens, flat=False, offset=0):
+        if torch.is_grad_enabled():
+            offsets.append((tokens.shape[1], offset))
+        return forward(self, tokens, flat, offset)
+
+    monkeypatch.setattr(SparseTransformer, "forward", spy)
+    argv = ["audio", "--data", str(clips), "--out", str(tmp_path / "run"), *FAST, "--seq-len", "4096",
+            "--window", "512", "--steps", "6", "--eval-every", "6", "--val-fraction", "0.5",
+            "--export", "w", "--checkpoints", str(tmp_path)]
+    assert train.main(argv) == 0
+    log = read_log(tmp_path / "run")
+    assert log[0]["window"] == 512 and log[1]["tokens_seen"] == 2 * 512
+    cfg = load_model(tmp_path / "w").cfg
+    assert cfg.seq_len == 4096 and cfg.window_offset_step == 256  # lcm(block 32, stride 256)
+    assert {n for n, _ in offsets} == {512} and len({o for _, o in offsets}) > 1
+    assert all(o % 256 == 0 and 0 <= o <= 4096 - 512 for _, o in offsets)
+    assert load_model(tmp_path / "w").card["training"]["window"] == 512
+
+
 @pytest.mark.parametrize("extra, message", [
+    (["--window", "100"], "--window is for audio"),
     (["--seq-len", "100"], "--seq-len is for audio"),
     (["--batch-size", "3", "--micro-batch", "2"], "multiple of --micro-batch"),
     (["--steps", "0"], "--steps must be >= 1"),

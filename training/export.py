@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from data.loader import dataset_description
-from models import ModelConfig, SparseTransformer, codec_card, save_model
+from models import LSTMConfig, ModelConfig, codec_card, save_model
+from models.architectures import build_model
 from models.flops import pf_days
 
 from .distributed import Dist, full_tensor
@@ -21,15 +22,15 @@ from .state import Progress
 HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "precision", "seed")
 
 
-def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: ModelConfig, d: Dist, train_set, val_set,
-           progress: Progress) -> str | None:
+def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: ModelConfig | LSTMConfig, d: Dist,
+                      train_set, val_set, progress: Progress) -> str | None:
     """Write the shipped checkpoint (EMA weights if kept), with held-out bits/dim of exactly those weights;
     its card's training_history is ``progress.history`` (the runs before this one) followed by this run.
     A collective: every process calls it; rank 0 writes and gets the card's path, the others None."""
     params = shipped_params(model, ema)
     path = None
     if d.main:
-        plain = SparseTransformer(cfg)
+        plain = build_model(cfg)
         with torch.no_grad():
             for dst, src in zip(plain.parameters(), params, strict=True):
                 dst.copy_(src.to("cpu", dst.dtype))
@@ -54,7 +55,7 @@ def shipped_params(model: torch.nn.Module, ema: EMA | None) -> list[torch.Tensor
     return ema.params
 
 
-def export_card(s: dict, cfg: ModelConfig, processes: int, train_set, val_set, progress: Progress,
+def export_card(s: dict, cfg: ModelConfig | LSTMConfig, processes: int, train_set, val_set, progress: Progress,
                 bits: float) -> dict:
     """The exported model's card (save_model adds the config, parameters and weights' hash)."""
     return {
@@ -65,17 +66,18 @@ def export_card(s: dict, cfg: ModelConfig, processes: int, train_set, val_set, p
         "steps": progress.step, "tokens_seen": progress.tokens_seen, "compute_pf_days": pf_days(progress.flops),
         "held_out_bits_per_dim": bits, "held_out_items": min(s["eval_items"], len(val_set)),
         "ema_decay": s["ema"] or None,
-        "training": {k: s[k] for k in ("config", "init", "batch_size", "lr", "warmup", "steps", "precision",
-                                       "weight_decay", "clip", "seed", "recompute")} | {"processes": processes},
+        "training": {k: s[k] for k in ("config", "init", "batch_size", "window", "lr", "warmup", "steps", "precision",
+                                       "weight_decay", "clip", "seed", "recompute", "arch", "tbptt")}
+                    | {"processes": processes},
         "training_history": [*progress.history, run_record(s, cfg, progress.step, processes)],
     }
 
 
-def run_record(s: dict, cfg: ModelConfig, step: int, processes: int) -> dict:
+def run_record(s: dict, cfg: ModelConfig | LSTMConfig, step: int, processes: int) -> dict:
     """This run's entry in a card's training_history: the steps it took and the settings it took them with."""
     return {"steps": step, "schedule_steps": s["steps"], "layers": cfg.n_layers, "init": s["init"],
             "threads": torch.get_num_threads(), "processes": processes,
-            **{k: s[k] for k in HISTORY_SETTINGS}}
+            **{k: s[k] for k in HISTORY_SETTINGS}, **({"window": s["window"]} if s.get("window") else {})}
 
 
 def earlier_runs(card: dict) -> list[dict]:

@@ -2,7 +2,8 @@
 
 ``train(given)`` is the whole run behind train.py: settings, processes, data, the model (fresh, from
 --init, or resumed from state.pt), then steps until --steps, --stop-after or SIGINT/SIGTERM (each stop
-with a checkpoint), and the export at the end.
+with a checkpoint), and the export at the end. With --arch lstm the model is the sparse LSTM baseline, and
+each sequence runs in chunks of --tbptt tokens, the state carried (detached) from one chunk to the next.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import Batches, open_dataset
-from models import CheckpointError, ModelConfig, SparseTransformer, load_card, load_model
+from models import CheckpointError, LSTMConfig, ModelConfig, SparseLSTM, SparseTransformer, load_card, load_model
+from models.architectures import build_model, training_flops_per_sequence
 from models.checkpoint import remove_stale_temporaries
-from models.flops import PF_DAY, device_peak_flops, pf_days, training_flops_per_sequence
+from models.flops import PF_DAY, device_peak_flops, pf_days
 
 from .distributed import (
     Dist,
@@ -42,7 +45,7 @@ from .export import earlier_runs, export_checkpoint
 from .log import Log
 from .optim import lr_factor, make_optimizer, set_lr
 from .precision import PRECISIONS, autocast, settle_precision
-from .settings import model_config, resolve_settings, save_run_settings
+from .settings import model_config, resolve_settings, save_run_settings, training_window
 from .state import Parts, Progress, resume_state, save_state
 
 
@@ -66,7 +69,7 @@ class Run:
 
     s: dict
     d: Dist
-    cfg: ModelConfig
+    cfg: ModelConfig | LSTMConfig
     out: Path
     train_set: object
     val_set: object
@@ -74,6 +77,7 @@ class Run:
     parts: Parts
     progress: Progress
     accum: int  # micro-batches per process per step
+    window: int  # tokens per training sequence (--window, else the model's seq_len)
     flops_per_seq: float
     peak: float  # peak FLOP/s of one process's device, for MFU
     log: Log
@@ -113,14 +117,16 @@ def set_up(s: dict, d: Dist) -> Run:
     precision_how = settle_precision(s, d)
     cfg = model_config(s)
     accum = accumulation(s, d)
-    train_set, val_set = open_data(s, cfg)
+    window = training_window(s, cfg)
+    train_set, val_set = open_data(s, cfg, window)
     if d.main:
         for p in remove_stale_temporaries(out, RUN_FILES):  # left by a run killed in the middle of a save
             print(f"removed {p}, a temporary file of a killed run", file=sys.stderr)
         save_run_settings(out, s, cfg)
     torch.manual_seed(s["seed"])
     model, progress = new_model(s, cfg, d)
-    model.recompute = s["recompute"]
+    if isinstance(model, SparseTransformer):
+        model.recompute = s["recompute"]
     model.to(d.device)
     net = wrap_model(model, s["fsdp"], d)
     parts = Parts(model=model, optimizer=make_optimizer(model, s["lr"], s["weight_decay"]),
@@ -131,17 +137,17 @@ def set_up(s: dict, d: Dist) -> Run:
         progress = resume_state(out / "state.pt", parts, s["fsdp"], d)
         if progress.history is None:  # a state.pt written before runs kept their history
             progress.history = earlier_runs(load_card(s["init"])) if s["init"] is not None else []
-    flops_per_seq = training_flops_per_sequence(cfg)
+    flops_per_seq = training_flops_per_sequence(cfg, window)
     peak, peak_how = peak_flops(s, d)
     log = Log(out / "log.jsonl", d.main, progress.step if s["resume"] else None)
     if d.main:
         log.write(event="start", step=progress.step, world_size=d.world, device=str(d.device), threads=threads,
                   parameters=model.num_parameters(),
                   precision=s["precision"], precision_how=precision_how,
-                  flops_per_sequence=flops_per_seq, peak_flops=peak, peak_how=peak_how, accum=accum,
+                  window=window, flops_per_sequence=flops_per_seq, peak_flops=peak, peak_how=peak_how, accum=accum,
                   train_items=len(train_set), val_items=len(val_set) if val_set is not None else 0,
                   skipped_files=getattr(train_set, "skipped", 0) + getattr(val_set, "skipped", 0))
-    return Run(s, d, cfg, out, train_set, val_set, net, parts, progress, accum, flops_per_seq, peak, log)
+    return Run(s, d, cfg, out, train_set, val_set, net, parts, progress, accum, window, flops_per_seq, peak, log)
 
 
 def accumulation(s: dict, d: Dist) -> int:
@@ -153,15 +159,16 @@ def accumulation(s: dict, d: Dist) -> int:
     return s["batch_size"] // per_step
 
 
-def open_data(s: dict, cfg: ModelConfig) -> tuple:
-    """The training and validation sets of --data. The validation set is None when the run needs none (--eval-every
-    0 and no --export) and the data has none (e.g. a folder of 3 images)."""
+def open_data(s: dict, cfg: ModelConfig | LSTMConfig, window: int) -> tuple:
+    """The training (sequences of ``window`` tokens) and validation (whole model sequences) sets of --data. The
+    validation set is None when the run needs none (--eval-every 0 and no --export) and the data has none (e.g. a
+    folder of 3 images)."""
     kw = {"seq_len": cfg.seq_len} if s["kind"] == "audio" else {}
     if s["val_fraction"] is not None:
         kw["val_fraction"] = s["val_fraction"]
     needs_val = s["eval_every"] > 0 or s["export"] is not None
     try:
-        train_set = open_dataset(s["kind"], s["data"], "train", **kw)
+        train_set = open_dataset(s["kind"], s["data"], "train", **{**kw, **({"seq_len": window} if kw else {})})
     except TypeError:  # a reader without val_fraction
         raise TrainingError(f"--val-fraction is for folders of images or audio files; --data {s['data']} holds its "
                             "own held-out files (ImageNet-64 npz val files)") from None
@@ -187,10 +194,10 @@ def batches(train_set, s: dict, d: Dist) -> Batches:
                             "process(es)): add data, or lower --micro-batch") from None
 
 
-def new_model(s: dict, cfg: ModelConfig, d: Dist) -> tuple[SparseTransformer, Progress]:
+def new_model(s: dict, cfg: ModelConfig | LSTMConfig, d: Dist) -> tuple[SparseTransformer | SparseLSTM, Progress]:
     """A new model of ``cfg``; on a new run with --init, holding --init's weights (deepened if asked), with
     its tokens, compute and history counted in the progress."""
-    model, progress = SparseTransformer(cfg), Progress()
+    model, progress = build_model(cfg), Progress()
     if s["init"] is None or s["resume"]:
         return model, progress
     try:
@@ -236,10 +243,12 @@ def stop_signals() -> Iterator[Stop]:
 
 
 def take_steps(r: Run, stop: Stop) -> dict:
-    """Steps until --steps, --stop-after or a signal, evaluating and saving as asked; the summary so far."""
+    """Steps until --steps, --stop-after, --stop-minutes or a signal, evaluating and saving as asked; the summary
+    so far."""
     s, d, p = r.s, r.d, r.progress
     bar = tqdm(total=s["steps"], initial=p.step, disable=s["quiet"] or not d.main, unit="step", dynamic_ncols=True)
     last_save, start_step, consecutive_bad = time.monotonic(), p.step, 0
+    start_time = last_save
     summary = {"step": p.step, "loss": None, "held_out_bits_per_dim": None}
     r.net.train()
     try:
@@ -254,8 +263,8 @@ def take_steps(r: Run, stop: Stop) -> dict:
                                     "check the data")
             if s["eval_every"] and p.step % s["eval_every"] == 0:
                 summary["held_out_bits_per_dim"] = evaluate(r)
-            signalled, overdue = agree_on_stop(r, stop, last_save)
-            done_here = s["stop_after"] is not None and p.step - start_step >= s["stop_after"]
+            signalled, overdue, out_of_time = agree_on_stop(r, stop, last_save, start_time)
+            done_here = out_of_time or (s["stop_after"] is not None and p.step - start_step >= s["stop_after"])
             if p.step % s["save_every"] == 0 or overdue or signalled or done_here or p.step == s["steps"]:
                 save_state(r.out / "state.pt", r.parts, p, s["fsdp"], d)
                 last_save = time.monotonic()
@@ -286,7 +295,7 @@ def take_step(r: Run) -> dict:
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     p.step += 1
-    tokens = s["batch_size"] * r.cfg.seq_len
+    tokens = s["batch_size"] * r.window
     p.tokens_seen += tokens
     p.flops += r.flops_per_seq * s["batch_size"]
     dt = time.perf_counter() - t0
@@ -305,13 +314,46 @@ def accumulate_gradients(r: Run) -> float:
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for micro in range(r.accum):
         batch = next(r.parts.batches).to(d.device)
+        if isinstance(r.cfg, LSTMConfig):
+            loss_sum += lstm_backward(r, batch, sync=micro == r.accum - 1)
+            continue
+        offset = window_offset(r, micro)
         with gradient_sync(r.net, s["fsdp"], d, sync=micro == r.accum - 1):
             with autocast(d.device, s["precision"]):
-                logits = r.net(batch, flat=True)  # [B * N, vocab]: not a view (FSDP warns about those)
+                logits = r.net(batch, flat=True, offset=offset)  # [B * N, vocab]: not a view (FSDP warns about those)
             loss = F.cross_entropy(logits.float(), batch.flatten())
             r.parts.scaler.scale(loss / r.accum).backward()
         loss_sum += loss.detach().double()
     return float(d.all_reduce(loss_sum) / (r.accum * d.world))
+
+
+def window_offset(r: Run, micro: int) -> int:
+    """Where micro-batch ``micro`` of this step sits in the model's sequence: 0 for whole sequences; for --window, a
+    multiple of the config's window_offset_step drawn uniformly, from (seed, step, process, micro) so that a
+    resumed run draws the same."""
+    slots = (r.cfg.seq_len - r.window) // r.cfg.window_offset_step + 1
+    if slots == 1:
+        return 0
+    draw = np.random.default_rng([r.s["seed"], r.progress.step, r.d.rank, micro]).integers(slots)
+    return int(draw) * r.cfg.window_offset_step
+
+
+def lstm_backward(r: Run, batch: torch.Tensor, sync: bool) -> torch.Tensor:
+    """Truncated backpropagation through time over one micro-batch [B, N]: chunks of --tbptt tokens, each
+    starting from the state the previous chunk ended in (detached); gradients are those of the mean loss over
+    all N tokens, synchronised after the last chunk when ``sync``. Returns that loss (float64, detached)."""
+    s, d = r.s, r.d
+    chunks = batch.split(s["tbptt"], dim=1)
+    state, total = None, torch.zeros((), dtype=torch.float64, device=d.device)
+    for j, chunk in enumerate(chunks):
+        with gradient_sync(r.net, s["fsdp"], d, sync=sync and j == len(chunks) - 1):
+            with autocast(d.device, s["precision"]):
+                logits, state = r.net(chunk, state, flat=True)
+            loss = F.cross_entropy(logits.float(), chunk.flatten(), reduction="sum") / batch.numel()
+            r.parts.scaler.scale(loss / r.accum).backward()
+        state = state.detach()
+        total += loss.detach().double()
+    return total
 
 
 def report(r: Run, record: dict, bar: tqdm) -> None:
@@ -335,10 +377,11 @@ def evaluate(r: Run) -> float:
     return bits
 
 
-def agree_on_stop(r: Run, stop: Stop, last_save: float) -> tuple[bool, bool]:
-    """(a signal came to any process, any process is past --save-minutes since the last save): every
-    process takes the same decisions."""
-    flags = torch.tensor([stop.signum is not None, time.monotonic() - last_save > 60 * r.s["save_minutes"]],
-                         dtype=torch.int32, device=r.d.device)
+def agree_on_stop(r: Run, stop: Stop, last_save: float, start_time: float) -> tuple[bool, bool, bool]:
+    """(a signal came to any process, any process is past --save-minutes since the last save, any process is
+    past --stop-minutes since this call's first step): every process takes the same decisions."""
+    now, budget = time.monotonic(), r.s["stop_minutes"]
+    flags = torch.tensor([stop.signum is not None, now - last_save > 60 * r.s["save_minutes"],
+                          budget is not None and now - start_time > 60 * budget], dtype=torch.int32, device=r.d.device)
     r.d.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+    return bool(flags[0]), bool(flags[1]), bool(flags[2])

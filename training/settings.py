@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models import CheckpointError, ModelConfig, config_for, load_card
+from media.audio import AUDIO_TOKENS
+from media.image import IMAGE_TOKENS
+from models import CheckpointError, LSTMConfig, ModelConfig, config_for, load_card
 from models.checkpoint import atomic_path, card_kind
 
 from .errors import TrainingError
@@ -14,15 +16,22 @@ from .errors import TrainingError
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
                     layer_patterns=None, stride=None, block=None, seq_len=None, batch_size=8, micro_batch=1, lr=5e-4,
                     warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="auto", recompute=True,
-                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None)
+                    ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None, window=None,
+                    arch="transformer", hidden=None, density=None, lstm_layout=None, layout_seed=None,
+                    multiplicative=None, tbptt=None)
 # Settings of this invocation only.
-CONTROL = dict(data=None, out=None, resume=False, stop_after=None, export=None, checkpoints="checkpoints",
-               eval_every=100, eval_items=64, save_every=100, save_minutes=10.0, device="auto", threads=None,
-               max_nonfinite=5, peak_tflops=None, quiet=False)
+CONTROL = dict(data=None, out=None, resume=False, stop_after=None, stop_minutes=None, export=None,
+               checkpoints="checkpoints", eval_every=100, eval_items=64, save_every=100, save_minutes=10.0,
+               device="auto", threads=None, max_nonfinite=5, peak_tflops=None, quiet=False)
 # Model flags -> the ModelConfig fields they set.
 MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult="ff_mult", dropout="dropout",
                    pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
                    seq_len="seq_len")
+ARCHS = ("transformer", "lstm")
+# LSTM flags -> the LSTMConfig fields they set (--layers, --block and --seq-len too); --tbptt is the run's.
+LSTM_FLAGS = dict(layers="n_layers", block="block", seq_len="seq_len", hidden="hidden", density="density",
+                  lstm_layout="layout", layout_seed="layout_seed", multiplicative="multiplicative")
+TBPTT = 1024  # the LSTM's default chunk length for truncated backpropagation through time
 
 
 def resolve_settings(given: dict) -> dict:
@@ -49,7 +58,8 @@ def resolve_settings(given: dict) -> dict:
         if given_model and not settings["resume"]:
             raise TrainingError(f"--init takes the model from {settings['init']} (--layers may deepen it); "
                                 f"drop {', '.join(given_model)}")
-    if settings["config"] is None:
+    _check_arch(settings, given)
+    if settings["config"] is None and settings["arch"] == "transformer":
         settings["config"] = f"{settings['kind']}-cpu"
     _check_ranges(settings)
     return settings
@@ -73,6 +83,29 @@ def _take_saved_settings(settings: dict, given: dict) -> None:
             settings[key] = saved[key]
 
 
+def _check_arch(settings: dict, given: dict) -> None:
+    """--arch and the flags that only one architecture takes; the LSTM's --tbptt default."""
+    arch = settings["arch"]
+    if arch not in ARCHS:
+        raise TrainingError(f"--arch must be one of {ARCHS}, got {arch!r}")
+    shared = {"layers", "block", "seq_len"}
+    if arch == "lstm":
+        other = [k for k in ("config", *MODEL_FLAGS) if k not in shared and given.get(k) is not None]
+        if settings["fsdp"]:
+            other.append("fsdp")
+        if settings["init"] is not None:
+            other.append("init")
+    else:
+        other = [k for k in (*LSTM_FLAGS, "tbptt") if k not in shared and given.get(k) is not None]
+    if other:
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in other)
+        raise TrainingError(f"{names} {'is' if len(other) == 1 else 'are'} not for --arch {arch}")
+    if arch == "lstm" and settings["tbptt"] is None:
+        settings["tbptt"] = TBPTT
+    if settings["tbptt"] is not None and settings["tbptt"] < 1:
+        raise TrainingError(f"--tbptt must be >= 1 (tokens per backpropagated chunk), got {settings['tbptt']}")
+
+
 def _check_ranges(settings: dict) -> None:
     positive = ("steps", "batch_size", "micro_batch", "eval_items", "save_every", "max_nonfinite")
     for key in positive:
@@ -88,10 +121,29 @@ def _check_ranges(settings: dict) -> None:
         raise TrainingError(f"--eval-every must be >= 0 (0 = off), got {settings['eval_every']}")
     if settings["stop_after"] is not None and settings["stop_after"] < 1:
         raise TrainingError(f"--stop-after must be >= 1, got {settings['stop_after']}")
+    if settings["window"] is not None:
+        if settings["kind"] != "audio":
+            raise TrainingError("--window is for audio; image models see whole 64x64x3 images (12,288 tokens)")
+        if settings["window"] < 1:
+            raise TrainingError(f"--window must be >= 1, got {settings['window']}")
+    if settings["stop_minutes"] is not None and not settings["stop_minutes"] > 0:
+        raise TrainingError(f"--stop-minutes must be > 0, got {settings['stop_minutes']}")
 
 
-def model_config(s: dict) -> ModelConfig:
-    """The model to train: --init's config (deepened to --layers if more), else --config with the model flags."""
+def training_window(s: dict, cfg: ModelConfig) -> int:
+    """Tokens per training sequence: --window, else the model's whole sequence."""
+    if s["window"] is None:
+        return cfg.seq_len
+    if s["window"] > cfg.seq_len:
+        raise TrainingError(f"--window {s['window']} is longer than the model's sequence ({cfg.seq_len})")
+    return s["window"]
+
+
+def model_config(s: dict) -> ModelConfig | LSTMConfig:
+    """The model to train: --init's config (deepened to --layers if more), else --config with the model flags;
+    with --arch lstm, an LSTMConfig of the LSTM flags (its defaults where not given)."""
+    if s["arch"] == "lstm":
+        return _lstm_config(s)
     if s["init"] is not None:
         return _init_config(s)
     overrides = {field: s[flag] for flag, field in MODEL_FLAGS.items() if s[flag] is not None}
@@ -103,6 +155,20 @@ def model_config(s: dict) -> ModelConfig:
         return config_for(s["kind"], s["config"], **overrides)
     except ValueError as e:
         raise TrainingError(f"invalid model settings: {e}") from None
+
+
+def _lstm_config(s: dict) -> LSTMConfig:
+    fields = {field: s[flag] for flag, field in LSTM_FLAGS.items() if s[flag] is not None}
+    if s["kind"] == "image":
+        if fields.get("seq_len", IMAGE_TOKENS) != IMAGE_TOKENS:
+            raise TrainingError("--seq-len is for audio; image models see whole 64x64x3 images (12,288 tokens)")
+        fields["seq_len"] = IMAGE_TOKENS
+    else:
+        fields.setdefault("seq_len", AUDIO_TOKENS)
+    try:
+        return LSTMConfig(**fields)
+    except ValueError as e:
+        raise TrainingError(f"invalid LSTM settings: {e}") from None
 
 
 def _init_config(s: dict) -> ModelConfig:
@@ -122,7 +188,7 @@ def _init_config(s: dict) -> ModelConfig:
                             f"({cfg.n_layers} layers): {e}") from None
 
 
-def save_run_settings(out: Path, s: dict, cfg: ModelConfig) -> None:
+def save_run_settings(out: Path, s: dict, cfg: ModelConfig | LSTMConfig) -> None:
     """run.json in the run directory ``out``: the settings --resume continues with, and the model config.
     Rewritten at every start, atomically: a crash leaves the old file or the new one, never half of one."""
     out.mkdir(parents=True, exist_ok=True)
