@@ -357,7 +357,8 @@ def main() -> None:
             else:
                 picture = audio_figure(r["data_figures"], r["rows"])
             figure.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(picture).save(figure)
+            # 128 colours: a third of the bytes, the same figure to the eye (docs figures live in git's history)
+            Image.fromarray(picture).quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(figure, optimize=True)
             out["figure"] = str(figure)
             print(f"wrote {figure}")
         chosen = [r2 for r2 in r["rows"] if r2.get("chosen")]
