@@ -50,9 +50,12 @@ from media.pictures import make_grid, masked_prompt
 from models import CheckpointError, load_card, load_model, model_kind
 from models.checkpoint import atomic_path, pid_running
 from sampling import MAX_SEED, MediaProgress, SamplingOptions, complete_image, decoding_step, generate_audio
+from sampling.options import resolve_options
 from sampling.recipe import read_recipe
 
 DEFAULT_CHECKPOINTS = {"image": "checkpoints/image64", "audio": "checkpoints/audio12k"}
+# the flag values that turn a filter off whatever the card's sampling defaults say
+FILTER_OFF = {"top_k": 0, "top_p": 1.0}
 MAX_NUM_SAMPLES = 10_000  # per call: the seeds, and every sample is held in memory until the end
 
 
@@ -116,9 +119,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         s.add_argument("--num-samples", type=int, default=4 if kind == "image" else 1, metavar="N",
                        help=f"how many samples (default {4 if kind == 'image' else 1})")
         s.add_argument("--batch-size", type=int, default=8, metavar="B", help="samples decoded together (default 8)")
-        s.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0 = greedy (default 1.0)")
-        s.add_argument("--top-k", type=int, metavar="K", help="keep the k likeliest tokens (default off)")
-        s.add_argument("--top-p", type=float, metavar="P", help="keep the likeliest tokens up to mass P, in (0, 1]")
+        s.add_argument("--temperature", type=float, metavar="T",
+                       help="0 = greedy (default: the model card's sampling defaults, else 1.0)")
+        s.add_argument("--top-k", type=int, metavar="K",
+                       help="keep the k likeliest tokens, 0 = off (default: the model card's, else off)")
+        s.add_argument("--top-p", type=float, metavar="P",
+                       help="keep the likeliest tokens up to mass P in (0, 1], 1 = off (default: the card's, else off)")
         s.add_argument("--seed", type=int, default=0, metavar="S", help="sample i uses seed S + i (default 0)")
         s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
         s.add_argument("--out-dir", type=Path, metavar="DIR", help="output folder (default out/<kind>-<timestamp>)")
@@ -127,8 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_args(a: argparse.Namespace) -> SamplingOptions:
-    """Range checks that need no files; returns the sampling options."""
+def check_args(a: argparse.Namespace) -> None:
+    """Range checks that need no files (the sampling options' values that were given among them)."""
     for name in ("num_samples", "batch_size"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -147,11 +153,26 @@ def check_args(a: argparse.Namespace) -> SamplingOptions:
             raise UsageError("--prompt-rows needs --prompt (an image to take the rows from)")
     elif a.prompt_seconds is not None and (a.prompt is None or not a.prompt_seconds > 0):
         raise UsageError(f"--prompt-seconds needs --prompt and must be > 0, got {a.prompt_seconds}")
+    sampling_options(a, None)
+
+
+def sampling_options(a: argparse.Namespace, card: dict | None) -> SamplingOptions:
+    """--temperature / --top-k / --top-p where given, else the card's sampling defaults (none: temperature 1, no
+    filter); the resolved values are written back into ``a`` (None = filter off), so metadata.json and the batch
+    record hold what was used."""
+    if a.top_k is not None and a.top_k < 0:
+        raise UsageError(f"--top-k must be a positive integer, or 0 (off), got {a.top_k}")
     try:
-        return SamplingOptions(a.temperature, a.top_k, a.top_p)
-    except ValueError as e:  # "top_p must be in (0, 1] or None (off), got 1.5" -> "--top-p must be in (0, 1], ..."
+        options = resolve_options(card, a.temperature, a.top_k, a.top_p)
+    except ValueError as e:
+        if str(e).startswith("the model card"):
+            raise UsageError(f"checkpoint {a.checkpoint}: {e}") from None
+        # "top_p must be in (0, 1] or None (off), got 1.5" -> "--top-p must be in (0, 1], ..."
         name, rest = str(e).replace(" or None (off)", "").split(" ", 1)
         raise UsageError(f"--{name.replace('_', '-')} {rest}") from None
+    if card is not None:
+        a.temperature, a.top_k, a.top_p = options.temperature, options.top_k, options.top_p
+    return options
 
 
 def output_dir(a: argparse.Namespace) -> Path:
@@ -180,21 +201,37 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def read_checkpoint(a: argparse.Namespace, device: torch.device):
-    """The card first (cheap: checks the kind), then the weights."""
-    hint = ""
+def _hint(a: argparse.Namespace) -> str:
+    """What to say when the default checkpoint (the shipped model) cannot be used."""
+    if a.checkpoint == Path(__file__).resolve().parent / DEFAULT_CHECKPOINTS[a.kind]:
+        return "; pass --checkpoint PATH (e.g. a model exported by train.py --export)"
+    return ""
+
+
+def read_card(a: argparse.Namespace) -> dict:
+    """The checkpoint's card (cheap: no weights), checked to be of the kind asked for; sets the default
+    --checkpoint (the shipped model of the kind)."""
     if a.checkpoint is None:
         a.checkpoint = Path(__file__).resolve().parent / DEFAULT_CHECKPOINTS[a.kind]
-        hint = "; pass --checkpoint PATH (e.g. a model exported by train.py --export)"
+    hint = _hint(a)
     try:
         card = load_card(a.checkpoint)
-        kind = (card.get("codec") or {}).get("kind")
-        if kind in ("image", "audio") and kind != a.kind:
-            raise UsageError(f"checkpoint {a.checkpoint} is an {kind} model; 'sample.py {a.kind}' needs an "
-                             f"{a.kind} model")
-        model = load_model(a.checkpoint, device)
     except CheckpointError as e:
         raise UsageError(f"checkpoint: {e}{hint}") from None
+    kind = (card.get("codec") or {}).get("kind")
+    if kind in ("image", "audio") and kind != a.kind:
+        raise UsageError(f"checkpoint {a.checkpoint} is an {kind} model; 'sample.py {a.kind}' needs an "
+                         f"{a.kind} model")
+    return card
+
+
+def read_checkpoint(a: argparse.Namespace, device: torch.device):
+    """The card first (cheap: checks the kind), then the weights."""
+    read_card(a)
+    try:
+        model = load_model(a.checkpoint, device)
+    except CheckpointError as e:
+        raise UsageError(f"checkpoint: {e}{_hint(a)}") from None
     if model_kind(model) != a.kind:
         raise UsageError(f"checkpoint {a.checkpoint} is not an {a.kind} model")
     return model
@@ -331,6 +368,7 @@ def expand_recipe(argv: list[str]) -> tuple[list[str], dict | None]:
         rest = rest[1:]
     flags = []
     for name, value in recipe["settings"].items():
+        value = FILTER_OFF.get(name) if value is None else value  # a filter that was off stays off
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", repr(value)]
     if recipe["prompt"] is not None and "--prompt" not in rest:
@@ -384,12 +422,12 @@ def run_batch(a: argparse.Namespace, argv: list[str]) -> Path:
             raise UsageError(f"--prompt-rows must be in 0..63 (rows of a 64-row image), got {a.prompt_rows}")
     elif a.prompt_seconds is not None and not a.prompt_seconds > 0:
         raise UsageError(f"--prompt-seconds must be > 0, got {a.prompt_seconds}")
+    options = sampling_options(a, read_card(a))
     try:
-        options = SamplingOptions(a.temperature, a.top_k, a.top_p)
         prompts = image_prompts(a.prompts or [], a.npz and str(a.npz), a.range) if a.kind == "image" \
             else audio_prompts(a.prompts or [])
     except ValueError as e:
-        raise UsageError(str(e).replace("top_k", "--top-k").replace("top_p", "--top-p")) from None
+        raise UsageError(str(e)) from None
     if not prompts:
         raise UsageError("no prompts")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -464,7 +502,7 @@ def run(argv: list[str]) -> Path:
     a = parse_args(argv)
     if a.prompts is not None or getattr(a, "npz", None) is not None:
         return run_batch(a, argv)
-    options = check_args(a)
+    check_args(a)
     out = output_dir(a)
     device = pick_device(a.device)
     try:  # the prompt first: a bad file fails before the model loads
@@ -476,6 +514,7 @@ def run(argv: list[str]) -> Path:
     except ValueError as e:  # unreadable or missing files, named in the message
         raise UsageError(str(e)) from None
     model = read_checkpoint(a, device)
+    options = sampling_options(a, model.card)
     weights_warning = check_recipe_weights(recipe, model, a)
     if a.kind == "audio":
         prompt = fit_audio_prompt(a, prompt, model.cfg.seq_len)

@@ -1,6 +1,7 @@
 """The programmatic API: /sample_image and /sample_audio take sample.py's options under sample.py's names and
-defaults (None = off for top_k and top_p, and "not given" for prompt_rows, prompt_seconds and samples), so that a
-program moves between the page, gradio_client and sample.py without translating anything.
+defaults (None = "not given": temperature, top_k and top_p are then the model card's sampling defaults, as in
+sample.py, and prompt_rows, prompt_seconds and samples follow the prompt), so that a program moves between the page,
+gradio_client and sample.py without translating anything.
 
 Both are generators: gradio_client's ``job.outputs()`` holds the previews (and the growing clip), ``job.result()``
 the final files. Each result comes with its settings JSON, which ``python sample.py --from-json`` reads back.
@@ -38,7 +39,7 @@ def api_functions(studio: Studio) -> tuple:
     """(sample_image, sample_audio) bound to ``studio``, typed and documented for gr.api."""
 
     def sample_image(prompt: FileData | None = None, prompt_rows: int | None = None, num_samples: int = 4,
-                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                      seed: int = 0, checkpoint: str | None = None
                      ) -> Iterator[tuple[FileData, list[FileData], FileData | None, str]]:
         """Complete a 64x64 image from its top rows (or sample one from scratch), as `python sample.py image` does.
@@ -51,9 +52,9 @@ def api_functions(studio: Studio) -> tuple:
             prompt: image to complete (any format; centre-cropped to 64x64); None samples from scratch
             prompt_rows: rows of the prompt kept, 0..63 (default 32 with a prompt, 0 without)
             num_samples: how many samples, 1..8 (default 4)
-            temperature: 0 = greedy, up to 2 (default 1.0)
-            top_k: keep the k likeliest values, 1..256; None = off (default)
-            top_p: keep the likeliest values up to this mass, in (0, 1]; None = off (default)
+            temperature: 0 = greedy, up to 2 (default None: the model card's, else 1.0)
+            top_k: keep the k likeliest values, 1..256, 0 = off (default None: the model card's, else off)
+            top_p: keep the likeliest values up to this mass, in (0, 1], 1 = off (default None: the card's, else off)
             seed: sample i uses seed + i (default 0)
             checkpoint: the image model's name (see the Models tab); None = the first one
         """
@@ -74,7 +75,7 @@ def api_functions(studio: Studio) -> tuple:
             studio.history.remove_later(previews)
 
     def sample_audio(prompt: FileData | None = None, prompt_seconds: float | None = None,
-                     samples: int | None = None, num_samples: int = 1, temperature: float = 1.0,
+                     samples: int | None = None, num_samples: int = 1, temperature: float | None = None,
                      top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                      checkpoint: str | None = None
                      ) -> Iterator[tuple[FileData | None, list[FileData], FileData | None, str]]:
@@ -89,9 +90,9 @@ def api_functions(studio: Studio) -> tuple:
             prompt_seconds: use the prompt's first seconds (default all of it)
             samples: samples to generate after the prompt (default 65,536, or what the model's context leaves)
             num_samples: how many clips, 1..8 (default 1)
-            temperature: 0 = greedy, up to 2 (default 1.0)
-            top_k: keep the k likeliest values, 1..256; None = off (default)
-            top_p: keep the likeliest values up to this mass, in (0, 1]; None = off (default)
+            temperature: 0 = greedy, up to 2 (default None: the model card's, else 1.0)
+            top_k: keep the k likeliest values, 1..256, 0 = off (default None: the model card's, else off)
+            top_p: keep the likeliest values up to this mass, in (0, 1], 1 = off (default None: the card's, else off)
             seed: sample i uses seed + i (default 0)
             checkpoint: the audio model's name (see the Models tab); None = the first one
         """

@@ -80,6 +80,18 @@ def _evaluation(card: dict) -> str | None:
     return f"{ev['model']:.3f} {unit}{items}" + (f" (lossless codecs: {others})" if others else "")
 
 
+def _sampling(entry: Entry) -> str | None:
+    """The card's sampling defaults (bench/sampling_sweep.py) and how they were chosen."""
+    if not isinstance(entry.card.get("sampling"), dict):
+        return None
+    options = entry.defaults
+    parts = [f"temperature {options.temperature:g}"]
+    parts += [f"top-k {options.top_k}"] if options.top_k is not None else []
+    parts += [f"top-p {options.top_p:g}"] if options.top_p is not None else []
+    how = entry.card["sampling"].get("chosen_by")
+    return ", ".join(parts) + (f" (chosen by {_code(how)})" if isinstance(how, str) else "")
+
+
 def card_markdown(entry: Entry) -> str:
     """The card as a heading, a summary line and a list of what is known."""
     card, cfg = entry.card, entry.config
@@ -102,6 +114,7 @@ def card_markdown(entry: Entry) -> str:
         items = _number(card, "held_out_items")
         rows.append(("Held-out", f"{bits:.3f} bits/dim" + (f" on {int(items):,} items" if items else "")))
     rows.append(("Evaluation", _evaluation(card)))
+    rows.append(("Sampling defaults", _sampling(entry)))
     weights = card.get("weights") if isinstance(card.get("weights"), dict) else {}
     if weights:
         size = f", {weights['bytes'] / 1e6:.1f} MB" if isinstance(weights.get("bytes"), int) else ""

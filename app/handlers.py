@@ -59,12 +59,15 @@ def _whole(label: str, value: object, lo: int, hi: int) -> int:
     return value
 
 
-def sampling_options(temperature: object, top_k: object, top_p: object) -> SamplingOptions:
-    """Temperature 0..2 (0 = greedy); top-k 0 or None (off) .. 256; top-p in (0, 1] (1 or None = off): a program
-    calling the API may pass None for "off", as sample.py's --top-k / --top-p default to."""
-    t = _number("Temperature", temperature, 0, MAX_TEMPERATURE)
-    k = 0 if top_k is None else _whole("Top-k", top_k, 0, 256)
-    p = 1.0 if top_p is None else _number("Top-p", top_p, 0, 1)
+def sampling_options(temperature: object, top_k: object, top_p: object,
+                     defaults: SamplingOptions | None = None) -> SamplingOptions:
+    """Temperature 0..2 (0 = greedy); top-k 0 (off) .. 256; top-p in (0, 1] (1 = off). A value not given (None,
+    as a program calling the API may pass, and as sample.py's flags default to) is the model's ``defaults``
+    (none: temperature 1, no filter)."""
+    defaults = defaults or SamplingOptions()
+    t = defaults.temperature if temperature is None else _number("Temperature", temperature, 0, MAX_TEMPERATURE)
+    k = (defaults.top_k or 0) if top_k is None else _whole("Top-k", top_k, 0, 256)
+    p = (defaults.top_p or 1.0) if top_p is None else _number("Top-p", top_p, 0, 1)
     if p == 0:
         raise gr.Error("Top-p must be above 0 (1 keeps every token), got 0")
     return SamplingOptions(t, k or None, p if p < 1 else None)
@@ -161,6 +164,15 @@ class Studio:
             return entries[0].name
         return name
 
+    def options(self, model_name: str, kind: str, temperature: object, top_k: object, top_p: object
+                ) -> SamplingOptions:
+        """The options asked for, each one not given (None) from the model card's sampling defaults."""
+        try:
+            defaults = self.registry.entry(model_name, kind).defaults
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+        return sampling_options(temperature, top_k, top_p, defaults)
+
     # ---- images ----
 
     def image_job(self, picture: object, prompt_rows: object, num_samples: object, temperature: object,
@@ -171,12 +183,12 @@ class Studio:
             raise gr.Error("Upload a picture (or pick an example) to complete, or set prompt rows to 0 to "
                            "sample whole pictures from scratch")
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
-        options = sampling_options(temperature, top_k, top_p)
+        model_name = self.default_model(model_name, "image")
+        options = self.options(model_name, "image", temperature, top_k, top_p)
         if seed + n - 1 > MAX_SEED:  # sample i uses seed + i: each must be a seed the Seed field takes back
             raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
                            f"seeds go up to {MAX_SEED}), got {seed}")
         original = _read(load_image, upload) if upload else None
-        model_name = self.default_model(model_name, "image")
         return Job(str(model_name), list(range(seed, seed + n)), options, original, upload[1] if upload else None,
                    rows=rows)
 
@@ -250,7 +262,8 @@ class Studio:
         """length None: what the model's context leaves after the prompt, at most 65,536 samples."""
         upload = uploaded(clip, "clip")
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
-        options = sampling_options(temperature, top_k, top_p)
+        model_name = self.default_model(model_name, "audio")
+        options = self.options(model_name, "audio", temperature, top_k, top_p)
         if seed + n - 1 > MAX_SEED:  # sample i uses seed + i: each must be a seed the Seed field takes back
             raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
                            f"seeds go up to {MAX_SEED}), got {seed}")
@@ -269,7 +282,6 @@ class Studio:
             if np.abs(prompt).max() < SILENCE:
                 raise gr.Error(f"the first {len(prompt) / SAMPLE_RATE:.2f} s of {upload[1]} are silent: use a longer "
                                "prompt, or a clip that starts with sound")
-        model_name = self.default_model(model_name, "audio")
         try:
             context = self.registry.entry(model_name, "audio").config.seq_len
         except ValueError as e:

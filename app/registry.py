@@ -11,6 +11,7 @@ import torch
 
 from models import CheckpointError, card_kind, config_from_card, load_card, load_model
 from models.architectures import Config, Model
+from sampling import SamplingOptions, card_defaults
 
 LOADED_MODELS = 2  # models kept in memory at once (least recently used ones are dropped)
 
@@ -27,6 +28,11 @@ class Entry:
     @property
     def config(self) -> Config:
         return config_from_card(self.card)
+
+    @property
+    def defaults(self) -> SamplingOptions:
+        """The card's sampling defaults (temperature 1, no filter without them)."""
+        return card_defaults(self.card)
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,7 +62,8 @@ class Registry:
             path = card_path.with_suffix("")
             try:
                 card = load_card(path)
-            except CheckpointError as e:
+                card_defaults(card)
+            except (CheckpointError, ValueError) as e:
                 self.problems.append(f"{card_path.name}: {e}")
                 continue
             self.entries.append(Entry(path.name, path, card_kind(card, config_from_card(card)), card))

@@ -13,6 +13,7 @@ import gradio as gr
 
 from media.audio import SAMPLE_RATE
 from models import LSTMConfig
+from sampling import SamplingOptions
 
 from .api import api_functions
 from .cards import card_markdown, layout_picture, weight_layout_picture
@@ -104,12 +105,27 @@ def seed_controls() -> tuple[gr.Number, gr.Checkbox]:
     return seed, randomize
 
 
-def advanced_controls() -> tuple[gr.Slider, gr.Slider]:
+def temperature_control(defaults: SamplingOptions) -> gr.Slider:
+    return gr.Slider(0, MAX_TEMPERATURE, defaults.temperature, step=0.05, label="Temperature",
+                     info="0 = always the likeliest value; starts at the model's default")
+
+
+def advanced_controls(defaults: SamplingOptions) -> tuple[gr.Slider, gr.Slider]:
     with gr.Accordion("Advanced", open=False):
-        top_k = gr.Slider(0, 256, 0, step=1, label="Top-k", info="keep the k likeliest values (0 = off)")
-        top_p = gr.Slider(0.01, 1, 1, step=0.01, label="Top-p", info="keep the likeliest values up to this mass "
-                                                                    "(1 = off)")
+        top_k = gr.Slider(0, 256, defaults.top_k or 0, step=1, label="Top-k",
+                          info="keep the k likeliest values (0 = off)")
+        top_p = gr.Slider(0.01, 1, defaults.top_p or 1, step=0.01, label="Top-p",
+                          info="keep the likeliest values up to this mass (1 = off)")
     return top_k, top_p
+
+
+def model_defaults(registry: Registry, kind: str, model: gr.Dropdown, controls: list[gr.Slider]) -> None:
+    """When another model is picked, set temperature, top-k and top-p to its card's sampling defaults."""
+    def defaults(name: str) -> tuple[float, int, float]:
+        options = registry.entry(name, kind).defaults
+        return options.temperature, options.top_k or 0, options.top_p or 1.0
+
+    model.change(defaults, model, controls, api_visibility="private", queue=False)
 
 
 def run_buttons(label: str) -> tuple[gr.Button, gr.Button]:
@@ -133,13 +149,14 @@ def image_tab(studio: Studio, history: gr.State) -> None:
                                 buttons=[], elem_id="image-crop")
             rows = gr.Slider(0, 63, 32, step=1, label="Prompt rows", elem_id="prompt-rows",
                              info="rows kept from the top (above the red line); the model draws the rest")
+            defaults = registry.of_kind("image")[0].defaults  # the first model's, as the picker's choice
             with gr.Row():
-                temperature = gr.Slider(0, MAX_TEMPERATURE, 1.0, step=0.05, label="Temperature",
-                                        info="0 = always the likeliest value")
+                temperature = temperature_control(defaults)
                 samples = gr.Slider(1, MAX_SAMPLES, 4, step=1, label="Samples", elem_id="image-samples")
             seed, randomize = seed_controls()
-            top_k, top_p = advanced_controls()
+            top_k, top_p = advanced_controls(defaults)
             model = model_picker(registry, "image")
+            model_defaults(registry, "image", model, [temperature, top_k, top_p])
             run, stop = run_buttons("Complete")
             gr.Examples(sorted(str(p) for p in EXAMPLES.glob("*.png")), inputs=[picture],
                         label="Examples (drawn by app/examples/make_examples.py)")
@@ -175,11 +192,12 @@ def audio_tab(studio: Studio, history: gr.State) -> None:
             length = gr.Slider(0.01, round(longest, 2), round(min(2.0, longest / 2), 2), step=0.01,
                                label="Length (s)", info=f"up to {longest:.2f} s (the model's context) with the prompt",
                                elem_id="audio-length")
-            temperature = gr.Slider(0, MAX_TEMPERATURE, 1.0, step=0.05, label="Temperature",
-                                    info="0 = always the likeliest value")
+            defaults = registry.of_kind("audio")[0].defaults
+            temperature = temperature_control(defaults)
             seed, randomize = seed_controls()
-            top_k, top_p = advanced_controls()
+            top_k, top_p = advanced_controls(defaults)
             model = model_picker(registry, "audio")
+            model_defaults(registry, "audio", model, [temperature, top_k, top_p])
             run, stop = run_buttons("Generate")
             gr.Examples([[str(p), CONTINUE] for p in sorted(EXAMPLES.glob("*.flac"))], inputs=[clip, mode],
                         label="Examples (synthesised by app/examples/make_examples.py)")

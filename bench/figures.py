@@ -23,7 +23,7 @@ from PIL import Image
 from data.loader import open_dataset
 from media.audio import SAMPLE_RATE, save_wav, tokens_to_audio
 from media.image import tokens_to_image
-from media.pictures import GRID_GAP, audio_picture, make_grid, masked_prompt
+from media.pictures import audio_picture, make_grid, masked_prompt, stack
 from models import model_kind
 from models.checkpoint import load_model
 from sampling import complete_image, generate_audio
@@ -42,9 +42,7 @@ def image_figure(model, val, n_images: int, n_samples: int, out: Path) -> Path:
         image = tokens_to_image(np.asarray(val[k * len(val) // n_images])[None])[0]
         done = last(complete_image(model, image, PROMPT_ROWS, list(range(n_samples)), batch_size=n_samples))
         rows.append(make_grid([masked_prompt(image, PROMPT_ROWS), *done.media, image], PROMPT_ROWS))
-    gap = np.full((GRID_GAP, rows[0].shape[1], 3), 255, np.uint8)
-    picture = np.concatenate([x for r in rows for x in (r, gap)][:-1])
-    Image.fromarray(picture).save(out)
+    Image.fromarray(stack(rows)).save(out)
     return out
 
 

@@ -11,7 +11,8 @@ Audio: the model's bits per byte on the 65,536-sample validation clips (8-bit mu
 (``evaluation``) so the app and README show them.
 
 What a user sees and hears (media/measures.py), for --measure N samples (default 4; 0: off) drawn with
---temperature / --top-k / --top-p (default: the app's, temperature 1, no filter), seeds 0..N-1:
+--temperature / --top-k / --top-p (each not given: the model card's sampling defaults, as in the app and sample.py;
+without them temperature 1, no filter), seeds 0..N-1:
 N samples from scratch and N continuations of the first N of the evaluated validation items, next to the
 same measure of those validation items. Audio: median spectral flatness (music about 0.005, noise about
 0.56) of --measure-length samples (default 24,000: 2 s), the continuations after a prompt of as many
@@ -42,7 +43,7 @@ from models import model_kind
 from models.architectures import TRANSFORMER
 from models.checkpoint import checkpoint_paths, load_model, update_card
 from models.evaluate import sequence_bits
-from sampling import SamplingOptions, complete_image, generate_audio
+from sampling import SamplingOptions, complete_image, generate_audio, resolve_options
 
 PROMPT_ROWS = 32  # image continuations: the top half is given
 
@@ -84,9 +85,10 @@ class Spread:
 
 
 def evaluate(path: Path, data: str | None, items: int | None, batch: int, measure: int = 0,
-             options: SamplingOptions | None = None, length: int = 24000) -> dict:
+             requested: tuple = (None, None, None), length: int = 24000) -> dict:
     """Model and codec bits per token on the validation split, over the same items; with ``measure``, the
-    measures of that many samples (:func:`sample_measures`)."""
+    measures of that many samples (:func:`sample_measures`) drawn with the ``requested`` (temperature, top_k,
+    top_p), each None taken from the card's sampling defaults."""
     model = load_model(path)
     card = model.card
     kind = model_kind(model)
@@ -117,7 +119,7 @@ def evaluate(path: Path, data: str | None, items: int | None, batch: int, measur
               "items": n, "of_items": len(val), "tokens": tokens, "model": model_bits / tokens,
               "codecs": {k: v / tokens for k, v in codecs.items()}, "model_seconds": seconds}
     if measure:
-        options = options or SamplingOptions()
+        options = resolve_options(card, *requested)
         result["samples"] = {"count": measure, "options": vars(options),
                              **sample_measures(model, kind, picked, measure, options, length, batch)}
     return result
@@ -174,9 +176,11 @@ def main() -> None:
                     help="measure N samples from scratch and N continuations (default 4; 0: off)")
     ap.add_argument("--measure-length", type=int, default=24000, metavar="T",
                     help="audio samples generated per measured clip (default 24,000: 2 s)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the measured samples")
-    ap.add_argument("--top-k", type=int, help="top-k of the measured samples (default off)")
-    ap.add_argument("--top-p", type=float, help="top-p of the measured samples (default off)")
+    ap.add_argument("--temperature", type=float,
+                    help="sampling temperature of the measured samples (default: the card's, else 1)")
+    ap.add_argument("--top-k", type=int, help="top-k of the measured samples, 0 = off (default: the card's, else off)")
+    ap.add_argument("--top-p", type=float,
+                    help="top-p of the measured samples, 1 = off (default: the card's, else off)")
     a = ap.parse_args()
     if a.items is not None and a.items < 1:
         ap.error("--items must be >= 1")
@@ -184,8 +188,9 @@ def main() -> None:
         ap.error("--batch must be >= 1")
     if a.measure < 0 or a.measure_length < 1024:
         ap.error("--measure must be >= 0 and --measure-length >= 1024 (one flatness frame)")
+    requested = (a.temperature, a.top_k, a.top_p)
     try:
-        options = SamplingOptions(a.temperature, a.top_k, a.top_p)
+        resolve_options(None, *requested)
     except ValueError as e:
         ap.error(str(e))
     paths = a.checkpoint or sorted(p.with_suffix("") for p in a.checkpoints.glob("*.safetensors"))
@@ -193,7 +198,7 @@ def main() -> None:
         ap.error(f"no checkpoints in {a.checkpoints}")
     results = []
     for path in paths:
-        r = evaluate(checkpoint_paths(path)[0].with_suffix(""), a.data, a.items, a.batch, a.measure, options,
+        r = evaluate(checkpoint_paths(path)[0].with_suffix(""), a.data, a.items, a.batch, a.measure, requested,
                      a.measure_length)
         best = min(r["codecs"].values())
         r["saving_vs_best_codec"] = 1 - r["model"] / best

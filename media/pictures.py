@@ -84,3 +84,33 @@ def audio_picture(samples: np.ndarray, prompt_len: int = 0, total_len: int | Non
     out[pad: pad + wave_height, pad: pad + width] = wave
     out[2 * pad + wave_height: 2 * pad + wave_height + spectrum_height, pad: pad + width] = spec
     return out
+
+
+LABEL_HEIGHT = 18  # pixels of the text band labelled() puts above a picture
+
+
+def labelled(picture: np.ndarray, text: str, height: int = LABEL_HEIGHT) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> [height + H, W, 3]: ``text`` in black on a white band above the picture."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    a = np.asarray(picture)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"picture must be uint8 [H, W, 3], got {a.dtype} {a.shape}")
+    if height < 8:
+        raise ValueError(f"height must be >= 8 pixels, got {height}")
+    band = Image.new("RGB", (a.shape[1], height), BACKGROUND)
+    ImageDraw.Draw(band).text((2, 1), text, fill=(0, 0, 0), font=ImageFont.load_default(height - 5))
+    return np.concatenate([np.asarray(band), a])
+
+
+def stack(pictures: list[np.ndarray], gap: int = GRID_GAP) -> np.ndarray:
+    """uint8 RGB pictures one above the other, left-aligned on white, ``gap`` pixels apart."""
+    if not pictures:
+        raise ValueError("stack needs at least one picture")
+    width = max(p.shape[1] for p in pictures)
+    rows = []
+    for p in pictures:
+        row = np.full((p.shape[0] + gap, width, 3), BACKGROUND, np.uint8)
+        row[: p.shape[0], : p.shape[1]] = p
+        rows.append(row)
+    return np.concatenate(rows)[:-gap] if gap else np.concatenate(rows)

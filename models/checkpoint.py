@@ -194,11 +194,15 @@ CARD_FIELDS: dict[str, tuple[type, ...]] = {
     "steps": _INT + _NONE, "tokens_seen": _INT + _NONE, "held_out_items": _INT + _NONE,
     "compute_pf_days": _NUMBER + _NONE, "held_out_bits_per_dim": _NUMBER + _NONE, "ema_decay": _NUMBER + _NONE,
     "date": _TEXT + _NONE, "data": (dict, str, *_NONE), "training": (dict, *_NONE), "evaluation": (dict, *_NONE),
-    "training_history": (list, *_NONE), "pruned": (dict, *_NONE), "architecture": _TEXT,
+    "training_history": (list, *_NONE), "pruned": (dict, *_NONE), "sampling": (dict, *_NONE),
+    "architecture": _TEXT,
 }
 REQUIRED_CARD_FIELDS = ("format", "config", "weights")
 WEIGHTS_FIELDS: dict[str, tuple[type, ...]] = {"file": _TEXT, "bytes": _INT, "sha256": _TEXT}
 CODEC_FIELDS: dict[str, tuple[type, ...]] = {"kind": _TEXT + _NONE, "sample_rate": _INT + _NONE}
+# the sampling defaults (bench/sampling_sweep.py); their ranges are SamplingOptions' (sampling.card_defaults)
+SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {"temperature": _NUMBER, "top_k": _INT + _NONE,
+                                                "top_p": _NUMBER + _NONE}
 _TYPE_NAMES = {int: "a whole number", float: "a number", str: "a string", dict: "an object", list: "a list",
                type(None): "null"}
 
@@ -237,6 +241,8 @@ def check_card(card: object, card_path: object = "(card)") -> dict:
                               "its SHA-256 as 64 lower-case hex digits")
     if card.get("codec") is not None:
         _check_fields("codec.", card["codec"], CODEC_FIELDS, (), card_path)
+    if card.get("sampling") is not None:
+        _check_fields("sampling.", card["sampling"], SAMPLING_FIELDS, (), card_path)
     for key in ("parameters", "steps", "tokens_seen", "held_out_items"):
         if isinstance(card.get(key), int) and card[key] < 0:
             raise CheckpointError(f"model card {card_path}: {key!r} must be >= 0, got {card[key]}")

@@ -57,3 +57,32 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: Samplin
     cdf = probs.cumsum(-1)
     target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+def card_defaults(card: dict | None) -> SamplingOptions:
+    """The sampling defaults a model card holds ("sampling": temperature, top_k, top_p, chosen by
+    bench/sampling_sweep.py), or SamplingOptions() (temperature 1, no filter) for a card without them.
+    ValueError naming the card's field when its values are not valid options."""
+    field = (card or {}).get("sampling")
+    if field is None:
+        return SamplingOptions()
+    if not isinstance(field, dict):
+        raise ValueError(f"the model card's 'sampling' must be an object, got {type(field).__name__}")
+    try:
+        return SamplingOptions(field.get("temperature", 1.0), field.get("top_k"), field.get("top_p"))
+    except ValueError as e:
+        raise ValueError(f"the model card's sampling defaults are invalid: {e}") from None
+
+
+def resolve_options(card: dict | None, temperature: float | None = None, top_k: int | None = None,
+                    top_p: float | None = None) -> SamplingOptions:
+    """The options a user asked for, each value not given (None) taken from the card's defaults
+    (:func:`card_defaults`). top_k 0 and top_p 1 turn a filter off whatever the card says; the result holds
+    None for a filter that is off. ValueError for a bad value."""
+    defaults = card_defaults(card)
+    options = SamplingOptions(defaults.temperature if temperature is None else temperature,
+                              defaults.top_k if top_k is None else (top_k or None),
+                              defaults.top_p if top_p is None else top_p)
+    if options.top_p == 1:
+        options = SamplingOptions(options.temperature, options.top_k, None)
+    return options

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from models import load_card, load_model, model_kind
+from sampling import SamplingOptions, card_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"image64": ("image", "bits/dim", {"PNG", "WebP lossless"}), "audio12k": ("audio", "bits/byte", {"FLAC"})}
@@ -26,6 +27,10 @@ def test_a_shipped_checkpoint_loads_and_its_card_says_what_it_is(name):
     evaluation = card["evaluation"]
     assert evaluation["unit"] == unit and set(evaluation["codecs"]) == codecs and evaluation["items"] > 0
     assert 0 < evaluation["model"] < 8
+    sampling = card["sampling"]  # the defaults bench/sampling_sweep.py chose, with every setting it measured
+    chosen = [r for r in sampling["measured"] if r.get("chosen")]
+    assert sampling["chosen_by"].startswith("python -m bench.sampling_sweep") and len(chosen) == 1
+    assert card_defaults(card) == SamplingOptions(chosen[0]["temperature"], chosen[0]["top_k"], chosen[0]["top_p"])
 
 
 def test_the_cli_defaults_to_the_shipped_checkpoints_and_the_app_finds_them():
