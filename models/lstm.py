@@ -27,6 +27,8 @@ from torch import nn
 
 from kernels import BSMM_BLOCKS, BlockSparseLinear, small_world_ba, small_world_ws
 
+from .model import check_int, config_from_dict
+
 LAYOUT_KINDS = ("ws", "ba")  # small_world_ws, small_world_ba
 ARCHITECTURE = "lstm"  # the model card's "architecture"
 
@@ -66,8 +68,7 @@ class LSTMConfig:
         if self.layout not in LAYOUT_KINDS:
             raise ValueError(f"layout must be one of {LAYOUT_KINDS} (Watts-Strogatz, Barabasi-Albert), "
                              f"got {self.layout!r}")
-        if isinstance(self.layout_seed, bool) or not isinstance(self.layout_seed, int) or self.layout_seed < 0:
-            raise ValueError(f"layout_seed must be an integer >= 0, got {self.layout_seed!r}")
+        check_int("layout_seed", self.layout_seed, 0)
         if isinstance(self.rewire_p, bool) or not isinstance(self.rewire_p, (int, float)) or \
                 not 0 <= self.rewire_p <= 1:
             raise ValueError(f"rewire_p must be in [0, 1], got {self.rewire_p!r}")
@@ -122,13 +123,7 @@ class LSTMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> LSTMConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"an LSTM config must be a dict, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown LSTM config fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "an LSTM config")
 
 
 class LSTMState(NamedTuple):

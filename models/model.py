@@ -35,6 +35,18 @@ def check_int(name: str, value: object, lo: int, hi: int | None = None) -> int:
     return value
 
 
+def config_from_dict(cls: type, d: object, what: str):
+    """``cls(**d)`` for a config dataclass read from a card; ValueError for a non-dict or unknown fields.
+    what: the config's name in messages, with its article ("a model config")."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a dict, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what.split(' ', 1)[1]} fields {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that fixes the model's shapes and maths (stored in every checkpoint card).
@@ -206,13 +218,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"a model config must be a dict, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model config fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "a model config")
 
 
 @lru_cache(maxsize=256)
