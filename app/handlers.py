@@ -59,6 +59,14 @@ def _whole(label: str, value: object, lo: int, hi: int) -> int:
     return value
 
 
+def _sample_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of n samples: sample i uses seed + i, and each must be a seed the Seed field takes back."""
+    if seed + n - 1 > MAX_SEED:
+        raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
+                       f"seeds go up to {MAX_SEED}), got {seed}")
+    return list(range(seed, seed + n))
+
+
 def sampling_options(temperature: object, top_k: object, top_p: object,
                      defaults: SamplingOptions | None = None) -> SamplingOptions:
     """Temperature 0..2 (0 = greedy); top-k 0 (off) .. 256; top-p in (0, 1] (1 = off). A value not given (None,
@@ -185,11 +193,9 @@ class Studio:
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
         model_name = self.default_model(model_name, "image")
         options = self.options(model_name, "image", temperature, top_k, top_p)
-        if seed + n - 1 > MAX_SEED:  # sample i uses seed + i: each must be a seed the Seed field takes back
-            raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
-                           f"seeds go up to {MAX_SEED}), got {seed}")
+        seeds = _sample_seeds(seed, n)
         original = _read(load_image, upload) if upload else None
-        return Job(str(model_name), list(range(seed, seed + n)), options, original, upload[1] if upload else None,
+        return Job(str(model_name), seeds, options, original, upload[1] if upload else None,
                    rows=rows)
 
     def run_images(self, job: Job, progress: Callable) -> Iterator[tuple[np.ndarray, str] | HistoryEntry]:
@@ -264,9 +270,7 @@ class Studio:
         n = _whole("Number of samples", num_samples, 1, MAX_SAMPLES)
         model_name = self.default_model(model_name, "audio")
         options = self.options(model_name, "audio", temperature, top_k, top_p)
-        if seed + n - 1 > MAX_SEED:  # sample i uses seed + i: each must be a seed the Seed field takes back
-            raise gr.Error(f"Seed must be at most {MAX_SEED - n + 1} with {n} samples (sample i uses seed + i, and "
-                           f"seeds go up to {MAX_SEED}), got {seed}")
+        seeds = _sample_seeds(seed, n)
         prompt, seconds = None, None
         if upload:
             seconds = _number("Prompt length (seconds)", prompt_seconds, 0, 3600) if prompt_seconds is not None \
@@ -295,7 +299,7 @@ class Studio:
             raise gr.Error(f"{length_label} must be above 0 and at most {room / SAMPLE_RATE:.2f} seconds ({room:,} "
                            f"samples): the model {model_name} holds {context:,} samples ({context / SAMPLE_RATE:.2f} "
                            f"s){after}, got {length_given!r}")
-        return Job(str(model_name), list(range(seed, seed + n)), options, prompt, upload[1] if upload else None,
+        return Job(str(model_name), seeds, options, prompt, upload[1] if upload else None,
                    length=length, prompt_seconds=seconds)
 
     def run_audio(self, job: Job, progress: Callable) -> Iterator[tuple[np.ndarray, np.ndarray | None, str]
