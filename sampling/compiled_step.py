@@ -8,27 +8,16 @@ threads in lockstep, with each weight matrix packed so that a tile of 16 outputs
 contiguously. It reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a
 prompt prefilled by the parallel forward pass continues in C.
 
-Building and loading (:func:`library`). The system's C compiler (``$CC``, else ``cc``) builds the
-library into this user's cache folder, ``$XDG_CACHE_HOME/sparse-transformer-studio`` (default
-``~/.cache/...``), created with mode 0700. Before anything is loaded, the folder and the file are
-checked: a real folder and a regular file (no links) owned by this user that no one else can write
-to. A cache folder that fails the check is not used: the library is built into a fresh private
-temporary folder instead. Nothing is ever loaded from a shared folder. The file name is a hash of
-the source, the compiler's path and ``--version``, the flags and the CPU's feature flags. The app
-builds it at start-up (:func:`prepare`). Without a working compiler, or with ``STS_FUSED_STEP=0``
-in the environment, there is no library and the sampler uses the PyTorch step.
+Building and loading (:func:`library`): kernels/native.py builds the library once per machine into this
+user's private cache folder (never loading anything from a shared folder). The app builds it at start-up
+(:func:`prepare`). Without a working compiler, or with ``STS_FUSED_STEP=0`` in the environment, there is
+no library and the sampler uses the PyTorch step.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import stat
-import subprocess
-import tempfile
 import time
 import weakref
 from functools import lru_cache
@@ -36,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import All, Fixed, Local, Strided
+from kernels import All, Fixed, Local, Strided, native
 from models.model import SparseTransformer
 
 from .kv_cache import FixedCache, LayerCache
@@ -44,9 +33,6 @@ from .options import SamplingOptions
 from .step import DecodeStep
 
 SOURCE = Path(__file__).with_name("compiled_step.c")
-FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
-ARCH_FLAGS = (["-march=native"], [])  # -march=native is not known to every compiler: then a plain build
-BUILD_TIMEOUT = 300  # seconds for one compile
 TILE = 16  # outputs per packed weight tile (compiled_step.c)
 MAX_THREADS = 64  # compiled_step.c: the partial results combined per head
 MAX_HEADS = 64  # compiled_step.c: Layer.lo
@@ -62,113 +48,7 @@ RETUNE_EVERY = 4096
 _P = ctypes.c_void_p
 
 
-class UnsafeFolder(Exception):
-    """A cache folder or file that someone other than this user could have written."""
-
-
-def cache_dir() -> Path:
-    """This user's cache folder for the compiled library."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sparse-transformer-studio"
-
-
-def _check_private(path: Path, folder: bool) -> None:
-    """UnsafeFolder unless ``path`` is a folder (or regular file), not a link, owned by this user, that
-    neither its group nor others can write to."""
-    st = os.lstat(path)
-    kind_ok = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
-    if not kind_ok:
-        raise UnsafeFolder(f"{path} is not a {'folder' if folder else 'regular file'}")
-    if st.st_uid != os.getuid():
-        raise UnsafeFolder(f"{path} belongs to user {st.st_uid}, not to this user ({os.getuid()})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeFolder(f"{path} can be written by others (mode {stat.S_IMODE(st.st_mode):o})")
-
-
-def _private_cache() -> tuple[Path, str]:
-    """(a folder only this user can write, a note when it is not the usual cache folder)."""
-    folder = cache_dir()
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _check_private(folder, folder=True)
-        return folder, ""
-    except (OSError, UnsafeFolder) as e:
-        return Path(tempfile.mkdtemp(prefix="sparse-transformer-studio-")), f"cache folder not used: {e}"
-
-
-def _cpu_id() -> str:
-    """What the compiled code depends on: the machine and (on Linux) the CPU's feature flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()} {flags}"
-
-
-def _compiler_version(cc: str) -> str:
-    """``cc --version`` (a ValueError if the compiler does not run)."""
-    try:
-        run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ValueError(f"{cc} does not run: {e}") from None
-    return run.stdout.strip()
-
-
-def _command(cc: str, arch: list[str], out: Path) -> list[str]:
-    return [cc, *FLAGS, *arch, str(SOURCE), "-o", str(out), "-lm"]
-
-
-def _library_name(cc: str, version: str, arch: list[str]) -> str:
-    """The file name: a hash of everything the compiled code depends on."""
-    key = "\0".join([SOURCE.read_text(), cc, version, " ".join(_command(cc, arch, Path("out"))), _cpu_id()])
-    return f"compiled_step-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
-
-
-def _compile(cc: str, arch: list[str], out: Path) -> str | None:
-    """Compile SOURCE into ``out``; None on success, else the compiler's complaint."""
-    try:
-        run = subprocess.run(_command(cc, arch, out), capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return str(e)
-    if run.returncode == 0:
-        return None
-    lines = run.stderr.strip().splitlines()
-    return lines[-1] if lines else f"{cc} exited with {run.returncode}"
-
-
 _status = {"path": None, "error": "", "note": ""}  # what the last library() did (see status())
-
-
-def _find_or_build() -> Path:
-    """The path of a checked library for this machine, built if need be; a ValueError saying why not."""
-    name = os.environ.get("CC", "cc")
-    cc = shutil.which(name)
-    if cc is None:
-        raise ValueError(f"no C compiler ({name}) on the PATH")
-    version = _compiler_version(cc)
-    folder, _status["note"] = _private_cache()
-    names = [_library_name(cc, version, arch) for arch in ARCH_FLAGS]
-    for lib_name in names:  # built before (by this user)
-        path = folder / lib_name
-        if path.exists():
-            try:
-                _check_private(path, folder=False)
-                return path
-            except UnsafeFolder as e:
-                _status["note"] = f"{e}: not loaded"
-    error = f"{cc} did not run"
-    for arch, lib_name in zip(ARCH_FLAGS, names, strict=True):
-        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
-        os.close(fd)
-        error = _compile(cc, arch, Path(tmp))
-        if error is None:
-            os.chmod(tmp, 0o700)
-            os.replace(tmp, folder / lib_name)  # atomic: a concurrent build writes the same bytes
-            return folder / lib_name
-        os.unlink(tmp)
-    raise ValueError(f"{cc}: {error}")
 
 
 @lru_cache(maxsize=1)
@@ -180,7 +60,7 @@ def library() -> ctypes.CDLL | None:
         _status["error"] = "it is turned off (STS_FUSED_STEP=0)"
         return None
     try:
-        path = _find_or_build()
+        path, _status["note"] = native.find_or_build(SOURCE)
         lib = ctypes.CDLL(str(path))
     except (OSError, ValueError) as e:  # no compiler, a failed build, a library that does not load here
         _status["error"] = f"it could not be built ({e}; install a C compiler, or name one in $CC)"

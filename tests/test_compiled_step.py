@@ -2,6 +2,7 @@
 rows per pass, argument checks, and how the library is built, cached and (never) loaded from elsewhere."""
 
 import os
+import shutil
 import stat
 import subprocess
 import tempfile
@@ -10,6 +11,7 @@ import pytest
 import torch
 from helpers import needs_compiler, small_model
 
+from kernels import native
 from sampling import Decoder, SamplingOptions, choose_tokens
 from sampling import compiled_step as cs
 from sampling.compiled_step import CompiledStep, library, prepare
@@ -189,7 +191,8 @@ def test_a_library_planted_in_a_shared_or_unsafe_folder_is_never_loaded(env, tmp
     where an earlier version also looked, and in a cache folder that others can write to: neither is loaded;
     the step is built into a private folder and runs."""
     cc = os.environ.get("CC", "cc")
-    name = cs._library_name(cs.shutil.which(cc), cs._compiler_version(cs.shutil.which(cc)), cs.ARCH_FLAGS[0])
+    path = shutil.which(cc)
+    name = native.library_name(cs.SOURCE, path, native.compiler_version(path), native.ARCH_FLAGS[0])
     marker = tmp_path / "planted-library-was-loaded"
     shared = tmp_path / "shared-tmp" / "sparse-transformer-studio"
     shared.mkdir(parents=True)

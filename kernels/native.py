@@ -1,0 +1,135 @@
+"""Compiled C code: built once per machine into this user's private cache folder, then loaded with ctypes.
+
+The system's C compiler (``$CC``, else ``cc``) builds a source file into
+``$XDG_CACHE_HOME/sparse-transformer-studio`` (default ``~/.cache/...``), created with mode 0700. Before
+anything is loaded, the folder and the file are checked: a real folder and a regular file (no links)
+owned by this user that no one else can write to. A cache folder that fails the check is not used: the
+library is built into a fresh private temporary folder instead. Nothing is ever loaded from a shared
+folder. The file name is a hash of the source, the compiler's path and ``--version``, the flags and the
+CPU's feature flags, so that a changed source, compiler or machine builds afresh.
+
+Users: the compiled decoding step (sampling/compiled_step.c) and the block-sparse weight matmul
+(kernels/blocksparse_cpu.c).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+ARCH_FLAGS = (["-march=native"], [])  # -march=native is not known to every compiler: then a plain build
+BUILD_TIMEOUT = 300  # seconds for one compile
+
+
+class UnsafeFolder(Exception):
+    """A cache folder or file that someone other than this user could have written."""
+
+
+def cache_dir() -> Path:
+    """This user's cache folder for compiled libraries."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sparse-transformer-studio"
+
+
+def check_private(path: Path, folder: bool) -> None:
+    """UnsafeFolder unless ``path`` is a folder (or regular file), not a link, owned by this user, that
+    neither its group nor others can write to."""
+    st = os.lstat(path)
+    kind_ok = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    if not kind_ok:
+        raise UnsafeFolder(f"{path} is not a {'folder' if folder else 'regular file'}")
+    if st.st_uid != os.getuid():
+        raise UnsafeFolder(f"{path} belongs to user {st.st_uid}, not to this user ({os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeFolder(f"{path} can be written by others (mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _private_cache() -> tuple[Path, str]:
+    """(a folder only this user can write, a note when it is not the usual cache folder)."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private(folder, folder=True)
+        return folder, ""
+    except (OSError, UnsafeFolder) as e:
+        return Path(tempfile.mkdtemp(prefix="sparse-transformer-studio-")), f"cache folder not used: {e}"
+
+
+def _cpu_id() -> str:
+    """What the compiled code depends on: the machine and (on Linux) the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()} {flags}"
+
+
+def compiler_version(cc: str) -> str:
+    """``cc --version`` (a ValueError if the compiler does not run)."""
+    try:
+        run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ValueError(f"{cc} does not run: {e}") from None
+    return run.stdout.strip()
+
+
+def _command(cc: str, source: Path, arch: list[str], out: Path) -> list[str]:
+    return [cc, *FLAGS, *arch, str(source), "-o", str(out), "-lm"]
+
+
+def library_name(source: Path, cc: str, version: str, arch: list[str]) -> str:
+    """The file name: the source's stem and a hash of everything the compiled code depends on."""
+    key = "\0".join([source.read_text(), cc, version, " ".join(_command(cc, source, arch, Path("out"))), _cpu_id()])
+    return f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
+
+
+def _compile(cc: str, source: Path, arch: list[str], out: Path) -> str | None:
+    """Compile ``source`` into ``out``; None on success, else the compiler's complaint."""
+    try:
+        run = subprocess.run(_command(cc, source, arch, out), capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if run.returncode == 0:
+        return None
+    lines = run.stderr.strip().splitlines()
+    return lines[-1] if lines else f"{cc} exited with {run.returncode}"
+
+
+def find_or_build(source: Path) -> tuple[Path, str]:
+    """(the path of a checked library of ``source`` for this machine, built if need be; a note, "" unless
+    the usual cache folder was not used); a ValueError saying why not."""
+    name = os.environ.get("CC", "cc")
+    cc = shutil.which(name)
+    if cc is None:
+        raise ValueError(f"no C compiler ({name}) on the PATH")
+    version = compiler_version(cc)
+    folder, note = _private_cache()
+    names = [library_name(source, cc, version, arch) for arch in ARCH_FLAGS]
+    for lib_name in names:  # built before (by this user)
+        path = folder / lib_name
+        if path.exists():
+            try:
+                check_private(path, folder=False)
+                return path, note
+            except UnsafeFolder as e:
+                note = f"{e}: not loaded"
+    error = f"{cc} did not run"
+    for arch, lib_name in zip(ARCH_FLAGS, names, strict=True):
+        fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
+        os.close(fd)
+        error = _compile(cc, source, arch, Path(tmp))
+        if error is None:
+            os.chmod(tmp, 0o700)
+            os.replace(tmp, folder / lib_name)  # atomic: a concurrent build writes the same bytes
+            return folder / lib_name, note
+        os.unlink(tmp)
+    raise ValueError(f"{cc}: {error}")
