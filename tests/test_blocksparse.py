@@ -1,9 +1,16 @@
-"""BlockSparseMatMul: the CPU path and the Triton kernels (interpreted on the CPU) match the dense masked
-reference in values and gradients, for every block size, dtype and kind of layout; bad input is refused."""
+"""BlockSparseMatMul: the CPU paths (compiled C and the PyTorch schedule) and the Triton kernels (interpreted
+on the CPU) match the dense masked reference in values and gradients, for every block size, dtype and kind
+of layout; bad input is refused."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from helpers import needs_compiler
 
+import kernels.blocksparse_cpu as cpu
 from kernels import BlockSparseMatMul, random_layout, small_world_ba, small_world_ws
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -52,6 +59,12 @@ def assert_close(got, want, dtype):
         assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
+@pytest.fixture
+def pytorch_schedule(monkeypatch):
+    """The CPU backend without its compiled C (as without a compiler): the PyTorch schedule runs float32 too."""
+    monkeypatch.setattr(cpu, "library", lambda: None)
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("block", [8, 16, 32, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -59,6 +72,57 @@ def test_cpu_matches_reference(layout, block, dtype):
     mm = BlockSparseMatMul(LAYOUTS[layout](), block)
     x, w, dy = inputs(mm, dtype)
     assert_close(run(mm, x, w, dy, "cpu"), run(mm, x, w, dy, "reference"), dtype)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_cpu_pytorch_schedule_matches_reference_in_float32(pytorch_schedule, layout, block):
+    mm = BlockSparseMatMul(LAYOUTS[layout](), block)
+    x, w, dy = inputs(mm, torch.float32)
+    assert_close(run(mm, x, w, dy, "cpu"), run(mm, x, w, dy, "reference"), torch.float32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("tokens", [1, 13, 150])
+def test_compiled_runs_float32_and_matches_reference_on_any_thread_count(monkeypatch, block, tokens):
+    """float32 products with blocks of 16-64 run in C (tile edges: 1, 13 and 150 tokens; dW's token chunks
+    at 150), give the same bits on 1, 2 and 3 threads, and a non-finite weight block reaches only its outputs."""
+    if cpu.library() is None:
+        pytest.skip(cpu.compiled_status())
+    calls = []
+    compiled_mm = cpu._compiled_mm
+    monkeypatch.setattr(cpu, "_compiled_mm", lambda *a, **k: calls.append(k["forward"]) or compiled_mm(*a, **k))
+    mm = BlockSparseMatMul(small_world_ba(6, 2, seed=5), block)
+    x, w, dy = inputs(mm, torch.float32, lead=(tokens,))
+    want = run(mm, x, w, dy, "reference")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(mm, x, w, dy, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [True, False] * 3
+    assert_close(results[0], want, torch.float32)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    j = mm.cols[0].item()  # w[0] feeds output block j only
+    w[0] = float("inf")
+    y = mm(x, w, backend="cpu").view(tokens, -1, block)
+    assert not torch.isfinite(y[:, j]).all()
+    assert torch.isfinite(y[:, [c for c in range(mm.out_blocks) if c != j]]).all()
+
+
+def test_compiled_can_be_turned_off_and_says_why():
+    """STS_COMPILED_BSMM=0: the PyTorch schedule runs, and compiled_status says so."""
+    code = ("import torch; import kernels.blocksparse_cpu as c; from kernels import BlockSparseMatMul, random_layout;"
+            "mm = BlockSparseMatMul(random_layout(3, 3, 0.5), 32); print(c.compiled_status());"
+            "c._compiled_mm = None; print(mm(torch.randn(5, 96), torch.randn(mm.w_shape)).shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "STS_COMPILED_BSMM": "0"}).stdout
+    assert "unavailable: turned off (STS_COMPILED_BSMM=0)" in out and "torch.Size([5, 96])" in out
 
 
 TRITON_CASES = [(layout, block, dtype) for layout in ("random-0.5", "empty-rows-cols") for block in (8, 16, 32, 64)
@@ -107,10 +171,8 @@ def test_only_the_needed_gradient_is_computed():
         torch.testing.assert_close(x_only.grad, run(mm, x, w, dy, "reference")[1])
 
 
-def test_cpu_tiles_split_tokens_and_blocks(monkeypatch):
+def test_cpu_tiles_split_tokens_and_blocks(pytorch_schedule, monkeypatch):
     """Tiny tiles: several output blocks per group split, tokens split (dW sums over token tiles)."""
-    import kernels.blocksparse_cpu as cpu
-
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 8192)
     monkeypatch.setattr(cpu, "MIN_TOKENS", 4)
     mm = BlockSparseMatMul(random_layout(7, 6, 0.4, seed=9), 32)
@@ -120,11 +182,11 @@ def test_cpu_tiles_split_tokens_and_blocks(monkeypatch):
 
 @pytest.mark.parametrize("tokens", [22, 130])
 @pytest.mark.parametrize("block", [8, 16])
-def test_cpu_small_float32_blocks_take_torch_bsr_where_measured_faster(monkeypatch, tokens, block):
-    """float32 blocks of 8 and 16 run dX through torch's BSR mm, and block 8 its forward too from 128 tokens;
-    both that and the gather schedule, which they would take otherwise (and take for dW), are right."""
-    import kernels.blocksparse_cpu as cpu
-
+def test_cpu_small_float32_blocks_take_torch_bsr_where_measured_faster(pytorch_schedule, monkeypatch, tokens,
+                                                                       block):
+    """In the PyTorch schedule, float32 blocks of 8 and 16 run dX through torch's BSR mm, and block 8 its
+    forward too from 128 tokens; both that and the gather schedule, which they would take otherwise (and take
+    for dW), are right."""
     calls = []
     bsr_product = cpu._bsr_product
     monkeypatch.setattr(cpu, "_bsr_product", lambda *a, **k: calls.append(k["forward"]) or bsr_product(*a, **k))
@@ -139,10 +201,8 @@ def test_cpu_small_float32_blocks_take_torch_bsr_where_measured_faster(monkeypat
     assert_close(run(mm, x, w, dy, "cpu"), want, torch.float32)
 
 
-def test_cpu_groups_pad_unequal_counts():
+def test_cpu_groups_pad_unequal_counts(pytorch_schedule):
     """Rows and columns with different block counts share padded groups; padding reads zero weights."""
-    import kernels.blocksparse_cpu as cpu
-
     layout = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 1, 0], [0, 0, 1, 1]])
     plan = cpu.cpu_plan(*layout.nonzero().unbind(1), 4, 4, 32)
     for schedule in (plan.by_col, plan.by_row):
