@@ -43,7 +43,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import CpuContention, cpu_name, error_text, fmt, print_table, ratio, sig
-from kernels import BlockSparseMatMul, random_layout
+from kernels import BlockSparseMatMul, blocksparse_cpu, random_layout
 
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.02)
 TARGET = dict(features=4096, tokens=256, block=32)  # the CPU targets are set on this shape
@@ -253,6 +253,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, {args.clock} clock")
+    compiled = blocksparse_cpu.compiled_status()
+    print(compiled)
     contention = CpuContention()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     cpu = run_cpu(args.features, args.tokens, args.blocks, args.densities, args.repeats, clock)
@@ -268,7 +270,7 @@ def main() -> None:
     else:
         print("GPU: no CUDA device here; the GPU section did not run.")
     print(json.dumps({"cpu": cpu_name(), "machine": platform.machine(), "threads": threads, "torch": torch.__version__,
-                      "clock": args.clock, "repeats": args.repeats, "quick": args.quick,
+                      "clock": args.clock, "compiled": compiled, "repeats": args.repeats, "quick": args.quick,
                       "other_cores_busy": sig(busy, 2), "targets": goals, "rows": _rounded(cpu),
                       "gpu": None if gpu is None else _rounded(gpu)}))
 

@@ -1,14 +1,15 @@
 /* Block-sparse weight matmul on the CPU, float32, blocks of 16, 32 or 64 (see kernels/blocksparse_cpu.py).
 
-   y = x @ W, W sparse in b x b blocks stored compactly as w [nnz][b][b]. Every routine reads x, dy and
-   w in place: no gathered copies.
+   y = x @ W, W sparse in b x b blocks stored compactly as w [nnz][b][b]. bs_mm reads x, dy and w in
+   place: no gathered copies.
      bs_mm: out[:, j] = sum over the list of j of  a[:, src[e]] @ w[wid[e]]  (or @ w[wid[e]]^T with trans).
             The forward is bs_mm over the layout's columns; dX is bs_mm over its rows with trans.
             A tile of R rows x b outputs stays in registers over the whole list, so each output is written
             once; the weight blocks of one output block (at most a few hundred KB) stay in the cache for
             all its row tiles. With trans, an output block's weight blocks are first transposed into a
             per-thread buffer.
-     bs_dw: dw[e] = x[:, rows[e]]^T @ dy[:, cols[e]] for every listed block (dW only where W has blocks).
+     bs_dw: dw[e] = x[:, rows[e]]^T @ dy[:, cols[e]] for every listed block (dW only where W has blocks),
+            from packed copies of x's and dy's column blocks, DW_CHUNK tokens at a time.
    Each call runs on `threads` threads (the caller and threads - 1 it starts), the work split into
    contiguous ranges of equal cost; each output is summed in the same order whatever the thread count. */
 

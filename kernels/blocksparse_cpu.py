@@ -226,6 +226,12 @@ def compiled_status() -> str:
     return f"compiled block-sparse matmul ready ({_status['path']}, {lib.bs_vector_bytes() * 8}-bit vectors)"
 
 
+def compiled_for(block: int) -> bool:
+    """Do float32 products with this block size run in compiled C here? (Then float32 is the fastest CPU
+    dtype for them: faster than the PyTorch schedule in bf16.)"""
+    return block in COMPILED_BLOCKS and library() is not None
+
+
 def _uses_compiled(plan: CpuPlan, dtype: torch.dtype) -> bool:
     return plan.lists is not None and dtype == torch.float32 and library() is not None
 

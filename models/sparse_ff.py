@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import BlockSparseLinear, banded_layout, random_layout
+from kernels import BlockSparseLinear, banded_layout, blocksparse_cpu, random_layout
 
 FF_LAYOUTS = ("dense", "random", "banded", "pruned")
 FF_BLOCKS = (8, 16, 32, 64)
@@ -63,7 +63,9 @@ def layer_seed(seed: int, layer: int, matrix: int) -> int:
 class SparseLinear(BlockSparseLinear):
     """``BlockSparseLinear`` as a model layer: x [..., in] -> [..., out]. Its layout is also a uint8 buffer
     ``layout`` [in_blocks, out_blocks] in the state dict, so the weights file says which blocks it holds.
-    Under autocast it computes in the autocast dtype, as ``nn.Linear`` does."""
+    Under autocast it returns the autocast dtype, as ``nn.Linear`` does; on the CPU, where float32 runs in
+    compiled C (kernels/blocksparse_cpu.py), it computes in float32, which is faster there than the bf16
+    schedule (4 feed-forward shapes of a d_model 192 model, 12,288 tokens: 1.3-1.6x)."""
 
     def __init__(self, in_features: int, out_features: int, layout: torch.Tensor, block: int) -> None:
         super().__init__(in_features, out_features, layout, block)
@@ -72,5 +74,9 @@ class SparseLinear(BlockSparseLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.weight.dtype
+        compute = dtype
+        if kind == "cpu" and self.backend in ("auto", "cpu") and blocksparse_cpu.compiled_for(self.mm.block):
+            compute = torch.float32
         with torch.autocast(kind, enabled=False):
-            return self.mm(x.to(dtype), self.weight.to(dtype), backend=self.backend) + self.bias.to(dtype)
+            y = self.mm(x.to(compute), self.weight.to(compute), backend=self.backend) + self.bias.to(compute)
+        return y.to(dtype)

@@ -220,3 +220,23 @@ def test_train_py_trains_a_sparse_wide_model_and_fine_tunes_a_pruned_one(tmp_pat
     assert "--ff-layers must be comma-separated" in capsys.readouterr().err
     assert train.main([*common, "--out", str(tmp_path / "bad"), "--config", "tiny", "--ff-density", "0.5"]) == 2
     assert "only apply to sparse feed-forward layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_sparse_layer_under_cpu_autocast_returns_bf16_and_computes_in_float32_where_compiled(monkeypatch, compiled):
+    """Where float32 runs in compiled C the layer computes in float32 (faster there than the bf16 schedule)
+    and casts; elsewhere it computes in bf16 as nn.Linear would. Either way the result is bf16."""
+    import kernels.blocksparse_cpu as cpu
+
+    monkeypatch.setattr(cpu, "compiled_for", lambda block: compiled)
+    layer = small_model(**WIDE).blocks[0].ff.fc
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    seen = []
+    cls = type(layer.mm)
+    call = cls.__call__
+    monkeypatch.setattr(cls, "__call__", lambda mm, a, w, **k: seen.append(a.dtype) or call(mm, a, w, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and seen == [torch.float32 if compiled else torch.bfloat16]
+    want = x @ layer.dense_weight().float() + layer.bias
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
