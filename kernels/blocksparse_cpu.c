@@ -95,43 +95,58 @@ static void parallel(part_fn fn, void *arg, int64_t n, const int64_t *cum, int t
 
 /* ---- out = a @ blocks --------------------------------------------------------------------------------- */
 
-/* out[r, :b] = sum_e sum_k a[r, off[e] + k] * wp[e][k, :] for rows r < R (NV = b / VL vectors per row). */
-INLINE void mm_tile(const int R, const int NV, const float *a, int64_t lda, int count, const int64_t *off,
-                    const float *const *wp, float *out, int64_t ldo) {
-    const int b = NV * VL;
-    vf acc[ACC]; /* [R][NV]; fixed sizes, so that the unrolled loops keep them in registers */
-#pragma GCC unroll 32
-    for (int i = 0; i < R * NV; i++) acc[i] = (vf){0};
-    for (int e = 0; e < count; e++) {
-        const float *ae = a + off[e], *we = wp[e];
-        for (int k = 0; k < b; k++) {
-            vf wv[8];
+/* acc[r * NV + v] += sum_k a[r * a_row + k * a_red] * bm[k * b_red + v * VL] for r < R, k < K: rank-1 updates
+   of an R x (NV vectors) tile, the loop both products share (acc stays in registers once inlined). */
+INLINE void rank_updates(const int R, const int NV, vf *acc, const float *a, int64_t a_row, int64_t a_red,
+                         const float *bm, int64_t b_red, int64_t K) {
+    for (int64_t k = 0; k < K; k++) {
+        vf bv[8];
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) wv[v] = vld(we + k * b + v * VL);
+        for (int v = 0; v < NV; v++) bv[v] = vld(bm + k * b_red + v * VL);
 #pragma GCC unroll 32
-            for (int r = 0; r < R; r++) {
-                vf ar = splat(ae[r * lda + k]);
+        for (int r = 0; r < R; r++) {
+            vf ar = splat(a[r * a_row + k * a_red]);
 #pragma GCC unroll 8
-                for (int v = 0; v < NV; v++) acc[r * NV + v] += ar * wv[v];
-            }
+            for (int v = 0; v < NV; v++) acc[r * NV + v] += ar * bv[v];
         }
     }
+}
+
+INLINE void store_tile(const int R, const int NV, const vf *acc, float *out, int64_t ldo) {
 #pragma GCC unroll 32
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 8
         for (int v = 0; v < NV; v++) vst(out + r * ldo + v * VL, acc[r * NV + v]);
 }
 
-/* All rows of one output block: tiles of ACC / NV rows, then smaller tiles for the rest. */
+/* TILE(r) over rows i in [0, n): tiles of R rows, then of 8, 4, 2 and 1 (each a constant, so that every
+   tile's accumulators are registers). */
+#define IN_TILES(R, n, i, TILE)                                                  \
+    do {                                                                         \
+        for (; (i) + (R) <= (n); (i) += (R)) TILE(R);                            \
+        if ((R) > 8) for (; (i) + 8 <= (n); (i) += 8) TILE((8 < (R) ? 8 : (R))); \
+        if ((R) > 4) for (; (i) + 4 <= (n); (i) += 4) TILE((4 < (R) ? 4 : (R))); \
+        if ((R) > 2) for (; (i) + 2 <= (n); (i) += 2) TILE((2 < (R) ? 2 : (R))); \
+        for (; (i) < (n); (i)++) TILE(1);                                        \
+    } while (0)
+
+/* out[r, :b] = sum_e sum_k a[r, off[e] + k] * wp[e][k, :] for rows r < R (NV = b / VL vectors per row). */
+INLINE void mm_tile(const int R, const int NV, const float *a, int64_t lda, int count, const int64_t *off,
+                    const float *const *wp, float *out, int64_t ldo) {
+    vf acc[ACC]; /* [R][NV]; fixed sizes, so that the unrolled loops keep them in registers */
+#pragma GCC unroll 32
+    for (int i = 0; i < R * NV; i++) acc[i] = (vf){0};
+    for (int e = 0; e < count; e++) rank_updates(R, NV, acc, a + off[e], lda, 1, wp[e], NV * VL, NV * VL);
+    store_tile(R, NV, acc, out, ldo);
+}
+
+/* All rows of one output block. */
 INLINE void mm_rows(const int NV, const float *a, int64_t lda, int64_t T, int count, const int64_t *off,
                     const float *const *wp, float *out, int64_t ldo) {
-    const int R = ACC / NV > MAX_ROWS ? MAX_ROWS : ACC / NV;
     int64_t t = 0;
-    for (; t + R <= T; t += R) mm_tile(R, NV, a + t * lda, lda, count, off, wp, out + t * ldo, ldo);
-    if (R > 8) for (; t + 8 <= T; t += 8) mm_tile(8 < R ? 8 : R, NV, a + t * lda, lda, count, off, wp, out + t * ldo, ldo);
-    if (R > 4) for (; t + 4 <= T; t += 4) mm_tile(4 < R ? 4 : R, NV, a + t * lda, lda, count, off, wp, out + t * ldo, ldo);
-    if (R > 2) for (; t + 2 <= T; t += 2) mm_tile(2 < R ? 2 : R, NV, a + t * lda, lda, count, off, wp, out + t * ldo, ldo);
-    for (; t < T; t++) mm_tile(1, NV, a + t * lda, lda, count, off, wp, out + t * ldo, ldo);
+#define MM_TILE(r) mm_tile(r, NV, a + t * lda, lda, count, off, wp, out + t * ldo, ldo)
+    IN_TILES(ACC / NV > MAX_ROWS ? MAX_ROWS : ACC / NV, T, t, MM_TILE);
+#undef MM_TILE
 }
 
 typedef struct {
@@ -217,32 +232,17 @@ INLINE void dw_tile(const int KR, const int NV, const float *x, const float *dy,
     vf acc[ACC]; /* [KR][NV] */
 #pragma GCC unroll 32
     for (int i = 0; i < KR * NV; i++) acc[i] = add ? vld(out + (i / NV) * b + (i % NV) * VL) : (vf){0};
-    for (int64_t t = 0; t < T; t++) {
-        vf d[8];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) d[v] = vld(dy + t * b + v * VL);
-#pragma GCC unroll 32
-        for (int k = 0; k < KR; k++) {
-            vf xk = splat(x[t * b + k]);
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) acc[k * NV + v] += xk * d[v];
-        }
-    }
-#pragma GCC unroll 32
-    for (int k = 0; k < KR; k++)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) vst(out + k * b + v * VL, acc[k * NV + v]);
+    rank_updates(KR, NV, acc, x, 1, b, dy, b, T);
+    store_tile(KR, NV, acc, out, b);
 }
 
-/* A whole block's gradient: tiles of KR = min(ACC / NV, MAX_ROWS) of its b rows, then smaller ones. */
+/* A whole block's gradient, its b rows in tiles. */
 INLINE void dw_block(const int NV, const float *x, const float *dy, int64_t T, int add, float *out) {
-    const int b = NV * VL, KR = ACC / NV > MAX_ROWS ? MAX_ROWS : ACC / NV;
+    const int b = NV * VL;
     int k = 0;
-    for (; k + KR <= b; k += KR) dw_tile(KR, NV, x + k, dy, T, add, out + k * b);
-    if (KR > 8) for (; k + 8 <= b; k += 8) dw_tile(8 < KR ? 8 : KR, NV, x + k, dy, T, add, out + k * b);
-    if (KR > 4) for (; k + 4 <= b; k += 4) dw_tile(4 < KR ? 4 : KR, NV, x + k, dy, T, add, out + k * b);
-    if (KR > 2) for (; k + 2 <= b; k += 2) dw_tile(2 < KR ? 2 : KR, NV, x + k, dy, T, add, out + k * b);
-    for (; k < b; k++) dw_tile(1, NV, x + k, dy, T, add, out + k * b);
+#define DW_TILE(r) dw_tile(r, NV, x + k, dy, T, add, out + k * b)
+    IN_TILES(ACC / NV > MAX_ROWS ? MAX_ROWS : ACC / NV, b, k, DW_TILE);
+#undef DW_TILE
 }
 
 /* rows [T0, T1) of column block `col` of a [T, *] (row stride ld) into buf [T1 - T0][b] */
