@@ -1,7 +1,7 @@
 """Benchmark block-sparse weight matmul (kernels.BlockSparseMatMul) against dense matmul and torch's BSR.
 
 Run: ``python -m bench.blocksparse [--quick] [--features 4096,12288] [--tokens 32,256] [--blocks 8,16,32,64]
-[--densities 0.5,0.25,0.1,0.05,0.02] [--repeats R] [--threads N] [--clock wall|cpu]``.
+[--densities 0.5,0.25,0.1,0.05,0.02] [--repeats R] [--threads N] [--clock wall|cpu] [--gpu-only]``.
 Prints one table per (features, tokens); the LAST line printed is one line of JSON with every figure.
 
 What is measured (CPU, always; float32; y = x @ W, x [tokens, features], W [features, features]):
@@ -25,6 +25,8 @@ Speed-up = dense time / ours; "vs BSR" = BSR time / ours. Other processes' CPU u
 GPU (only when CUDA is available): bfloat16, ``triton.testing.do_bench`` medians of ours (Triton backend)
 forward and forward + backward, cuBLAS (``x @ W`` dense, same shapes), and torch's Triton BSR kernel
 (``torch.sparse._triton_ops.bsr_dense_mm``, forward only), for the same features, tokens, blocks 32 and 64.
+--gpu-only skips the CPU tables (minutes) and fails without CUDA; bench/gpu_check.sh runs it as its optional
+``blocksparse`` stage.
 
 Targets (issue 26), CPU, fp32, 4,096 features, 256 tokens, block 32, forward + backward: at density 0.1 at
 least 5x faster than dense and 2x faster than torch's BSR path; never slower than dense at density 0.5.
@@ -243,12 +245,15 @@ def main() -> None:
     ap.add_argument("--blocks", type=_ints, default=[8, 16, 32, 64])
     ap.add_argument("--densities", type=_floats, default=list(DENSITIES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gpu-only", action="store_true", help="only the GPU section (needs CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time, or this process's CPU time (robust to other processes with --threads 1)")
     args = ap.parse_args()
     if args.quick:
         args.features, args.blocks = [4096], [32]
+    if args.gpu_only and not torch.cuda.is_available():
+        ap.error("--gpu-only needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -257,9 +262,11 @@ def main() -> None:
     print(compiled)
     contention = CpuContention()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    cpu = run_cpu(args.features, args.tokens, args.blocks, args.densities, args.repeats, clock)
-    busy = contention.other_cores()
-    print(f"\nOther processes kept {fmt(busy, '.2f')} cores busy on average during the CPU runs.")
+    cpu = [] if args.gpu_only else run_cpu(args.features, args.tokens, args.blocks, args.densities, args.repeats,
+                                           clock)
+    busy = None if args.gpu_only else contention.other_cores()
+    if not args.gpu_only:
+        print(f"\nOther processes kept {fmt(busy, '.2f')} cores busy on average during the CPU runs.")
     goals = targets(cpu)
     if goals:
         print("Targets (4,096 features, 256 tokens, block 32, fwd+bwd): "

@@ -11,7 +11,7 @@
 #   then, side by side (none of them times anything):
 #   patterns   fwd+bwd per pattern vs the reference: bf16, fp32 ieee/tf32x3   ~60 s, 150 s
 #   resources  registers, spills, shared memory, warps, stages, wgmma         ~40 s, 150 s
-#   pytest     python3 -m pytest -n 8 tests/test_attention.py on CUDA         ~90 s, 150 s
+#   pytest     python3 -m pytest -n 8 tests/test_attention.py tests/test_blocksparse.py on CUDA ~100 s, 150 s
 #   then, one at a time on an idle GPU:
 #   attention  bench.attention --gpu-only: ours vs SDPA flash vs Flex         ~120 s, 150 s
 #   train      bench.train --gpu-only: the paper's ImageNet-64 config, MFU    ~45 s,  70 s
@@ -19,6 +19,8 @@
 #   summary    one table of every stage                                       ~2 s
 #   tune       optional (STAGES="tune"): each pass alone with the table's config and its neighbours, timed,
 #              blocks 64 and 128, D 64 and 128, N 16,384                      ~120 s, 240 s
+#   blocksparse optional (STAGES="blocksparse"): bench.blocksparse --gpu-only, block-sparse weights (issue 26)
+#              in bf16, ours vs cuBLAS and torch's Triton BSR, blocks 32 and 64 ~60 s, 150 s
 # Environment: PYTHON (default python3), STAGES (a space-separated subset, in any order; they run in the order
 # above), BUDGET_S, GPU_NS (bench.attention's lengths, default 16384,65536,3072,12288: targets first).
 # Each stage writes OUT/run_<stage>.json (status, exit code, seconds, limit) and OUT/<stage>.log; the python
@@ -91,9 +93,10 @@ run_stage versions 30 420 "$PY" -m bench.gpu_check versions --out "$OUT_DIR" ${D
 
 # 2. checks that time nothing, side by side (pytest's 8 workers and the two stages share the GPU and the CPUs)
 if [ "$DRY" = 1 ]; then
-  PYTEST=("$PY" -m pytest tests/test_attention.py --collect-only -q -p no:cacheprovider)
+  PYTEST=("$PY" -m pytest tests/test_attention.py tests/test_blocksparse.py --collect-only -q -p no:cacheprovider)
 else
-  PYTEST=("$PY" -m pytest -n 8 tests/test_attention.py -q -p no:cacheprovider --junitxml="$OUT_DIR/pytest.xml")
+  PYTEST=("$PY" -m pytest -n 8 tests/test_attention.py tests/test_blocksparse.py -q -p no:cacheprovider
+          --junitxml="$OUT_DIR/pytest.xml")
 fi
 run_stage patterns 150 280 "$PY" -m bench.gpu_check patterns --out "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"} &
 run_stage resources 150 280 "$PY" -m bench.gpu_check resources --out "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"} &
@@ -116,6 +119,13 @@ fi
 run_stage big 60 0 "$PY" -m bench.gpu_check big --out "$OUT_DIR" ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 
 # optional: not in the default STAGES
+if [ "$DRY" = 1 ]; then
+  run_stage blocksparse 150 0 "$PY" -c "import bench.blocksparse; print('bench.blocksparse: imports ok (dry run)')"
+else
+  run_stage blocksparse 150 0 "$PY" -m bench.blocksparse --gpu-only --features 4096,12288 --tokens 32,256 \
+    --blocks 32,64
+  selected blocksparse && last_json_line "$OUT_DIR/blocksparse.log" "$OUT_DIR/blocksparse.json"
+fi
 run_stage tune 240 0 "$PY" -m bench.gpu_check tune --out "$OUT_DIR" --blocks 64,128 --dims 64,128 \
   ${DRYFLAG[@]+"${DRYFLAG[@]}"}
 
