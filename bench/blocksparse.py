@@ -45,7 +45,7 @@ from collections.abc import Callable
 import torch
 
 from bench.common import CpuContention, cpu_name, error_text, fmt, print_table, ratio, sig
-from kernels import BlockSparseMatMul, blocksparse_cpu, random_layout
+from kernels import BlockSparseMatMul, cpu_kernels, random_layout
 
 DENSITIES = (0.5, 0.25, 0.1, 0.05, 0.02)
 TARGET = dict(features=4096, tokens=256, block=32)  # the CPU targets are set on this shape
@@ -258,7 +258,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"CPU: {cpu_name()}, {threads} threads, torch {torch.__version__}, {args.clock} clock")
-    compiled = blocksparse_cpu.compiled_status()
+    compiled = cpu_kernels.status()
     print(compiled)
     contention = CpuContention()
     clock = time.perf_counter if args.clock == "wall" else time.process_time

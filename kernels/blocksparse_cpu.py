@@ -1,11 +1,11 @@
 """Block-sparse weight matmul on the CPU: compiled C for float32, else gathered blocks and batched matmuls.
 
-**Compiled (float32, blocks 16, 32 and 64, a CPU with AVX2 and FMA or AVX-512).** kernels/blocksparse_cpu.c,
-built once per machine by kernels/native.py, reads x, dy and w in place: a tile of rows x one output
+**Compiled (float32, blocks 16, 32 and 64, a CPU with AVX2 and FMA or AVX-512).** kernels/cpu_kernels.c
+(loaded by kernels/cpu_kernels.py) reads x, dy and w in place: a tile of rows x one output
 block stays in registers over the whole list of blocks feeding it, so nothing is gathered or copied and
 each output is written once (see the C file). dX runs the same loop over the layout's rows with each
-weight block transposed; dW packs x's and dy's column blocks in token chunks. ``STS_COMPILED_BSMM=0``
-in the environment turns it off; :func:`compiled_status` says whether it runs and why not.
+weight block transposed; dW packs x's and dy's column blocks in token chunks. ``STS_COMPILED_KERNELS=0``
+in the environment turns it off; ``cpu_kernels.status()`` says whether it runs and why not.
 
 **PyTorch (bf16, fp16, block 8, or no compiler).** Output block j of y = x @ W is one matmul whose
 inner dimension runs over every block feeding j:
@@ -33,17 +33,13 @@ of w that W^T's BSR values need costs more than the product saves. dW always run
 from __future__ import annotations
 
 import bisect
-import ctypes
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from . import native
+from . import cpu_kernels
 
 CHUNK_BYTES = 16 << 20  # gathered operand of one tile: large tiles mean few calls, which matters on a loaded
 # machine (each multi-threaded call may wait for a descheduled thread); on one idle core 4 and 16 MiB time alike
@@ -52,9 +48,7 @@ GROUP_COST = 8  # fixed cost of one more group, in block products (calls, partia
 BSR_MAX_BLOCK = 16  # float32 dX through torch's BSR mm up to this block (faster at every token count tried)
 BSR_FORWARD_MAX_BLOCK = 8  # ... and the forward up to this block,
 BSR_FORWARD_MIN_TOKENS = 128  # from this many tokens (block 8, density 0.5: 82 ms against 119 at 128 tokens)
-SOURCE = Path(__file__).with_suffix(".c")
-COMPILED_BLOCKS = (16, 32, 64)  # blocksparse_cpu.c's tiles
-_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+COMPILED_BLOCKS = (16, 32, 64)  # cpu_kernels.c's tiles
 
 
 @dataclass(frozen=True)
@@ -97,7 +91,7 @@ class BsrLists:
 
 @dataclass(frozen=True)
 class CompiledLists:
-    """int32 lists for blocksparse_cpu.c: per output block (``col_ptr``; input blocks ``col_src`` and weight
+    """int32 lists for cpu_kernels.c: per output block (``col_ptr``; input blocks ``col_src`` and weight
     ids ``col_wid``), per input block (``row_ptr``; output blocks ``row_src``, weight ids ``row_wid``), and
     each weight block's (``rows``, ``cols``)."""
 
@@ -188,59 +182,14 @@ def cpu_plan(rows: torch.Tensor, cols: torch.Tensor, in_blocks: int, out_blocks:
                    _schedule(rows, cols, torch.arange(nnz), in_blocks, nnz), bsr, lists)
 
 
-_status = {"error": "", "path": None}  # what the last library() did
-
-
-@lru_cache(maxsize=1)
-def library() -> ctypes.CDLL | None:
-    """blocksparse_cpu.c for this machine (built on first use), or None where it cannot run or has no edge
-    (:func:`compiled_status` says why)."""
-    _status.update(error="", path=None)
-    if os.environ.get("STS_COMPILED_BSMM", "1") == "0":
-        _status["error"] = "turned off (STS_COMPILED_BSMM=0)"
-        return None
-    try:
-        path, _ = native.find_or_build(SOURCE)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, ValueError) as e:
-        _status["error"] = f"it could not be built ({e})"
-        return None
-    lib.bs_vector_bytes.restype = _I32
-    lib.bs_vector_bytes.argtypes = []
-    if lib.bs_vector_bytes() < 32:
-        _status["error"] = "this CPU (or compiler) has neither AVX2 with FMA nor AVX-512"
-        return None
-    lib.bs_mm.restype = _I32
-    lib.bs_mm.argtypes = [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _P, _I64, _I32]
-    lib.bs_dw.restype = _I32
-    lib.bs_dw.argtypes = [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I32, _P, _I32]
-    _status["path"] = path
-    return lib
-
-
-def compiled_status() -> str:
-    """One line: whether float32 products with blocks of 16-64 run in compiled C here, and why not."""
-    lib = library()
-    if lib is None:
-        return f"compiled block-sparse matmul unavailable: {_status['error']}; PyTorch schedule used"
-    return f"compiled block-sparse matmul ready ({_status['path']}, {lib.bs_vector_bytes() * 8}-bit vectors)"
-
-
 def compiled_for(block: int) -> bool:
     """Do float32 products with this block size run in compiled C here? (Then float32 is the fastest CPU
     dtype for them: faster than the PyTorch schedule in bf16.)"""
-    return block in COMPILED_BLOCKS and library() is not None
+    return block in COMPILED_BLOCKS and cpu_kernels.library() is not None
 
 
 def _uses_compiled(plan: CpuPlan, dtype: torch.dtype) -> bool:
-    return plan.lists is not None and dtype == torch.float32 and library() is not None
-
-
-def _check(code: int) -> None:
-    if code == -2:
-        raise MemoryError("the compiled block-sparse matmul could not allocate its scratch buffers")
-    if code != 0:
-        raise RuntimeError(f"blocksparse_cpu.c returned {code}")
+    return plan.lists is not None and dtype == torch.float32 and cpu_kernels.library() is not None
 
 
 def _compiled_mm(a: torch.Tensor, w: torch.Tensor, plan: CpuPlan, forward: bool) -> torch.Tensor:
@@ -251,8 +200,10 @@ def _compiled_mm(a: torch.Tensor, w: torch.Tensor, plan: CpuPlan, forward: bool)
         (lists.row_ptr, lists.row_src, lists.row_wid)
     out = a.new_empty(T, n_out * b)
     w = w.contiguous()
-    _check(library().bs_mm(a.data_ptr(), a.stride(0), w.data_ptr(), ptr.data_ptr(), src.data_ptr(), wid.data_ptr(),
-                           n_out, T, b, 0 if forward else 1, out.data_ptr(), out.stride(0), torch.get_num_threads()))
+    lib = cpu_kernels.library()
+    cpu_kernels.check(lib.bs_mm(a.data_ptr(), a.stride(0), w.data_ptr(), ptr.data_ptr(), src.data_ptr(), wid.data_ptr(),
+                                n_out, T, b, 0 if forward else 1, out.data_ptr(), out.stride(0),
+                                torch.get_num_threads()))
     return out
 
 
@@ -260,8 +211,9 @@ def _compiled_dw(x: torch.Tensor, dy: torch.Tensor, plan: CpuPlan) -> torch.Tens
     """dw [nnz, b, b] = the listed blocks of x^T @ dy, in compiled C."""
     lists, b = plan.lists, plan.block
     dw = x.new_empty(plan.nnz, b, b)
-    _check(library().bs_dw(x.data_ptr(), x.stride(0), dy.data_ptr(), dy.stride(0), lists.rows.data_ptr(),
-                           lists.cols.data_ptr(), plan.nnz, x.shape[0], b, dw.data_ptr(), torch.get_num_threads()))
+    lib = cpu_kernels.library()
+    cpu_kernels.check(lib.bs_dw(x.data_ptr(), x.stride(0), dy.data_ptr(), dy.stride(0), lists.rows.data_ptr(),
+                                lists.cols.data_ptr(), plan.nnz, x.shape[0], b, dw.data_ptr(), torch.get_num_threads()))
     return dw
 
 

@@ -7,8 +7,10 @@ dtype. Three schedules, picked per layout:
 * columns: strided layouts whose [R, l] view is whole and splits into whole blocks per
   column. Block-row u of all l columns is one bmm on a strided view of q/k/v: no copies.
 * band: every query block r reads the key blocks [r - M + 1, r] (local, other strided).
-  Slot m of every row is the contiguous key slice shifted by m, one bmm on views: no
-  gather, no scatter. Per (batch, head), in the layout's physical (block) order.
+  In compiled C where kernels/cpu_kernels.py runs (float32 register tiles, the scores of
+  one query block's M slots in one buffer, one thread per (batch, head)); else slot m of
+  every row is the contiguous key slice shifted by m, one bmm on views: no gather, no
+  scatter. Per (batch, head), in the layout's physical (block) order.
 * gather: anything else (fixed, all). The listed key blocks of a chunk of rows are
   gathered into [rows, M * block] and the gradients scattered back with index_add.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu_kernels
 from .layout import BlockTable, Layout
 
 CHUNK_BYTES = 4 << 20  # scores of one chunk of query blocks: stays in cache
@@ -157,6 +160,9 @@ class _BandPlan:
     width: int  # M
     chunks: list[tuple[int, int]]
     work: list[list[_Work]]  # per chunk
+    kinds: torch.Tensor  # [QB, M] int32, for the compiled kernels: 0 padding, 1 full, 2 partial
+    mask_id: torch.Tensor  # [QB, M] int32: the row of ``masks`` of each partial slot
+    masks: torch.Tensor  # [n partial, block, block] uint8, 1 = read
 
 
 @dataclass
@@ -195,7 +201,11 @@ def _band_plan(layout: Layout) -> _BandPlan:
                 mask[k == 2] = _entry_masks(layout, torch.zeros_like(rows), rows, index[rows, m])
             items.append(_Work(m, a, e, mask))
         work.append(items)
-    return _BandPlan(width, chunks, work)
+    r, m = torch.nonzero(kinds == 2, as_tuple=True)
+    masks = _entry_masks(layout, torch.zeros_like(r), r, index[r, m]).to(torch.uint8).contiguous()
+    mask_id = torch.zeros(kinds.shape, dtype=torch.int32)
+    mask_id[r, m] = torch.arange(r.numel(), dtype=torch.int32)
+    return _BandPlan(width, chunks, work, kinds.to(torch.int32).contiguous(), mask_id, masks)
 
 
 def _plan(layout: Layout) -> _BandPlan | _GatherPlan:
@@ -249,6 +259,33 @@ def _band_forward(plan: _BandPlan, qp, kp, vp, o, lse, scale: float):
                 oc[w.a:w.e].baddbmm_(sc[w.slot, w.a:w.e], v[r0 + w.a + w.slot - lag:r0 + w.e + w.slot - lag])
             oc.div_(total[..., None])
             lse[bh, r0:r1] = total.log_().add_(top)
+
+
+def _band_compiled(qp: torch.Tensor) -> bool:
+    """Does the compiled band kernel take blocks and head dims of this size here?"""
+    vl = cpu_kernels.vector_floats()
+    b, D = qp.shape[2], qp.shape[3]
+    return vl > 0 and b <= 64 and all(n % vl == 0 and n // vl in (1, 2, 4, 8) for n in (b, D))
+
+
+def _band_forward_compiled(plan: _BandPlan, qp, kp, vp, o, lse, scale: float):
+    """_band_forward in compiled C (kernels/cpu_kernels.c: band_forward)."""
+    BH, QB, b, D = qp.shape
+    q, k, v = (t.contiguous() for t in (qp, kp, vp))
+    cpu_kernels.check(cpu_kernels.library().band_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), plan.kinds.data_ptr(), plan.mask_id.data_ptr(),
+        plan.masks.data_ptr(), BH, QB, b, D, plan.width, scale, o.data_ptr(), lse.data_ptr(),
+        torch.get_num_threads()))
+
+
+def _band_backward_compiled(plan: _BandPlan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale: float):
+    """_band_backward in compiled C (kernels/cpu_kernels.c: band_backward)."""
+    BH, QB, b, D = qp.shape
+    q, k, v, do, lse, delta = (t.contiguous() for t in (qp, kp, vp, dop, lse, delta))
+    cpu_kernels.check(cpu_kernels.library().band_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+        plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(), BH, QB, b, D, plan.width, scale,
+        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), torch.get_num_threads()))
 
 
 def _band_backward(plan: _BandPlan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale: float):
@@ -363,7 +400,7 @@ class CPUAttention(torch.autograd.Function):
         o = torch.empty(qp.shape)  # contiguous even when qp is a view of a strided input
         lse = torch.empty(qp.shape[:3])
         if isinstance(plan, _BandPlan):
-            _band_forward(plan, qp, kp, vp, o, lse, scale)
+            (_band_forward_compiled if _band_compiled(qp) else _band_forward)(plan, qp, kp, vp, o, lse, scale)
         else:
             _gather_forward(plan, layout, q.shape[1], qp, kp, vp, o, lse, scale)
         ctx.save_for_backward(qp, kp, vp, o, lse)
@@ -380,7 +417,8 @@ class CPUAttention(torch.autograd.Function):
         dq = torch.empty(qp.shape)  # both schedules write every row; contiguous whatever qp's strides
         dk, dv = torch.zeros(kp.shape), torch.zeros(vp.shape)
         if isinstance(plan, _BandPlan):
-            _band_backward(plan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
+            band = _band_backward_compiled if _band_compiled(qp) else _band_backward
+            band(plan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
         else:
             _gather_backward(plan, layout, shape[1], qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
         return (*(from_physical(g, layout, shape, dtype) for g in (dq, dk, dv)), None, None)

@@ -8,8 +8,8 @@ library is built into a fresh private temporary folder instead. Nothing is ever 
 folder. The file name is a hash of the source, the compiler's path and ``--version``, the flags and the
 CPU's feature flags, so that a changed source, compiler or machine builds afresh.
 
-Users: the compiled decoding step (sampling/compiled_step.c) and the block-sparse weight matmul
-(kernels/blocksparse_cpu.c).
+Users: the compiled decoding step (sampling/compiled_step.c) and the compiled CPU kernels
+(kernels/cpu_kernels.c: block-sparse weight matmul, band attention).
 """
 
 from __future__ import annotations

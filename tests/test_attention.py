@@ -385,3 +385,44 @@ def test_triton_fp32_tf32x3_option_within_the_fp32_tolerance():
     q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
     o = attention(q, k, v, layout, backend="triton", fp32_precision="tf32x3")
     assert_close((o, *torch.autograd.grad(o, (q, k, v), do)), want, torch.float32)
+
+
+@pytest.mark.parametrize("kind,kw", [("local", {"window": 20}), ("strided", {"stride": 7})])
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("n", [77, 150])
+def test_cpu_band_schedule_in_pytorch_matches_reference(kind, kw, block, n, monkeypatch):
+    """Without the compiled kernels (no compiler, STS_COMPILED_KERNELS=0) the band layouts run in PyTorch."""
+    from kernels import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    q, k, v, do = inputs(n, torch.float32, heads=3)
+    layout = make_layout(kind, n, block, heads=3, **kw)
+    assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"), outputs_and_grads(q, k, v, do, layout, "reference"),
+                 torch.float32)
+
+
+@pytest.mark.parametrize("heads,d", [(1, 64), (3, 32)])
+def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(heads, d, monkeypatch):
+    """Local layouts run in compiled C where it builds; 1, 2 and 3 threads give the same bits."""
+    from kernels import cpu_attention, cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip(cpu_kernels.status())
+    calls = []
+    for name in ("_band_forward_compiled", "_band_backward_compiled"):
+        fn = getattr(cpu_attention, name)
+        monkeypatch.setattr(cpu_attention, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    q, k, v, do = inputs(200, torch.float32, heads=heads, d=d, batch=2)
+    layout = make_layout("local", 200, 32, heads=heads, window=70)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(outputs_and_grads(q, k, v, do, layout, "cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["_band_forward_compiled", "_band_backward_compiled"] * 3
+    assert_close(results[0], outputs_and_grads(q, k, v, do, layout, "reference"), torch.float32)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))

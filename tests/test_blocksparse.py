@@ -62,7 +62,7 @@ def assert_close(got, want, dtype):
 @pytest.fixture
 def pytorch_schedule(monkeypatch):
     """The CPU backend without its compiled C (as without a compiler): the PyTorch schedule runs float32 too."""
-    monkeypatch.setattr(cpu, "library", lambda: None)
+    monkeypatch.setattr(cpu.cpu_kernels, "library", lambda: None)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -88,8 +88,8 @@ def test_cpu_pytorch_schedule_matches_reference_in_float32(pytorch_schedule, lay
 def test_compiled_runs_float32_and_matches_reference_on_any_thread_count(monkeypatch, block, tokens):
     """float32 products with blocks of 16-64 run in C (tile edges: 1, 13 and 150 tokens; dW's token chunks
     at 150), give the same bits on 1, 2 and 3 threads, and a non-finite weight block reaches only its outputs."""
-    if cpu.library() is None:
-        pytest.skip(cpu.compiled_status())
+    if cpu.cpu_kernels.library() is None:
+        pytest.skip(cpu.cpu_kernels.status())
     calls = []
     compiled_mm = cpu._compiled_mm
     monkeypatch.setattr(cpu, "_compiled_mm", lambda *a, **k: calls.append(k["forward"]) or compiled_mm(*a, **k))
@@ -116,13 +116,13 @@ def test_compiled_runs_float32_and_matches_reference_on_any_thread_count(monkeyp
 
 
 def test_compiled_can_be_turned_off_and_says_why():
-    """STS_COMPILED_BSMM=0: the PyTorch schedule runs, and compiled_status says so."""
+    """STS_COMPILED_KERNELS=0: the PyTorch schedule runs, and cpu_kernels.status() says so."""
     code = ("import torch; import kernels.blocksparse_cpu as c; from kernels import BlockSparseMatMul, random_layout;"
-            "mm = BlockSparseMatMul(random_layout(3, 3, 0.5), 32); print(c.compiled_status());"
+            "mm = BlockSparseMatMul(random_layout(3, 3, 0.5), 32); print(c.cpu_kernels.status());"
             "c._compiled_mm = None; print(mm(torch.randn(5, 96), torch.randn(mm.w_shape)).shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "STS_COMPILED_BSMM": "0"}).stdout
-    assert "unavailable: turned off (STS_COMPILED_BSMM=0)" in out and "torch.Size([5, 96])" in out
+                         env={**os.environ, "STS_COMPILED_KERNELS": "0"}).stdout
+    assert "unavailable: turned off (STS_COMPILED_KERNELS=0)" in out and "torch.Size([5, 96])" in out
 
 
 TRITON_CASES = [(layout, block, dtype) for layout in ("random-0.5", "empty-rows-cols") for block in (8, 16, 32, 64)

@@ -1,7 +1,9 @@
-/* Block-sparse weight matmul on the CPU, float32, blocks of 16, 32 or 64 (see kernels/blocksparse_cpu.py).
+/* Compiled CPU kernels, float32 (loaded by kernels/cpu_kernels.py): block-sparse weight matmul (for
+   kernels/blocksparse_cpu.py) and band attention (for kernels/cpu_attention.py). Both are built on one
+   register-tiled product (rank_updates) and one thread pool per call (parallel).
 
-   y = x @ W, W sparse in b x b blocks stored compactly as w [nnz][b][b]. bs_mm reads x, dy and w in
-   place: no gathered copies.
+   Block-sparse matmul, blocks of 16, 32 or 64: y = x @ W, W sparse in b x b blocks stored compactly as
+   w [nnz][b][b]. bs_mm reads x, dy and w in place: no gathered copies.
      bs_mm: out[:, j] = sum over the list of j of  a[:, src[e]] @ w[wid[e]]  (or @ w[wid[e]]^T with trans).
             The forward is bs_mm over the layout's columns; dX is bs_mm over its rows with trans.
             A tile of R rows x b outputs stays in registers over the whole list, so each output is written
@@ -10,9 +12,15 @@
             per-thread buffer.
      bs_dw: dw[e] = x[:, rows[e]]^T @ dy[:, cols[e]] for every listed block (dW only where W has blocks),
             from packed copies of x's and dy's column blocks, DW_CHUNK tokens at a time.
+   Band attention (band_forward, band_backward): query block r reads key blocks r - M + 1 .. r (local and
+   similar layouts), in block order [BH][QB][b][D]. Per (batch x head) and query block: the scores of all
+   M slots in one [b][M b] buffer (masked entries -inf), an exact softmax per row, P V; the backward
+   recomputes P from the forward's log-sum-exp and accumulates dK and dV of the key blocks in place, so
+   one thread owns each (batch x head).
    Each call runs on `threads` threads (the caller and threads - 1 it starts), the work split into
    contiguous ranges of equal cost; each output is summed in the same order whatever the thread count. */
 
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -295,4 +303,224 @@ int bs_dw(const float *x, int64_t ldx, const float *dy, int64_t lddy, const int3
     parallel(dw_part, &m, nnz, NULL, used);
     free(scratch);
     return 0;
+}
+
+/* ---- band attention ---------------------------------------------------------------------------------- */
+
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+INLINE vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* exp with Cephes' polynomial (about 1 ulp); 0 where the result would be subnormal (so exp(-inf) = 0). */
+INLINE vf vexp(vf x) {
+    x = vsel(x > 88.3762626647949f, splat(88.3762626647949f), x);
+    x = vsel(x < -88.3762626647949f, splat(-88.3762626647949f), x);
+    vf fx = x * 1.44269504088896341f + 0.5f;
+    vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
+    n = n - vsel(n > fx, splat(1.0f), splat(0.0f));
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf z = x * x, y = splat(1.9875691500E-4f);
+    y = y * x + 1.3981999507E-3f;
+    y = y * x + 8.3334519073E-3f;
+    y = y * x + 4.1665795894E-2f;
+    y = y * x + 1.6666665459E-1f;
+    y = y * x + 5.0000001201E-1f;
+    y = y * z + x + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return y * (vf)e;
+}
+
+/* out[r, :] = (add ? out[r, :] : 0) + alpha * sum_k A(r, k) B(k, :) for r < n_rows, with A(r, k) =
+   a[r * a_row + k * a_red] and B's row k at bm + k * b_red (NV vectors); out's row stride ldo. */
+INLINE void product_tile(const int R, const int NV, const float *a, int64_t a_row, int64_t a_red, const float *bm,
+                         int64_t b_red, int64_t K, float *out, int64_t ldo, int add, float alpha) {
+    vf acc[ACC];
+#pragma GCC unroll 32
+    for (int i = 0; i < R * NV; i++) acc[i] = (vf){0};
+    rank_updates(R, NV, acc, a, a_row, a_red, bm, b_red, K);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) {
+            float *o = out + r * ldo + v * VL;
+            vst(o, (add ? vld(o) : (vf){0}) + alpha * acc[r * NV + v]);
+        }
+}
+
+INLINE void product_nv(const int NV, int64_t n_rows, const float *a, int64_t a_row, int64_t a_red, const float *bm,
+                       int64_t b_red, int64_t K, float *out, int64_t ldo, int add, float alpha) {
+    int64_t r = 0;
+#define PRODUCT_TILE(R) product_tile(R, NV, a + r * a_row, a_row, a_red, bm, b_red, K, out + r * ldo, ldo, add, alpha)
+    IN_TILES(ACC / NV > MAX_ROWS ? MAX_ROWS : ACC / NV, n_rows, r, PRODUCT_TILE);
+#undef PRODUCT_TILE
+}
+
+/* product_nv for n_cols = NV * VL columns, NV in 1, 2, 4, 8 */
+static void product(int n_cols, int64_t n_rows, const float *a, int64_t a_row, int64_t a_red, const float *bm,
+                    int64_t b_red, int64_t K, float *out, int64_t ldo, int add, float alpha) {
+    switch (n_cols / VL) {
+    case 1: product_nv(1, n_rows, a, a_row, a_red, bm, b_red, K, out, ldo, add, alpha); break;
+    case 2: product_nv(2, n_rows, a, a_row, a_red, bm, b_red, K, out, ldo, add, alpha); break;
+    case 4: product_nv(4, n_rows, a, a_row, a_red, bm, b_red, K, out, ldo, add, alpha); break;
+    default: product_nv(8, n_rows, a, a_row, a_red, bm, b_red, K, out, ldo, add, alpha);
+    }
+}
+
+/* One band layout over [BH][QB][b][D] float32 tensors in block order: slot m of query block r reads key
+   block r + m - (M - 1); kinds [QB][M]: 0 nothing (padding), 1 every element, 2 the elements of
+   masks[mask_id[r][m]] ([b][b] bytes, 1 = read). */
+typedef struct {
+    const float *q, *k, *v, *dout, *lse, *delta;
+    float *out, *lse_out, *dq, *dk, *dv;
+    const int32_t *kinds, *mask_id;
+    const uint8_t *masks;
+    int64_t QB;
+    int b, D, M;
+    float scale;
+    float *scratch; /* per thread: kT, vT [QB][D][b], S and dP [b][M b] */
+    int64_t scratch_floats;
+} Band;
+
+/* t[kb][d][j] = x[kb][j][d]: key blocks transposed, so that scores are rank updates over d */
+static void transpose_blocks(const float *x, int64_t QB, int b, int D, float *t) {
+    for (int64_t kb = 0; kb < QB; kb++)
+        for (int j = 0; j < b; j++)
+            for (int d = 0; d < D; d++) t[(kb * D + d) * b + j] = x[(kb * b + j) * D + d];
+}
+
+/* S [b][M b] = scale * q_r k_kb^T per slot, -inf where not read (whole padding slots, masked elements). */
+static void band_scores(const Band *B, int64_t r, const float *q, const float *kT, float *S) {
+    const int b = B->b, D = B->D, M = B->M, W = M * b;
+    for (int m = 0; m < M; m++) {
+        int kind = B->kinds[r * M + m];
+        if (kind == 0) {
+            for (int i = 0; i < b; i++)
+                for (int j = 0; j < b; j++) S[i * W + m * b + j] = -__builtin_inff();
+            continue;
+        }
+        int64_t kb = r + m - (M - 1);
+        product(b, b, q + r * b * D, D, 1, kT + kb * D * b, b, D, S + m * b, W, 0, B->scale);
+        if (kind == 2) {
+            const uint8_t *mask = B->masks + (int64_t)B->mask_id[r * M + m] * b * b;
+            for (int i = 0; i < b; i++)
+                for (int j = 0; j < b; j++)
+                    if (!mask[i * b + j]) S[i * W + m * b + j] = -__builtin_inff();
+        }
+    }
+}
+
+static float vmax_all(vf a) { float m = a[0]; for (int i = 1; i < VL; i++) m = a[i] > m ? a[i] : m; return m; }
+static float vsum_all(vf a) { float s = 0; for (int i = 0; i < VL; i++) s += a[i]; return s; }
+
+static void band_fwd_part(void *arg, int index, int64_t first, int64_t end) {
+    const Band *B = arg;
+    const int b = B->b, D = B->D, M = B->M, W = M * b;
+    const int64_t QB = B->QB, n = QB * b * D;
+    float *kT = B->scratch + index * B->scratch_floats, *S = kT + 2 * n;
+    for (int64_t bh = first; bh < end; bh++) {
+        const float *q = B->q + bh * n, *k = B->k + bh * n, *v = B->v + bh * n;
+        float *o = B->out + bh * n, *lse = B->lse_out + bh * QB * b;
+        transpose_blocks(k, QB, b, D, kT);
+        for (int64_t r = 0; r < QB; r++) {
+            band_scores(B, r, q, kT, S);
+            float total[64], top[64];
+            for (int i = 0; i < b; i++) {
+                float *s = S + i * W;
+                vf mx = splat(-__builtin_inff());
+                for (int j = 0; j < W; j += VL) { vf x = vld(s + j); mx = vsel(x > mx, x, mx); }
+                float t = vmax_all(mx);
+                vf sum = (vf){0};
+                for (int j = 0; j < W; j += VL) { vf p = vexp(vld(s + j) - t); vst(s + j, p); sum += p; }
+                top[i] = t, total[i] = vsum_all(sum);
+            }
+            float *orow = o + r * b * D;
+            int first_slot = 1;
+            for (int m = 0; m < M; m++) {
+                if (B->kinds[r * M + m] == 0) continue;
+                int64_t kb = r + m - (M - 1);
+                product(D, b, S + m * b, W, 1, v + kb * b * D, D, b, orow, D, !first_slot, 1.0f);
+                first_slot = 0;
+            }
+            for (int i = 0; i < b; i++) {
+                float inv = 1.0f / total[i];
+                for (int d = 0; d < D; d++) orow[i * D + d] = first_slot ? 0.0f : orow[i * D + d] * inv;
+                lse[r * b + i] = logf(total[i]) + top[i];
+            }
+        }
+    }
+}
+
+static void band_bwd_part(void *arg, int index, int64_t first, int64_t end) {
+    const Band *B = arg;
+    const int b = B->b, D = B->D, M = B->M, W = M * b;
+    const int64_t QB = B->QB, n = QB * b * D;
+    float *kT = B->scratch + index * B->scratch_floats, *vT = kT + n, *S = vT + n, *dP = S + b * W;
+    for (int64_t bh = first; bh < end; bh++) {
+        const float *q = B->q + bh * n, *k = B->k + bh * n, *v = B->v + bh * n, *dout = B->dout + bh * n;
+        const float *lse = B->lse + bh * QB * b, *delta = B->delta + bh * QB * b;
+        float *dq = B->dq + bh * n, *dk = B->dk + bh * n, *dv = B->dv + bh * n;
+        transpose_blocks(k, QB, b, D, kT);
+        transpose_blocks(v, QB, b, D, vT);
+        memset(dk, 0, sizeof(float) * n);
+        memset(dv, 0, sizeof(float) * n);
+        for (int64_t r = 0; r < QB; r++) {
+            const float *qr = q + r * b * D, *dor = dout + r * b * D;
+            band_scores(B, r, q, kT, S);
+            for (int i = 0; i < b; i++) {
+                vf l = splat(lse[r * b + i]);
+                for (int j = 0; j < W; j += VL) vst(S + i * W + j, vexp(vld(S + i * W + j) - l));
+            }
+            int first_slot = 1;
+            for (int m = 0; m < M; m++) {
+                if (B->kinds[r * M + m] == 0) continue;
+                int64_t kb = r + m - (M - 1);
+                product(b, b, dor, D, 1, vT + kb * D * b, b, D, dP + m * b, W, 0, 1.0f); /* dO v^T */
+                for (int i = 0; i < b; i++) { /* dS = P (dP - delta), in dP */
+                    vf dl = splat(delta[r * b + i]);
+                    for (int j = 0; j < b; j += VL) {
+                        float *p = dP + i * W + m * b + j;
+                        vst(p, vld(S + i * W + m * b + j) * (vld(p) - dl));
+                    }
+                }
+                product(D, b, dP + m * b, W, 1, k + kb * b * D, D, b, dq + r * b * D, D, !first_slot, B->scale);
+                product(D, b, dP + m * b, 1, W, qr, D, b, dk + kb * b * D, D, 1, B->scale); /* dS^T q */
+                product(D, b, S + m * b, 1, W, dor, D, b, dv + kb * b * D, D, 1, 1.0f);     /* P^T dO */
+                first_slot = 0;
+            }
+            if (first_slot) memset(dq + r * b * D, 0, sizeof(float) * b * D);
+        }
+    }
+}
+
+static int pow2_vectors(int n) { return n % VL == 0 && n / VL <= 8 && ((n / VL) & (n / VL - 1)) == 0; }
+static int band_sizes_ok(int b, int D) { return b <= 64 && pow2_vectors(b) && pow2_vectors(D); }
+
+static int band_run(Band *B, int64_t BH, int threads, int backward) {
+    const int64_t n = B->QB * B->b * B->D;
+    B->scratch_floats = 2 * n + 2 * (int64_t)B->b * B->M * B->b + 64;
+    int used = thread_count(BH, threads);
+    B->scratch = malloc(sizeof(float) * B->scratch_floats * used);
+    if (!B->scratch) return -2;
+    parallel(backward ? band_bwd_part : band_fwd_part, B, BH, NULL, used);
+    free(B->scratch);
+    return 0;
+}
+
+/* Forward of band attention: out [BH][QB][b][D], lse [BH][QB][b]. b / VL and D / VL must be 1, 2, 4 or 8 and
+   b at most 64. Returns 0; -1 for sizes it does not know, -2 out of memory. */
+int band_forward(const float *q, const float *k, const float *v, const int32_t *kinds, const int32_t *mask_id,
+                 const uint8_t *masks, int64_t BH, int64_t QB, int b, int D, int M, float scale, float *out,
+                 float *lse, int threads) {
+    if (!band_sizes_ok(b, D)) return -1;
+    Band B = {q, k, v, NULL, NULL, NULL, out, lse, NULL, NULL, NULL, kinds, mask_id, masks, QB, b, D, M, scale,
+              NULL, 0};
+    return band_run(&B, BH, threads, 0);
+}
+
+/* Backward: dq, dk, dv [BH][QB][b][D] from dout, the forward's lse and delta = rowsum(out * dout) [BH][QB][b]. */
+int band_backward(const float *q, const float *k, const float *v, const float *dout, const float *lse,
+                  const float *delta, const int32_t *kinds, const int32_t *mask_id, const uint8_t *masks, int64_t BH,
+                  int64_t QB, int b, int D, int M, float scale, float *dq, float *dk, float *dv, int threads) {
+    if (!band_sizes_ok(b, D)) return -1;
+    Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, kinds, mask_id, masks, QB, b, D, M, scale, NULL, 0};
+    return band_run(&B, BH, threads, 1);
 }
