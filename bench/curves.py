@@ -37,7 +37,7 @@ def read_run(folder: Path) -> dict:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise ValueError(f"{log}:{n} is not JSON") from None
-            if "loss" in rec and "tokens_seen" in rec:
+            if "event" not in rec and "bits_per_dim" in rec:
                 minutes += rec.get("seconds", 0.0) / 60
                 steps[rec["step"]] = (rec["tokens_seen"], minutes, rec["bits_per_dim"])
             elif rec.get("event") == "eval" and rec.get("step") in steps:
