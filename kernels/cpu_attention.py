@@ -6,11 +6,11 @@ dtype. Three schedules, picked per layout:
 
 * columns: strided layouts whose [R, l] view is whole and splits into whole blocks per
   column. Block-row u of all l columns is one bmm on a strided view of q/k/v: no copies.
-* band: every query block r reads the key blocks [r - M + 1, r] (local, other strided).
-  In compiled C where kernels/cpu_kernels.py runs (float32 register tiles, the scores of
-  one query block's M slots in one buffer, one thread per (batch, head)); else slot m of
-  every row is the contiguous key slice shifted by m, one bmm on views: no gather, no
-  scatter. Per (batch, head), in the layout's physical (block) order.
+* band: every query block r reads the key blocks [r - M + 1, r] (local, strided). In
+  compiled C where kernels/cpu_kernels.py runs (:class:`CompiledBand`: float32 register
+  tiles, one thread per (batch, head), in place when the layout is whole, strided ones
+  included); else slot m of every row is the contiguous key slice shifted by m, one bmm
+  on views: no gather, no scatter. Per (batch, head), in the layout's physical (block) order.
 * gather: anything else (fixed, all). The listed key blocks of a chunk of rows are
   gathered into [rows, M * block] and the gradients scattered back with index_add.
 
@@ -261,33 +261,6 @@ def _band_forward(plan: _BandPlan, qp, kp, vp, o, lse, scale: float):
             lse[bh, r0:r1] = total.log_().add_(top)
 
 
-def _band_compiled(qp: torch.Tensor) -> bool:
-    """Does the compiled band kernel take blocks and head dims of this size here?"""
-    vl = cpu_kernels.vector_floats()
-    b, D = qp.shape[2], qp.shape[3]
-    return vl > 0 and b <= 64 and all(n % vl == 0 and n // vl in (1, 2, 4, 8) for n in (b, D))
-
-
-def _band_forward_compiled(plan: _BandPlan, qp, kp, vp, o, lse, scale: float):
-    """_band_forward in compiled C (kernels/cpu_kernels.c: band_forward)."""
-    BH, QB, b, D = qp.shape
-    q, k, v = (t.contiguous() for t in (qp, kp, vp))
-    cpu_kernels.check(cpu_kernels.library().band_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), plan.kinds.data_ptr(), plan.mask_id.data_ptr(),
-        plan.masks.data_ptr(), BH, QB, b, D, plan.width, scale, o.data_ptr(), lse.data_ptr(),
-        torch.get_num_threads()))
-
-
-def _band_backward_compiled(plan: _BandPlan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale: float):
-    """_band_backward in compiled C (kernels/cpu_kernels.c: band_backward)."""
-    BH, QB, b, D = qp.shape
-    q, k, v, do, lse, delta = (t.contiguous() for t in (qp, kp, vp, dop, lse, delta))
-    cpu_kernels.check(cpu_kernels.library().band_backward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), do.data_ptr(), lse.data_ptr(), delta.data_ptr(),
-        plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(), BH, QB, b, D, plan.width, scale,
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), torch.get_num_threads()))
-
-
 def _band_backward(plan: _BandPlan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale: float):
     """Streams slot by slot; dk/dv accumulate in place."""
     b, lag = qp.shape[2], plan.width - 1
@@ -400,7 +373,7 @@ class CPUAttention(torch.autograd.Function):
         o = torch.empty(qp.shape)  # contiguous even when qp is a view of a strided input
         lse = torch.empty(qp.shape[:3])
         if isinstance(plan, _BandPlan):
-            (_band_forward_compiled if _band_compiled(qp) else _band_forward)(plan, qp, kp, vp, o, lse, scale)
+            _band_forward(plan, qp, kp, vp, o, lse, scale)
         else:
             _gather_forward(plan, layout, q.shape[1], qp, kp, vp, o, lse, scale)
         ctx.save_for_backward(qp, kp, vp, o, lse)
@@ -417,8 +390,7 @@ class CPUAttention(torch.autograd.Function):
         dq = torch.empty(qp.shape)  # both schedules write every row; contiguous whatever qp's strides
         dk, dv = torch.zeros(kp.shape), torch.zeros(vp.shape)
         if isinstance(plan, _BandPlan):
-            band = _band_backward_compiled if _band_compiled(qp) else _band_backward
-            band(plan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
+            _band_backward(plan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
         else:
             _gather_backward(plan, layout, shape[1], qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
         return (*(from_physical(g, layout, shape, dtype) for g in (dq, dk, dv)), None, None)
@@ -502,9 +474,78 @@ class ColumnAttention(torch.autograd.Function):
                 dv.transpose(2, 3).reshape(q.shape).to(dtype), None, None)
 
 
+# --- band layouts in compiled C ---------------------------------------------------------------
+
+
+def _runs_compiled(layout: Layout, d: int) -> bool:
+    """A band layout whose block and head dim the compiled kernel takes (1, 2, 4 or 8 vectors), where it runs."""
+    vl = cpu_kernels.vector_floats()
+    if not vl or layout.block > 64 or not all(n % vl == 0 and n // vl in (1, 2, 4, 8) for n in (layout.block, d)):
+        return False
+    return isinstance(_plan(layout), _BandPlan)
+
+
+def _in_place(layout: Layout) -> bool:
+    """Whole layouts need no copy: blocks in sequence order, or a strided grid read as it is."""
+    whole = layout.physical_len == layout.seq_len == layout.num_blocks * layout.block
+    return _reads_columns_in_place(layout) or (not layout.permuted and whole)
+
+
+class CompiledBand(torch.autograd.Function):
+    """Band layouts in kernels/cpu_kernels.c (band_forward, band_backward): on the inputs themselves when the
+    layout is whole ([B * H, N, D], strided layouts read as their [R, l] grid), else in block order through
+    one copy in and one out (:func:`to_physical`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: Layout, scale: float):
+        B, H, N, D = q.shape
+        if _in_place(layout):
+            xs = [t.float().contiguous().view(B * H, N, D) for t in (q, k, v)]
+            grid = (layout.rows, layout.stride) if layout.permuted else (0, 0)
+        else:
+            xs = [to_physical(t, layout).contiguous().view(B * H, -1, D) for t in (q, k, v)]
+            grid = (0, 0)
+        plan = _plan(layout)
+        o, lse = torch.empty(xs[0].shape), torch.empty(xs[0].shape[:2])
+        cpu_kernels.check(cpu_kernels.library().band_forward(
+            *(x.data_ptr() for x in xs), plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(),
+            B * H, layout.num_blocks, layout.block, D, plan.width, *grid, scale, o.data_ptr(), lse.data_ptr(),
+            torch.get_num_threads()))
+        ctx.save_for_backward(*xs, o, lse)
+        ctx.layout, ctx.scale, ctx.shape, ctx.dtype, ctx.grid = layout, scale, q.shape, q.dtype, grid
+        return CompiledBand._back(o, ctx)
+
+    @staticmethod
+    def _back(x: torch.Tensor, ctx) -> torch.Tensor:
+        """A result in the kernel's order -> the caller's [B, H, N, D] and dtype."""
+        if _in_place(ctx.layout):
+            return x.view(ctx.shape).to(ctx.dtype)
+        return from_physical(x.view(-1, ctx.layout.num_blocks, ctx.layout.block, ctx.shape[-1]), ctx.layout,
+                             ctx.shape, ctx.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        layout, plan = ctx.layout, _plan(ctx.layout)
+        if _in_place(layout):
+            dout = do.float().contiguous().view(o.shape)
+        else:
+            dout = to_physical(do.contiguous(), layout).contiguous().view(o.shape)
+        delta = (o * dout).sum(-1)
+        dq, dk, dv = (torch.empty(o.shape) for _ in range(3))
+        cpu_kernels.check(cpu_kernels.library().band_backward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+            plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(), o.shape[0], layout.num_blocks,
+            layout.block, o.shape[-1], plan.width, *ctx.grid, ctx.scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+            torch.get_num_threads()))
+        return (*(CompiledBand._back(g, ctx) for g in (dq, dk, dv)), None, None)
+
+
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                   scale: float) -> torch.Tensor:
     """[B, H, N, D] -> [B, H, N, D]; inputs already validated by ``kernels.attention``."""
+    if _runs_compiled(layout, q.shape[-1]):
+        return CompiledBand.apply(q, k, v, layout, scale)
     if _reads_columns_in_place(layout):
         return ColumnAttention.apply(q, k, v, layout, scale)
     return CPUAttention.apply(q, k, v, layout, scale)

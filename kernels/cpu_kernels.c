@@ -365,42 +365,67 @@ static void product(int n_cols, int64_t n_rows, const float *a, int64_t a_row, i
     }
 }
 
-/* One band layout over [BH][QB][b][D] float32 tensors in block order: slot m of query block r reads key
-   block r + m - (M - 1); kinds [QB][M]: 0 nothing (padding), 1 every element, 2 the elements of
-   masks[mask_id[r][m]] ([b][b] bytes, 1 = read). */
+/* One band layout: slot m of query block r reads key block r + m - (M - 1); kinds [QB][M]: 0 nothing (padding),
+   1 every element, 2 the elements of masks[mask_id[r][m]] ([b][b] bytes, 1 = read); the slots a block reads
+   are consecutive and end at m = M - 1. Tensors are [BH][QB b][D] (lse and delta [BH][QB b]) in the order
+   the caller holds them: blocks in sequence order (ell = 0), or a strided layout in place (ell > 0: the
+   sequence is an [R][ell] grid and block r holds column (r b) / R, grid rows (r b) % R onwards), so that
+   the caller makes no copy.
+   Work comes in segments whose blocks read only each other: the whole sequence (ell = 0), or one column of
+   the grid, which is first packed into contiguous rows (its rows lie ell rows apart) and unpacked after. */
 typedef struct {
     const float *q, *k, *v, *dout, *lse, *delta;
     float *out, *lse_out, *dq, *dk, *dv;
     const int32_t *kinds, *mask_id;
     const uint8_t *masks;
-    int64_t QB;
+    int64_t QB, R, ell;
     int b, D, M;
     float scale;
-    float *scratch; /* per thread: kT, vT [QB][D][b], S and dP [b][M b] */
+    float *scratch; /* per thread, see band_run */
     int64_t scratch_floats;
 } Band;
 
-/* t[kb][d][j] = x[kb][j][d]: key blocks transposed, so that scores are rank updates over d */
-static void transpose_blocks(const float *x, int64_t QB, int b, int D, float *t) {
-    for (int64_t kb = 0; kb < QB; kb++)
+typedef struct {         /* one segment of one (batch x head), rows contiguous */
+    const float *q, *k, *v, *dout;
+    float *out, *dq, *dk, *dv;
+    int64_t block0, blocks; /* its first block and block count */
+    int64_t row0, step;     /* row t is row row0 + t * step of [BH][QB b] (lse, delta) */
+} Segment;
+
+static int64_t segment_blocks(const Band *B) { return B->ell ? B->R / B->b : B->QB; }
+
+/* t[kb][d][j] = x[kb b + j][d]: key blocks transposed, so that scores are rank updates over d */
+static void transpose_blocks(const float *x, int64_t blocks, int b, int D, float *t) {
+    for (int64_t kb = 0; kb < blocks; kb++)
         for (int j = 0; j < b; j++)
             for (int d = 0; d < D; d++) t[(kb * D + d) * b + j] = x[(kb * b + j) * D + d];
 }
 
-/* S [b][M b] = scale * q_r k_kb^T per slot, -inf where not read (whole padding slots, masked elements). */
-static void band_scores(const Band *B, int64_t r, const float *q, const float *kT, float *S) {
+/* rows t of x (sequence rows row0 + t step) <-> contiguous rows of buf */
+static void pack_rows(const float *x, int64_t rows, int64_t row0, int64_t step, int D, float *buf) {
+    for (int64_t t = 0; t < rows; t++) memcpy(buf + t * D, x + (row0 + t * step) * D, sizeof(float) * D);
+}
+static void unpack_rows(const float *buf, int64_t rows, int64_t row0, int64_t step, int D, float *x) {
+    for (int64_t t = 0; t < rows; t++) memcpy(x + (row0 + t * step) * D, buf + t * D, sizeof(float) * D);
+}
+
+/* The first slot query block r reads (M: none). */
+static int first_slot(const Band *B, int64_t r) {
+    int m = 0;
+    while (m < B->M && B->kinds[r * B->M + m] == 0) m++;
+    return m;
+}
+
+/* S [b][M b] = scale * q_r k_kb^T for slots m0.. (earlier slots untouched), -inf at masked elements; r the
+   segment's block, g = block0 + r the layout's. */
+static void band_scores(const Band *B, const Segment *sg, int64_t r, int m0, const float *kT, float *S) {
     const int b = B->b, D = B->D, M = B->M, W = M * b;
-    for (int m = 0; m < M; m++) {
-        int kind = B->kinds[r * M + m];
-        if (kind == 0) {
-            for (int i = 0; i < b; i++)
-                for (int j = 0; j < b; j++) S[i * W + m * b + j] = -__builtin_inff();
-            continue;
-        }
+    const int64_t g = sg->block0 + r;
+    for (int m = m0; m < M; m++) {
         int64_t kb = r + m - (M - 1);
-        product(b, b, q + r * b * D, D, 1, kT + kb * D * b, b, D, S + m * b, W, 0, B->scale);
-        if (kind == 2) {
-            const uint8_t *mask = B->masks + (int64_t)B->mask_id[r * M + m] * b * b;
+        product(b, b, sg->q + r * b * D, D, 1, kT + kb * D * b, b, D, S + m * b, W, 0, B->scale);
+        if (B->kinds[g * M + m] == 2) {
+            const uint8_t *mask = B->masks + (int64_t)B->mask_id[g * M + m] * b * b;
             for (int i = 0; i < b; i++)
                 for (int j = 0; j < b; j++)
                     if (!mask[i * b + j]) S[i * W + m * b + j] = -__builtin_inff();
@@ -411,116 +436,140 @@ static void band_scores(const Band *B, int64_t r, const float *q, const float *k
 static float vmax_all(vf a) { float m = a[0]; for (int i = 1; i < VL; i++) m = a[i] > m ? a[i] : m; return m; }
 static float vsum_all(vf a) { float s = 0; for (int i = 0; i < VL; i++) s += a[i]; return s; }
 
-static void band_fwd_part(void *arg, int index, int64_t first, int64_t end) {
-    const Band *B = arg;
+static void band_fwd_segment(const Band *B, const Segment *sg, float *kT, float *S, float *lse) {
     const int b = B->b, D = B->D, M = B->M, W = M * b;
-    const int64_t QB = B->QB, n = QB * b * D;
-    float *kT = B->scratch + index * B->scratch_floats, *S = kT + 2 * n;
-    for (int64_t bh = first; bh < end; bh++) {
-        const float *q = B->q + bh * n, *k = B->k + bh * n, *v = B->v + bh * n;
-        float *o = B->out + bh * n, *lse = B->lse_out + bh * QB * b;
-        transpose_blocks(k, QB, b, D, kT);
-        for (int64_t r = 0; r < QB; r++) {
-            band_scores(B, r, q, kT, S);
-            float total[64], top[64];
-            for (int i = 0; i < b; i++) {
-                float *s = S + i * W;
-                vf mx = splat(-__builtin_inff());
-                for (int j = 0; j < W; j += VL) { vf x = vld(s + j); mx = vsel(x > mx, x, mx); }
-                float t = vmax_all(mx);
-                vf sum = (vf){0};
-                for (int j = 0; j < W; j += VL) { vf p = vexp(vld(s + j) - t); vst(s + j, p); sum += p; }
-                top[i] = t, total[i] = vsum_all(sum);
-            }
-            float *orow = o + r * b * D;
-            int first_slot = 1;
-            for (int m = 0; m < M; m++) {
-                if (B->kinds[r * M + m] == 0) continue;
-                int64_t kb = r + m - (M - 1);
-                product(D, b, S + m * b, W, 1, v + kb * b * D, D, b, orow, D, !first_slot, 1.0f);
-                first_slot = 0;
-            }
-            for (int i = 0; i < b; i++) {
-                float inv = 1.0f / total[i];
-                for (int d = 0; d < D; d++) orow[i * D + d] = first_slot ? 0.0f : orow[i * D + d] * inv;
-                lse[r * b + i] = logf(total[i]) + top[i];
-            }
+    transpose_blocks(sg->k, sg->blocks, b, D, kT);
+    for (int64_t r = 0; r < sg->blocks; r++) {
+        int m0 = first_slot(B, sg->block0 + r), c = (M - m0) * b; /* the keys read: c, from slot m0 on */
+        float *orow = sg->out + r * b * D;
+        if (m0 == M) { /* reads nothing */
+            memset(orow, 0, sizeof(float) * b * D);
+            for (int i = 0; i < b; i++) lse[sg->row0 + (r * b + i) * sg->step] = -__builtin_inff();
+            continue;
+        }
+        band_scores(B, sg, r, m0, kT, S);
+        float total[64], top[64];
+        for (int i = 0; i < b; i++) {
+            float *s = S + i * W + m0 * b;
+            vf mx = splat(-__builtin_inff());
+            for (int j = 0; j < c; j += VL) { vf x = vld(s + j); mx = vsel(x > mx, x, mx); }
+            float t = vmax_all(mx);
+            vf sum = (vf){0};
+            for (int j = 0; j < c; j += VL) { vf p = vexp(vld(s + j) - t); vst(s + j, p); sum += p; }
+            top[i] = t, total[i] = vsum_all(sum);
+        }
+        /* P V over the c keys at once: the key blocks a block reads are consecutive rows */
+        product(D, b, S + m0 * b, W, 1, sg->v + (r + m0 - (M - 1)) * b * D, D, c, orow, D, 0, 1.0f);
+        for (int i = 0; i < b; i++) {
+            vf inv = splat(1.0f / total[i]);
+            for (int d = 0; d < D; d += VL) vst(orow + i * D + d, vld(orow + i * D + d) * inv);
+            lse[sg->row0 + (r * b + i) * sg->step] = logf(total[i]) + top[i];
         }
     }
 }
 
-static void band_bwd_part(void *arg, int index, int64_t first, int64_t end) {
-    const Band *B = arg;
+static void band_bwd_segment(const Band *B, const Segment *sg, float *kT, float *vT, float *S, float *dP,
+                             const float *lse, const float *delta) {
     const int b = B->b, D = B->D, M = B->M, W = M * b;
-    const int64_t QB = B->QB, n = QB * b * D;
-    float *kT = B->scratch + index * B->scratch_floats, *vT = kT + n, *S = vT + n, *dP = S + b * W;
-    for (int64_t bh = first; bh < end; bh++) {
-        const float *q = B->q + bh * n, *k = B->k + bh * n, *v = B->v + bh * n, *dout = B->dout + bh * n;
-        const float *lse = B->lse + bh * QB * b, *delta = B->delta + bh * QB * b;
-        float *dq = B->dq + bh * n, *dk = B->dk + bh * n, *dv = B->dv + bh * n;
-        transpose_blocks(k, QB, b, D, kT);
-        transpose_blocks(v, QB, b, D, vT);
-        memset(dk, 0, sizeof(float) * n);
-        memset(dv, 0, sizeof(float) * n);
-        for (int64_t r = 0; r < QB; r++) {
-            const float *qr = q + r * b * D, *dor = dout + r * b * D;
-            band_scores(B, r, q, kT, S);
-            for (int i = 0; i < b; i++) {
-                vf l = splat(lse[r * b + i]);
-                for (int j = 0; j < W; j += VL) vst(S + i * W + j, vexp(vld(S + i * W + j) - l));
-            }
-            int first_slot = 1;
-            for (int m = 0; m < M; m++) {
-                if (B->kinds[r * M + m] == 0) continue;
-                int64_t kb = r + m - (M - 1);
-                product(b, b, dor, D, 1, vT + kb * D * b, b, D, dP + m * b, W, 0, 1.0f); /* dO v^T */
-                for (int i = 0; i < b; i++) { /* dS = P (dP - delta), in dP */
-                    vf dl = splat(delta[r * b + i]);
-                    for (int j = 0; j < b; j += VL) {
-                        float *p = dP + i * W + m * b + j;
-                        vst(p, vld(S + i * W + m * b + j) * (vld(p) - dl));
-                    }
-                }
-                product(D, b, dP + m * b, W, 1, k + kb * b * D, D, b, dq + r * b * D, D, !first_slot, B->scale);
-                product(D, b, dP + m * b, 1, W, qr, D, b, dk + kb * b * D, D, 1, B->scale); /* dS^T q */
-                product(D, b, S + m * b, 1, W, dor, D, b, dv + kb * b * D, D, 1, 1.0f);     /* P^T dO */
-                first_slot = 0;
-            }
-            if (first_slot) memset(dq + r * b * D, 0, sizeof(float) * b * D);
+    transpose_blocks(sg->k, sg->blocks, b, D, kT);
+    transpose_blocks(sg->v, sg->blocks, b, D, vT);
+    memset(sg->dk, 0, sizeof(float) * sg->blocks * b * D);
+    memset(sg->dv, 0, sizeof(float) * sg->blocks * b * D);
+    for (int64_t r = 0; r < sg->blocks; r++) {
+        int m0 = first_slot(B, sg->block0 + r), c = (M - m0) * b;
+        int64_t key = r + m0 - (M - 1); /* the first key block read */
+        const float *qr = sg->q + r * b * D, *dor = sg->dout + r * b * D;
+        float *dqr = sg->dq + r * b * D;
+        if (m0 == M) {
+            memset(dqr, 0, sizeof(float) * b * D);
+            continue;
+        }
+        band_scores(B, sg, r, m0, kT, S);
+        for (int i = 0; i < b; i++) { /* P = exp(S - lse) */
+            vf l = splat(lse[sg->row0 + (r * b + i) * sg->step]);
+            float *s = S + i * W + m0 * b;
+            for (int j = 0; j < c; j += VL) vst(s + j, vexp(vld(s + j) - l));
+        }
+        for (int m = m0; m < M; m++) /* dP = dO v^T */
+            product(b, b, dor, D, 1, vT + (r + m - (M - 1)) * D * b, b, D, dP + m * b, W, 0, 1.0f);
+        for (int i = 0; i < b; i++) { /* dS = P (dP - delta), in dP */
+            vf dl = splat(delta[sg->row0 + (r * b + i) * sg->step]);
+            float *p = dP + i * W + m0 * b, *ps = S + i * W + m0 * b;
+            for (int j = 0; j < c; j += VL) vst(p + j, vld(ps + j) * (vld(p + j) - dl));
+        }
+        product(D, b, dP + m0 * b, W, 1, sg->k + key * b * D, D, c, dqr, D, 0, B->scale); /* dS k */
+        product(D, c, dP + m0 * b, 1, W, qr, D, b, sg->dk + key * b * D, D, 1, B->scale);  /* dS^T q */
+        product(D, c, S + m0 * b, 1, W, dor, D, b, sg->dv + key * b * D, D, 1, 1.0f);       /* P^T dO */
+    }
+}
+
+/* Items: (batch x head, segment) pairs. Per thread: kT, vT [rows][D], S, dP [b][M b], and with ell > 0 the
+   packed rows of q, k, v, dout and of out or dq, dk, dv (8 x [rows][D]); rows = a segment's. */
+static void band_part(void *arg, int index, int64_t first, int64_t end, int backward) {
+    const Band *B = arg;
+    const int b = B->b, D = B->D;
+    const int64_t nseg = B->ell ? B->ell : 1, blocks = segment_blocks(B), rows = blocks * b, N = B->QB * b;
+    const int64_t n = N * D, seg = rows * D;
+    float *kT = B->scratch + index * B->scratch_floats, *vT = kT + seg, *S = vT + seg, *dP = S + b * B->M * b;
+    float *pack = dP + b * B->M * b;
+    for (int64_t item = first; item < end; item++) {
+        int64_t bh = item / nseg, s = item % nseg;
+        Segment sg = {B->q + bh * n, B->k + bh * n, B->v + bh * n, B->dout ? B->dout + bh * n : NULL,
+                      B->out ? B->out + bh * n : NULL, B->dq ? B->dq + bh * n : NULL, B->dk ? B->dk + bh * n : NULL,
+                      B->dv ? B->dv + bh * n : NULL, s * blocks, blocks, bh * N + s, B->ell ? B->ell : 1};
+        float *targets[4] = {sg.out, sg.dq, sg.dk, sg.dv};
+        if (B->ell) { /* pack the column; outputs go to packed rows first */
+            const float *inputs[4] = {sg.q, sg.k, sg.v, sg.dout};
+            for (int i = 0; i < 4; i++)
+                if (inputs[i]) pack_rows(inputs[i], rows, s, B->ell, D, pack + i * seg);
+            sg.q = pack, sg.k = pack + seg, sg.v = pack + 2 * seg, sg.dout = B->dout ? pack + 3 * seg : NULL;
+            sg.out = pack + 4 * seg, sg.dq = pack + 5 * seg, sg.dk = pack + 6 * seg, sg.dv = pack + 7 * seg;
+        }
+        if (backward)
+            band_bwd_segment(B, &sg, kT, vT, S, dP, B->lse, B->delta);
+        else
+            band_fwd_segment(B, &sg, kT, S, B->lse_out);
+        if (B->ell) {
+            float *packed[4] = {sg.out, sg.dq, sg.dk, sg.dv};
+            for (int i = backward ? 1 : 0; i < (backward ? 4 : 1); i++)
+                unpack_rows(packed[i], rows, s, B->ell, D, targets[i]);
         }
     }
 }
+static void band_fwd_part(void *arg, int index, int64_t first, int64_t end) { band_part(arg, index, first, end, 0); }
+static void band_bwd_part(void *arg, int index, int64_t first, int64_t end) { band_part(arg, index, first, end, 1); }
 
 static int pow2_vectors(int n) { return n % VL == 0 && n / VL <= 8 && ((n / VL) & (n / VL - 1)) == 0; }
-static int band_sizes_ok(int b, int D) { return b <= 64 && pow2_vectors(b) && pow2_vectors(D); }
 
 static int band_run(Band *B, int64_t BH, int threads, int backward) {
-    const int64_t n = B->QB * B->b * B->D;
-    B->scratch_floats = 2 * n + 2 * (int64_t)B->b * B->M * B->b + 64;
-    int used = thread_count(BH, threads);
+    if (B->b > 64 || !pow2_vectors(B->b) || !pow2_vectors(B->D)) return -1;
+    if (B->ell && (B->R % B->b || B->R * B->ell != B->QB * B->b)) return -1;
+    const int64_t seg = segment_blocks(B) * B->b * B->D, items = BH * (B->ell ? B->ell : 1);
+    B->scratch_floats = (2 + (B->ell ? 8 : 0)) * seg + 2 * (int64_t)B->b * B->M * B->b + 64;
+    int used = thread_count(items, threads);
     B->scratch = malloc(sizeof(float) * B->scratch_floats * used);
     if (!B->scratch) return -2;
-    parallel(backward ? band_bwd_part : band_fwd_part, B, BH, NULL, used);
+    parallel(backward ? band_bwd_part : band_fwd_part, B, items, NULL, used);
     free(B->scratch);
     return 0;
 }
 
-/* Forward of band attention: out [BH][QB][b][D], lse [BH][QB][b]. b / VL and D / VL must be 1, 2, 4 or 8 and
-   b at most 64. Returns 0; -1 for sizes it does not know, -2 out of memory. */
+/* Forward of band attention: out [BH][QB b][D], lse [BH][QB b] (see Band for the layout and R, ell). b / VL and
+   D / VL must be 1, 2, 4 or 8 and b at most 64. Returns 0; -1 for sizes it does not know, -2 out of memory. */
 int band_forward(const float *q, const float *k, const float *v, const int32_t *kinds, const int32_t *mask_id,
-                 const uint8_t *masks, int64_t BH, int64_t QB, int b, int D, int M, float scale, float *out,
-                 float *lse, int threads) {
-    if (!band_sizes_ok(b, D)) return -1;
-    Band B = {q, k, v, NULL, NULL, NULL, out, lse, NULL, NULL, NULL, kinds, mask_id, masks, QB, b, D, M, scale,
-              NULL, 0};
+                 const uint8_t *masks, int64_t BH, int64_t QB, int b, int D, int M, int64_t R, int64_t ell,
+                 float scale, float *out, float *lse, int threads) {
+    Band B = {q, k, v, NULL, NULL, NULL, out, lse, NULL, NULL, NULL, kinds, mask_id, masks, QB, R, ell, b, D, M,
+              scale, NULL, 0};
     return band_run(&B, BH, threads, 0);
 }
 
-/* Backward: dq, dk, dv [BH][QB][b][D] from dout, the forward's lse and delta = rowsum(out * dout) [BH][QB][b]. */
+/* Backward: dq, dk, dv like q from dout, the forward's lse and delta = rowsum(out * dout) [BH][QB b]. */
 int band_backward(const float *q, const float *k, const float *v, const float *dout, const float *lse,
                   const float *delta, const int32_t *kinds, const int32_t *mask_id, const uint8_t *masks, int64_t BH,
-                  int64_t QB, int b, int D, int M, float scale, float *dq, float *dk, float *dv, int threads) {
-    if (!band_sizes_ok(b, D)) return -1;
-    Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, kinds, mask_id, masks, QB, b, D, M, scale, NULL, 0};
+                  int64_t QB, int b, int D, int M, int64_t R, int64_t ell, float scale, float *dq, float *dk,
+                  float *dv, int threads) {
+    Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, kinds, mask_id, masks, QB, R, ell, b, D, M, scale,
+              NULL, 0};
     return band_run(&B, BH, threads, 1);
 }

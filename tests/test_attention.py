@@ -401,28 +401,34 @@ def test_cpu_band_schedule_in_pytorch_matches_reference(kind, kw, block, n, monk
                  torch.float32)
 
 
+@pytest.mark.parametrize("kind,kw,n", [("local", {"window": 70}, 200), ("local", {"window": 70}, 192),
+                                        ("strided", {"stride": 6}, 192), ("strided", {"stride": 7}, 200)],
+                         ids=["local-padded", "local-whole", "strided-in-place", "strided-padded"])
 @pytest.mark.parametrize("heads,d", [(1, 64), (3, 32)])
-def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(heads, d, monkeypatch):
-    """Local layouts run in compiled C where it builds; 1, 2 and 3 threads give the same bits."""
+def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(kind, kw, n, heads, d, monkeypatch):
+    """Band layouts run in compiled C where it builds (in place when whole, strided grids included); 1, 2 and
+    3 threads give the same bits."""
     from kernels import cpu_attention, cpu_kernels
 
     if cpu_kernels.library() is None:
         pytest.skip(cpu_kernels.status())
     calls = []
-    for name in ("_band_forward_compiled", "_band_backward_compiled"):
-        fn = getattr(cpu_attention, name)
-        monkeypatch.setattr(cpu_attention, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-    q, k, v, do = inputs(200, torch.float32, heads=heads, d=d, batch=2)
-    layout = make_layout("local", 200, 32, heads=heads, window=70)
+    band = cpu_attention.CompiledBand
+    for name in ("forward", "backward"):
+        fn = getattr(band, name)
+        monkeypatch.setattr(band, name, staticmethod(lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)))
+    q, k, v, do = inputs(n, torch.float32, heads=heads, d=d, batch=2)
+    layout = make_layout(kind, n, 32, heads=heads, **kw)
+    assert cpu_attention._in_place(layout) == (n == 192)
     threads = torch.get_num_threads()
     try:
         results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
             results.append(outputs_and_grads(q, k, v, do, layout, "cpu"))
     finally:
         torch.set_num_threads(threads)
-    assert calls == ["_band_forward_compiled", "_band_backward_compiled"] * 3
+    assert calls == ["forward", "backward"] * 3
     assert_close(results[0], outputs_and_grads(q, k, v, do, layout, "reference"), torch.float32)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
