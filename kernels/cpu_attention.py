@@ -162,7 +162,7 @@ class _BandPlan:
     work: list[list[_Work]]  # per chunk
     kinds: torch.Tensor  # [QB, M] int32, for the compiled kernels: 0 padding, 1 full, 2 partial
     mask_id: torch.Tensor  # [QB, M] int32: the row of ``masks`` of each partial slot
-    masks: torch.Tensor  # [n partial, block, block] uint8, 1 = read
+    masks: torch.Tensor  # [n partial, block, block] float32: 0 where read, -inf where not (added to the scores)
 
 
 @dataclass
@@ -202,7 +202,8 @@ def _band_plan(layout: Layout) -> _BandPlan:
             items.append(_Work(m, a, e, mask))
         work.append(items)
     r, m = torch.nonzero(kinds == 2, as_tuple=True)
-    masks = _entry_masks(layout, torch.zeros_like(r), r, index[r, m]).to(torch.uint8).contiguous()
+    read = _entry_masks(layout, torch.zeros_like(r), r, index[r, m])
+    masks = torch.zeros(read.shape).masked_fill_(~read, NEG_INF)
     mask_id = torch.zeros(kinds.shape, dtype=torch.int32)
     mask_id[r, m] = torch.arange(r.numel(), dtype=torch.int32)
     return _BandPlan(width, chunks, work, kinds.to(torch.int32).contiguous(), mask_id, masks)

@@ -366,8 +366,8 @@ static void product(int n_cols, int64_t n_rows, const float *a, int64_t a_row, i
 }
 
 /* One band layout: slot m of query block r reads key block r + m - (M - 1); kinds [QB][M]: 0 nothing (padding),
-   1 every element, 2 the elements of masks[mask_id[r][m]] ([b][b] bytes, 1 = read); the slots a block reads
-   are consecutive and end at m = M - 1. Tensors are [BH][QB b][D] (lse and delta [BH][QB b]) in the order
+   1 every element, 2 the elements of masks[mask_id[r][m]] ([b][b] floats: 0 = read, -inf = not); the slots
+   a block reads are consecutive and end at m = M - 1. Tensors are [BH][QB b][D] (lse and delta [BH][QB b]) in the order
    the caller holds them: blocks in sequence order (ell = 0), or a strided layout in place (ell > 0: the
    sequence is an [R][ell] grid and block r holds column (r b) / R, grid rows (r b) % R onwards), so that
    the caller makes no copy.
@@ -377,7 +377,7 @@ typedef struct {
     const float *q, *k, *v, *dout, *lse, *delta;
     float *out, *lse_out, *dq, *dk, *dv;
     const int32_t *kinds, *mask_id;
-    const uint8_t *masks;
+    const float *masks;
     int64_t QB, R, ell;
     int b, D, M;
     float scale;
@@ -396,9 +396,20 @@ static int64_t segment_blocks(const Band *B) { return B->ell ? B->R / B->b : B->
 
 /* t[kb][d][j] = x[kb b + j][d]: key blocks transposed, so that scores are rank updates over d */
 static void transpose_blocks(const float *x, int64_t blocks, int b, int D, float *t) {
-    for (int64_t kb = 0; kb < blocks; kb++)
-        for (int j = 0; j < b; j++)
-            for (int d = 0; d < D; d++) t[(kb * D + d) * b + j] = x[(kb * b + j) * D + d];
+    for (int64_t kb = 0; kb < blocks; kb++) { /* in VL x VL tiles: VL rows in registers, written as columns */
+        const float *xb = x + kb * b * D;
+        float *tb = t + kb * D * b;
+        for (int j0 = 0; j0 < b; j0 += VL)
+            for (int d0 = 0; d0 < D; d0 += VL) {
+                vf rows[VL];
+                for (int j = 0; j < VL; j++) rows[j] = vld(xb + (j0 + j) * D + d0);
+                for (int d = 0; d < VL; d++) {
+                    vf col;
+                    for (int j = 0; j < VL; j++) col[j] = rows[j][d];
+                    vst(tb + (d0 + d) * b + j0, col);
+                }
+            }
+    }
 }
 
 /* rows t of x (sequence rows row0 + t step) <-> contiguous rows of buf */
@@ -424,11 +435,12 @@ static void band_scores(const Band *B, const Segment *sg, int64_t r, int m0, con
     for (int m = m0; m < M; m++) {
         int64_t kb = r + m - (M - 1);
         product(b, b, sg->q + r * b * D, D, 1, kT + kb * D * b, b, D, S + m * b, W, 0, B->scale);
-        if (B->kinds[g * M + m] == 2) {
-            const uint8_t *mask = B->masks + (int64_t)B->mask_id[g * M + m] * b * b;
-            for (int i = 0; i < b; i++)
-                for (int j = 0; j < b; j++)
-                    if (!mask[i * b + j]) S[i * W + m * b + j] = -__builtin_inff();
+        if (B->kinds[g * M + m] == 2) { /* + 0 where read, + -inf where not */
+            const float *mask = B->masks + (int64_t)B->mask_id[g * M + m] * b * b;
+            for (int i = 0; i < b; i++) {
+                float *row = S + i * W + m * b;
+                for (int j = 0; j < b; j += VL) vst(row + j, vld(row + j) + vld(mask + i * b + j));
+            }
         }
     }
 }
@@ -557,7 +569,7 @@ static int band_run(Band *B, int64_t BH, int threads, int backward) {
 /* Forward of band attention: out [BH][QB b][D], lse [BH][QB b] (see Band for the layout and R, ell). b / VL and
    D / VL must be 1, 2, 4 or 8 and b at most 64. Returns 0; -1 for sizes it does not know, -2 out of memory. */
 int band_forward(const float *q, const float *k, const float *v, const int32_t *kinds, const int32_t *mask_id,
-                 const uint8_t *masks, int64_t BH, int64_t QB, int b, int D, int M, int64_t R, int64_t ell,
+                 const float *masks, int64_t BH, int64_t QB, int b, int D, int M, int64_t R, int64_t ell,
                  float scale, float *out, float *lse, int threads) {
     Band B = {q, k, v, NULL, NULL, NULL, out, lse, NULL, NULL, NULL, kinds, mask_id, masks, QB, R, ell, b, D, M,
               scale, NULL, 0};
@@ -566,7 +578,7 @@ int band_forward(const float *q, const float *k, const float *v, const int32_t *
 
 /* Backward: dq, dk, dv like q from dout, the forward's lse and delta = rowsum(out * dout) [BH][QB b]. */
 int band_backward(const float *q, const float *k, const float *v, const float *dout, const float *lse,
-                  const float *delta, const int32_t *kinds, const int32_t *mask_id, const uint8_t *masks, int64_t BH,
+                  const float *delta, const int32_t *kinds, const int32_t *mask_id, const float *masks, int64_t BH,
                   int64_t QB, int b, int D, int M, int64_t R, int64_t ell, float scale, float *dq, float *dk,
                   float *dv, int threads) {
     Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, kinds, mask_id, masks, QB, R, ell, b, D, M, scale,
