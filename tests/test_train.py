@@ -276,8 +276,10 @@ def test_gradient_accumulation_equals_one_big_batch(images, tmp_path):
     assert train.main([*common, "--out", str(tmp_path / "big"), "--micro-batch", "2"]) == 0
     assert train.main([*common, "--out", str(tmp_path / "acc"), "--micro-batch", "1"]) == 0
     big, acc = saved_params(tmp_path / "big"), saved_params(tmp_path / "acc")
+    # Rounding differs (one sum over 2 sequences or two sums of 1), and Adam's first steps, which normalise
+    # each gradient, amplify it to ~3e-5 here; a lost or repeated micro-batch shows at the learning rate's scale (1e-2).
     for k in big:
-        assert torch.allclose(big[k], acc[k], atol=2e-5, rtol=1e-5), k
+        assert torch.allclose(big[k], acc[k], atol=1e-4, rtol=1e-5), k
 
 
 def nan_forward_on(calls: set[int]):
