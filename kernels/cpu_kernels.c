@@ -26,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vexp.h"
+
 #ifdef __AVX512F__
 #define VL 16 /* floats per vector */
 #define ACC 24 /* accumulator vectors a tile keeps in registers (of 32) */
@@ -310,24 +312,7 @@ int bs_dw(const float *x, int64_t ldx, const float *dy, int64_t lddy, const int3
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 INLINE vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-/* exp with Cephes' polynomial (about 1 ulp); 0 where the result would be subnormal (so exp(-inf) = 0). */
-INLINE vf vexp(vf x) {
-    x = vsel(x > 88.3762626647949f, splat(88.3762626647949f), x);
-    x = vsel(x < -88.3762626647949f, splat(-88.3762626647949f), x);
-    vf fx = x * 1.44269504088896341f + 0.5f;
-    vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
-    n = n - vsel(n > fx, splat(1.0f), splat(0.0f));
-    x = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vf z = x * x, y = splat(1.9875691500E-4f);
-    y = y * x + 1.3981999507E-3f;
-    y = y * x + 8.3334519073E-3f;
-    y = y * x + 4.1665795894E-2f;
-    y = y * x + 1.6666665459E-1f;
-    y = y * x + 5.0000001201E-1f;
-    y = y * z + x + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return y * (vf)e;
-}
+VEXP(vexp, vf, vi) /* vexp.h */
 
 /* out[r, :] = (add ? out[r, :] : 0) + alpha * sum_k A(r, k) B(k, :) for r < n_rows, with A(r, k) =
    a[r * a_row + k * a_red] and B's row k at bm + k * b_red (NV vectors); out's row stride ldo. */

@@ -5,8 +5,9 @@ The system's C compiler (``$CC``, else ``cc``) builds a source file into
 anything is loaded, the folder and the file are checked: a real folder and a regular file (no links)
 owned by this user that no one else can write to. A cache folder that fails the check is not used: the
 library is built into a fresh private temporary folder instead. Nothing is ever loaded from a shared
-folder. The file name is a hash of the source, the compiler's path and ``--version``, the flags and the
-CPU's feature flags, so that a changed source, compiler or machine builds afresh.
+folder. The file name is a hash of the source and the headers it includes with quotes, the compiler's path
+and ``--version``, the flags and the CPU's feature flags, so that a changed source, header, compiler or
+machine builds afresh.
 
 Users: the compiled decoding step (sampling/compiled_step.c) and the compiled CPU kernels
 (kernels/cpu_kernels.c: block-sparse weight matmul, band attention).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -26,6 +28,7 @@ from pathlib import Path
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 ARCH_FLAGS = (["-march=native"], [])  # -march=native is not known to every compiler: then a plain build
 BUILD_TIMEOUT = 300  # seconds for one compile
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 class UnsafeFolder(Exception):
@@ -82,13 +85,25 @@ def compiler_version(cc: str) -> str:
     return run.stdout.strip()
 
 
+def _build_text(source: Path, seen: frozenset = frozenset()) -> str:
+    """What a build of ``source`` reads: its text, then that of each header it includes with quotes
+    (relative to it, recursively)."""
+    text = source.read_text()
+    parts = [text]
+    for name in _LOCAL_INCLUDE.findall(text):
+        header = (source.parent / name).resolve()
+        if header not in seen:
+            parts.append(_build_text(header, seen | {source.resolve(), header}))
+    return "\0".join(parts)
+
+
 def _command(cc: str, source: Path, arch: list[str], out: Path) -> list[str]:
     return [cc, *FLAGS, *arch, str(source), "-o", str(out), "-lm"]
 
 
 def library_name(source: Path, cc: str, version: str, arch: list[str]) -> str:
     """The file name: the source's stem and a hash of everything the compiled code depends on."""
-    key = "\0".join([source.read_text(), cc, version, " ".join(_command(cc, source, arch, Path("out"))), _cpu_id()])
+    key = "\0".join([_build_text(source), cc, version, " ".join(_command(cc, source, arch, Path("out"))), _cpu_id()])
     return f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
 
 

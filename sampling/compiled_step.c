@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../kernels/vexp.h"
+
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
 
@@ -46,25 +48,7 @@ static inline v8 splat(float a) { return a - (v8){0}; } /* not 0 + a: that is an
 static inline v8 vsel(vi8 mask, v8 a, v8 b) { return (v8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
 static inline float hsum(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
 
-/* exp with Cephes' polynomial (about 1 ulp); 0 where the result would be subnormal. */
-static inline v8 vexp(v8 x) {
-    x = vsel(x > 88.3762626647949f, splat(88.3762626647949f), x);
-    x = vsel(x < -88.3762626647949f, splat(-88.3762626647949f), x);
-    v8 fx = x * 1.44269504088896341f + 0.5f;
-    v8 n = __builtin_convertvector(__builtin_convertvector(fx, vi8), v8);
-    n = n - vsel(n > fx, splat(1.0f), splat(0.0f));
-    x = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8 z = x * x;
-    v8 y = splat(1.9875691500E-4f);
-    y = y * x + 1.3981999507E-3f;
-    y = y * x + 8.3334519073E-3f;
-    y = y * x + 4.1665795894E-2f;
-    y = y * x + 1.6666665459E-1f;
-    y = y * x + 5.0000001201E-1f;
-    y = y * z + x + 1.0f;
-    vi8 e = (__builtin_convertvector(n, vi8) + 127) << 23;
-    return y * (v8)e;
-}
+VEXP(vexp, v8, vi8) /* kernels/vexp.h */
 
 /* gelu, tanh approximation: 0.5 x (1 + tanh(u)), tanh(u) = 1 - 2 / (1 + exp(2u)). */
 static inline v8 vgelu(v8 x) {

@@ -219,3 +219,17 @@ def test_a_library_planted_in_a_shared_or_unsafe_folder_is_never_loaded(env, tmp
     os.chmod(private / "sparse-transformer-studio" / name, 0o666)
     assert "can be written by others" in prepare()
     assert not marker.exists()
+
+
+def test_library_name_follows_the_headers_a_source_includes(tmp_path):
+    """A header the source includes with quotes is part of what names the build (kernels/vexp.h is shared by
+    both compiled sources), so editing it builds afresh; a system header is not read."""
+    (tmp_path / "sub").mkdir()
+    source = tmp_path / "sub" / "code.c"
+    source.write_text('#include <math.h>\n#include "../shared.h"\nint f(void) { return G; }\n')
+    header = tmp_path / "shared.h"
+    header.write_text('#include "sub/code.c"\n#define G 1\n')  # a cycle back to the source is read once
+    name = native.library_name(source, "cc", "cc 1.0", [])
+    assert name.startswith("code-") and native.library_name(source, "cc", "cc 1.0", []) == name
+    header.write_text('#include "sub/code.c"\n#define G 2\n')
+    assert native.library_name(source, "cc", "cc 1.0", []) != name
