@@ -93,7 +93,8 @@ class BsrLists:
 class CompiledLists:
     """int32 lists for cpu_kernels.c: per output block (``col_ptr``; input blocks ``col_src`` and weight
     ids ``col_wid``), per input block (``row_ptr``; output blocks ``row_src``, weight ids ``row_wid``), and
-    each weight block's (``rows``, ``cols``)."""
+    each weight block's input block (``rows``). The weight's blocks are in row-major order, so ``row_src``
+    is also each weight block's output block and ``row_wid`` is 0, 1, ..."""
 
     col_ptr: torch.Tensor
     col_src: torch.Tensor
@@ -102,7 +103,6 @@ class CompiledLists:
     row_src: torch.Tensor
     row_wid: torch.Tensor
     rows: torch.Tensor
-    cols: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def cpu_plan(rows: torch.Tensor, cols: torch.Tensor, in_blocks: int, out_blocks:
     if block in COMPILED_BLOCKS:
         i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
         lists = CompiledLists(i32(t_crow), i32(rows[by_col]), i32(by_col), i32(crow), i32(cols),
-                              i32(torch.arange(nnz)), i32(rows), i32(cols))
+                              i32(torch.arange(nnz)), i32(rows))
     return CpuPlan(block, in_blocks, out_blocks, nnz,
                    _schedule(cols[by_col], rows[by_col], by_col, out_blocks, nnz),
                    _schedule(rows, cols, torch.arange(nnz), in_blocks, nnz), bsr, lists)
@@ -213,7 +213,8 @@ def _compiled_dw(x: torch.Tensor, dy: torch.Tensor, plan: CpuPlan) -> torch.Tens
     dw = x.new_empty(plan.nnz, b, b)
     lib = cpu_kernels.library()
     cpu_kernels.check(lib.bs_dw(x.data_ptr(), x.stride(0), dy.data_ptr(), dy.stride(0), lists.rows.data_ptr(),
-                                lists.cols.data_ptr(), plan.nnz, x.shape[0], b, dw.data_ptr(), torch.get_num_threads()))
+                                lists.row_src.data_ptr(), plan.nnz, x.shape[0], b, dw.data_ptr(),
+                                torch.get_num_threads()))
     return dw
 
 

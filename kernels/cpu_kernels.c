@@ -233,86 +233,7 @@ int bs_mm(const float *a, int64_t lda, const float *w, const int32_t *ptr, const
     return 0;
 }
 
-/* ---- dw = x^T @ dy on the listed blocks ------------------------------------------------------------------ */
-
-/* out[k, :b] (+)= sum_t x[t, k] * dy[t, :b] for k < KR (a KR x b slice of one weight block's gradient);
-   x [T][b], dy [T][b] packed. */
-INLINE void dw_tile(const int KR, const int NV, const float *x, const float *dy, int64_t T, int add, float *out) {
-    const int b = NV * VL;
-    vf acc[ACC]; /* [KR][NV] */
-#pragma GCC unroll 32
-    for (int i = 0; i < KR * NV; i++) acc[i] = add ? vld(out + (i / NV) * b + (i % NV) * VL) : (vf){0};
-    rank_updates(KR, NV, acc, x, 1, b, dy, b, T);
-    store_tile(KR, NV, acc, out, b);
-}
-
-/* A whole block's gradient, its b rows in tiles. */
-INLINE void dw_block(const int NV, const float *x, const float *dy, int64_t T, int add, float *out) {
-    const int b = NV * VL;
-    int k = 0;
-#define DW_TILE(r) dw_tile(r, NV, x + k, dy, T, add, out + k * b)
-    IN_TILES(ACC / NV > MAX_ROWS ? MAX_ROWS : ACC / NV, b, k, DW_TILE);
-#undef DW_TILE
-}
-
-/* rows [T0, T1) of column block `col` of a [T, *] (row stride ld) into buf [T1 - T0][b] */
-static void pack_column(const float *a, int64_t ld, int64_t col, int b, int64_t T0, int64_t T1, float *buf) {
-    for (int64_t t = T0; t < T1; t++)
-        for (int v = 0; v < b; v += VL) vst(buf + (t - T0) * b + v, vld(a + t * ld + col * b + v));
-}
-
-typedef struct {
-    const float *x, *dy;
-    const int32_t *rows, *cols;
-    int64_t ldx, lddy, T;
-    int b;
-    float *dw;
-    float *scratch; /* per thread: x's and dy's packed column blocks, DW_CHUNK x b each */
-} DW;
-
-/* Token chunks outermost; in each, a packed copy of x's column block (shared by the consecutive entries of
-   one row) and of dy's: read with a stride of whole rows, a column block's lines would fall into a few
-   cache sets. */
-static void dw_part(void *arg, int index, int64_t first, int64_t end) {
-    const DW *m = arg;
-    const int b = m->b;
-    float *xb = m->scratch + (int64_t)index * 2 * DW_CHUNK * b, *db = xb + DW_CHUNK * b;
-    for (int64_t t0 = 0; t0 < m->T; t0 += DW_CHUNK) {
-        int64_t t1 = t0 + DW_CHUNK < m->T ? t0 + DW_CHUNK : m->T;
-        for (int64_t e = first; e < end; e++) {
-            if (e == first || m->rows[e] != m->rows[e - 1]) pack_column(m->x, m->ldx, m->rows[e], b, t0, t1, xb);
-            pack_column(m->dy, m->lddy, m->cols[e], b, t0, t1, db);
-            float *out = m->dw + e * b * b;
-            switch (b / VL) {
-            case 1: dw_block(1, xb, db, t1 - t0, t0 > 0, out); break;
-            case 2: dw_block(2, xb, db, t1 - t0, t0 > 0, out); break;
-            case 4: dw_block(4, xb, db, t1 - t0, t0 > 0, out); break;
-            default: dw_block(8, xb, db, t1 - t0, t0 > 0, out);
-            }
-        }
-    }
-}
-
-/* dw [nnz][b][b]: dw[e] = x[:, rows[e]]^T @ dy[:, cols[e]] (block indices; x, dy [T, *] with row strides
-   ldx, lddy). Returns 0; -1 for a block size it does not know, -2 out of memory. */
-int bs_dw(const float *x, int64_t ldx, const float *dy, int64_t lddy, const int32_t *rows, const int32_t *cols,
-          int64_t nnz, int64_t T, int b, float *dw, int threads) {
-    if (b != 16 && b != 32 && b != 64) return -1;
-    int used = thread_count(nnz, threads);
-    float *scratch = malloc(sizeof(float) * 2 * DW_CHUNK * b * used);
-    if (!scratch) return -2;
-    DW m = {x, dy, rows, cols, ldx, lddy, T, b, dw, scratch};
-    parallel(dw_part, &m, nnz, NULL, used);
-    free(scratch);
-    return 0;
-}
-
-/* ---- band attention ---------------------------------------------------------------------------------- */
-
-typedef int32_t vi __attribute__((vector_size(VL * 4)));
-INLINE vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-
-VEXP(vexp, vf, vi) /* vexp.h */
+/* ---- a product of any two strided operands ------------------------------------------------------------- */
 
 /* out[r, :] = (add ? out[r, :] : 0) + alpha * sum_k A(r, k) B(k, :) for r < n_rows, with A(r, k) =
    a[r * a_row + k * a_red] and B's row k at bm + k * b_red (NV vectors); out's row stride ldo. */
@@ -349,6 +270,62 @@ static void product(int n_cols, int64_t n_rows, const float *a, int64_t a_row, i
     default: product_nv(8, n_rows, a, a_row, a_red, bm, b_red, K, out, ldo, add, alpha);
     }
 }
+
+/* ---- dw = x^T @ dy on the listed blocks ------------------------------------------------------------------ */
+
+/* rows [T0, T1) of column block `col` of a [T, *] (row stride ld) into buf [T1 - T0][b] */
+static void pack_column(const float *a, int64_t ld, int64_t col, int b, int64_t T0, int64_t T1, float *buf) {
+    for (int64_t t = T0; t < T1; t++)
+        for (int v = 0; v < b; v += VL) vst(buf + (t - T0) * b + v, vld(a + t * ld + col * b + v));
+}
+
+typedef struct {
+    const float *x, *dy;
+    const int32_t *rows, *cols;
+    int64_t ldx, lddy, T;
+    int b;
+    float *dw;
+    float *scratch; /* per thread: x's and dy's packed column blocks, DW_CHUNK x b each */
+} DW;
+
+/* Token chunks outermost; in each, a packed copy of x's column block (shared by the consecutive entries of
+   one row) and of dy's: read with a stride of whole rows, a column block's lines would fall into a few
+   cache sets. */
+static void dw_part(void *arg, int index, int64_t first, int64_t end) {
+    const DW *m = arg;
+    const int b = m->b;
+    float *xb = m->scratch + (int64_t)index * 2 * DW_CHUNK * b, *db = xb + DW_CHUNK * b;
+    for (int64_t t0 = 0; t0 < m->T; t0 += DW_CHUNK) {
+        int64_t t1 = t0 + DW_CHUNK < m->T ? t0 + DW_CHUNK : m->T;
+        for (int64_t e = first; e < end; e++) {
+            if (e == first || m->rows[e] != m->rows[e - 1]) pack_column(m->x, m->ldx, m->rows[e], b, t0, t1, xb);
+            pack_column(m->dy, m->lddy, m->cols[e], b, t0, t1, db);
+            /* dw[e] (+)= xb^T db: rows k of A(k, t) = xb[t][k], B's row t = db[t] */
+            product(b, b, xb, 1, b, db, b, t1 - t0, m->dw + e * b * b, b, t0 > 0, 1.0f);
+        }
+    }
+}
+
+/* dw [nnz][b][b]: dw[e] = x[:, rows[e]]^T @ dy[:, cols[e]] (block indices; x, dy [T, *] with row strides
+   ldx, lddy). Returns 0; -1 for a block size it does not know, -2 out of memory. */
+int bs_dw(const float *x, int64_t ldx, const float *dy, int64_t lddy, const int32_t *rows, const int32_t *cols,
+          int64_t nnz, int64_t T, int b, float *dw, int threads) {
+    if (b != 16 && b != 32 && b != 64) return -1;
+    int used = thread_count(nnz, threads);
+    float *scratch = malloc(sizeof(float) * 2 * DW_CHUNK * b * used);
+    if (!scratch) return -2;
+    DW m = {x, dy, rows, cols, ldx, lddy, T, b, dw, scratch};
+    parallel(dw_part, &m, nnz, NULL, used);
+    free(scratch);
+    return 0;
+}
+
+/* ---- band attention ---------------------------------------------------------------------------------- */
+
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+INLINE vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+VEXP(vexp, vf, vi) /* vexp.h */
 
 /* One band layout: slot m of query block r reads key block r + m - (M - 1); kinds [QB][M]: 0 nothing (padding),
    1 every element, 2 the elements of masks[mask_id[r][m]] ([b][b] floats: 0 = read, -inf = not); the slots
