@@ -182,6 +182,10 @@ def _band_plan(layout: Layout) -> _BandPlan:
     index, kinds = _slots(layout, band=True)
     index, kinds = index[0], kinds[0]
     width, b = kinds.shape[1], layout.block
+    r, m = torch.nonzero(kinds == 2, as_tuple=True)  # every partial slot's element mask, computed once
+    read = _entry_masks(layout, torch.zeros_like(r), r, index[r, m])
+    mask_id = torch.zeros(kinds.shape, dtype=torch.int32)
+    mask_id[r, m] = torch.arange(r.numel(), dtype=torch.int32)
     chunks = _chunk_rows(layout.num_blocks, width * b * b * 4)
     work = []
     for r0, r1 in chunks:
@@ -197,15 +201,10 @@ def _band_plan(layout: Layout) -> _BandPlan:
             if bool((k != 1).any()):
                 mask = torch.ones(e - a, b, b, dtype=torch.bool)
                 mask[k == 0] = False
-                rows = r0 + a + torch.nonzero(k == 2).flatten()
-                mask[k == 2] = _entry_masks(layout, torch.zeros_like(rows), rows, index[rows, m])
+                mask[k == 2] = read[mask_id[r0 + a + torch.nonzero(k == 2).flatten(), m].long()]
             items.append(_Work(m, a, e, mask))
         work.append(items)
-    r, m = torch.nonzero(kinds == 2, as_tuple=True)
-    read = _entry_masks(layout, torch.zeros_like(r), r, index[r, m])
     masks = torch.zeros(read.shape).masked_fill_(~read, NEG_INF)
-    mask_id = torch.zeros(kinds.shape, dtype=torch.int32)
-    mask_id[r, m] = torch.arange(r.numel(), dtype=torch.int32)
     return _BandPlan(width, chunks, work, kinds.to(torch.int32).contiguous(), mask_id, masks)
 
 
