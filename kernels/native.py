@@ -87,13 +87,13 @@ def compiler_version(cc: str) -> str:
 
 def _build_text(source: Path, seen: frozenset = frozenset()) -> str:
     """What a build of ``source`` reads: its text, then that of each header it includes with quotes
-    (relative to it, recursively)."""
-    text = source.read_text()
-    parts = [text]
-    for name in _LOCAL_INCLUDE.findall(text):
+    (relative to it, recursively; a file already read is not read again)."""
+    seen = seen | {source.resolve()}
+    parts = [source.read_text()]
+    for name in _LOCAL_INCLUDE.findall(parts[0]):
         header = (source.parent / name).resolve()
         if header not in seen:
-            parts.append(_build_text(header, seen | {source.resolve(), header}))
+            parts.append(_build_text(header, seen))
     return "\0".join(parts)
 
 
