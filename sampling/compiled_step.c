@@ -46,7 +46,19 @@ static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline v8 splat(float a) { return a - (v8){0}; } /* not 0 + a: that is an add (-0 + 0 is +0) */
 static inline v8 vsel(vi8 mask, v8 a, v8 b) { return (v8)(((vi8)a & mask) | ((vi8)b & ~mask)); }
-static inline float hsum(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+/* The sum of a's lanes, in the order hsum8 sums each of its vectors. */
+static inline float hsum(v8 a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+/* Pairwise sums within each half: [x0+x1, x2+x3, y0+y1, y2+y3, x4+x5, x6+x7, y4+y5, y6+y7] (vhaddps). */
+static inline v8 hadd(v8 x, v8 y) {
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+/* [hsum(a[0]), ..., hsum(a[7])]: eight sums in one transpose-and-add tree. */
+static inline v8 hsum8(const v8 *a) {
+    v8 u = hadd(hadd(a[0], a[1]), hadd(a[2], a[3])), w = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+    return __builtin_shufflevector(u, w, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(u, w, 4, 5, 6, 7, 12, 13, 14, 15);
+}
 
 VEXP(vexp, v8, vi8) /* kernels/vexp.h */
 
@@ -140,6 +152,7 @@ typedef float vt __attribute__((vector_size(32)));
 #define ACC_REGS 8
 #endif
 #define VW (TILE / PARTS)
+#define PREFETCH 16 /* weight rows (64 bytes each) read ahead of their use */
 #define MAX_ROWS 8
 #define MAX_COLS 8
 /* tiles at a time for R rows: as many as ACC_REGS accumulators hold, at most MAX_COLS */
@@ -163,8 +176,10 @@ static inline __attribute__((always_inline)) void tiles(const float *x, int ldx,
         const float *xq = x + M->starts[first + q], *wq = wt + (size_t)q * bs * TILE;
         for (int i = 0; i < bs; i++) {
             vt wv[MAX_COLS][PARTS];
-            for (int c = 0; c < C; c++)
+            for (int c = 0; c < C; c++) {
                 for (int h = 0; h < PARTS; h++) wv[c][h] = ldt(wq + ((size_t)c * len + i) * TILE + VW * h);
+                __builtin_prefetch(wq + ((size_t)c * len + i + PREFETCH) * TILE);
+            }
             for (int r = 0; r < R; r++) {
                 vt xv = xq[r * ldx + i] - (vt){0};
                 for (int c = 0; c < C; c++)
@@ -264,7 +279,25 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
     float scale = 1.0f / sqrtf((float)D);
     for (int e = 0; e < D / 8; e++) qv[e] = ld(q + 8 * e) * scale, acc[e] = splat(0);
     float m = -INFINITY;
-    for (int j = lo; j < hi; j++) {
+    int j = lo;
+    if (hi - lo >= 8) {  /* eight keys at a time: one reduction tree for their eight dot products */
+        v8 mv = splat(-INFINITY);
+        for (; j + 8 <= hi; j += 8) {
+            v8 a[8];
+            for (int c = 0; c < 8; c++) {
+                const float *k = j + c < n0 ? k0 + (size_t)(j + c) * D : k1 + (size_t)(j + c - n0) * D;
+                const float *v = j + c < n0 ? v0 + (size_t)(j + c) * D : v1 + (size_t)(j + c - n0) * D;
+                for (int e = 0; e < D; e += 16) __builtin_prefetch(v + e);  /* for the weighted sum below */
+                a[c] = qv[0] * ld(k);
+                for (int e = 1; e < D / 8; e++) a[c] += qv[e] * ld(k + 8 * e);
+            }
+            v8 sc = hsum8(a);
+            st(scores + j - lo, sc);
+            mv = vsel((vi8)(sc > mv), sc, mv);
+        }
+        for (int c = 0; c < 8; c++) m = mv[c] > m ? mv[c] : m;
+    }
+    for (; j < hi; j++) {
         const float *k = j < n0 ? k0 + (size_t)j * D : k1 + (size_t)(j - n0) * D;
         v8 a = qv[0] * ld(k);
         for (int e = 1; e < D / 8; e++) a += qv[e] * ld(k + 8 * e);
