@@ -20,6 +20,7 @@ order and N is a multiple of the block, else one copy in and one out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,12 @@ from .layout import BlockTable, Layout
 
 CHUNK_BYTES = 4 << 20  # scores of one chunk of query blocks: stays in cache
 MASK_CACHE_BYTES = 64 << 20  # gather schedule: keep partial-block masks up to this size, else rebuild per chunk
+# compiled band: keep the forward's probabilities for the backward up to this size per call, else recompute them
+PROBS_KEEP_BYTES = 1 << 30
+# and hand finished ones to later forwards up to this size in all (fresh pages cost a fault each, which for tens of
+# MB took as long as the softmax itself)
+PROBS_POOL_BYTES = 512 << 20
+_probs_pool: list[torch.Tensor] = []
 MAX_BAND_SLOTS = 16  # wider bands (e.g. "all") use the gather schedule
 NEG_INF = float("-inf")
 
@@ -507,11 +514,15 @@ class CompiledBand(torch.autograd.Function):
             grid = (0, 0)
         plan = _plan(layout)
         o, lse = torch.empty(xs[0].shape), torch.empty(xs[0].shape[:2])
+        # the probabilities [B H, QB, b, M b] for the backward, where one is coming and they fit
+        shape = (B * H, layout.num_blocks, layout.block, plan.width * layout.block)
+        keep = any(ctx.needs_input_grad[:3]) and math.prod(shape) * 4 <= PROBS_KEEP_BYTES
+        probs = _probs_buffer(shape) if keep else None
         cpu_kernels.check(cpu_kernels.library().band_forward(
             *(x.data_ptr() for x in xs), plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(),
             B * H, layout.num_blocks, layout.block, D, plan.width, *grid, scale, o.data_ptr(), lse.data_ptr(),
-            torch.get_num_threads()))
-        ctx.save_for_backward(*xs, o, lse)
+            None if probs is None else probs.data_ptr(), torch.get_num_threads()))
+        ctx.save_for_backward(*xs, o, lse, probs)
         ctx.layout, ctx.scale, ctx.shape, ctx.dtype, ctx.grid = layout, scale, q.shape, q.dtype, grid
         return CompiledBand._back(o, ctx)
 
@@ -525,7 +536,7 @@ class CompiledBand(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, probs = ctx.saved_tensors
         layout, plan = ctx.layout, _plan(ctx.layout)
         if _in_place(layout):
             dout = do.float().contiguous().view(o.shape)
@@ -536,9 +547,20 @@ class CompiledBand(torch.autograd.Function):
         cpu_kernels.check(cpu_kernels.library().band_backward(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
             plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(), o.shape[0], layout.num_blocks,
-            layout.block, o.shape[-1], plan.width, *ctx.grid, ctx.scale, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-            torch.get_num_threads()))
+            layout.block, o.shape[-1], plan.width, *ctx.grid, ctx.scale, None if probs is None else probs.data_ptr(),
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), torch.get_num_threads()))
+        if probs is not None and sum(t.numel() for t in _probs_pool) + probs.numel() <= PROBS_POOL_BYTES // 4:
+            _probs_pool.append(probs)
         return (*(CompiledBand._back(g, ctx) for g in (dq, dk, dv)), None, None)
+
+
+def _probs_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor of ``shape``: a pooled one of that size where there is one."""
+    n = math.prod(shape)
+    for i, t in enumerate(_probs_pool):
+        if t.numel() == n:
+            return _probs_pool.pop(i).view(shape)
+    return torch.empty(shape)
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,

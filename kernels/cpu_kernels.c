@@ -14,9 +14,10 @@
             from packed copies of x's and dy's column blocks, DW_CHUNK tokens at a time.
    Band attention (band_forward, band_backward): query block r reads key blocks r - M + 1 .. r (local and
    similar layouts), in block order [BH][QB][b][D]. Per (batch x head) and query block: the scores of all
-   M slots in one [b][M b] buffer (masked entries -inf), an exact softmax per row, P V; the backward
-   recomputes P from the forward's log-sum-exp and accumulates dK and dV of the key blocks in place, so
-   one thread owns each (batch x head).
+   M slots in one [b][M b] buffer (masked entries -inf), an exact softmax per row, P V; the backward takes
+   P from the forward where it kept it (probs) or recomputes it from the log-sum-exp, and accumulates dK and
+   dV of the key blocks in place, so one thread owns each (batch x head). Each row and key computes only
+   the span of the window it reads (Spans), so the masked halves of edge blocks cost nothing.
    Each call runs on `threads` threads (the caller and threads - 1 it starts), the work split into
    contiguous ranges of equal cost; each output is summed in the same order whatever the thread count. */
 
@@ -27,6 +28,9 @@
 #include <string.h>
 
 #include "vexp.h"
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #ifdef __AVX512F__
 #define VL 16 /* floats per vector */
@@ -338,6 +342,7 @@ VEXP(vexp, vf, vi) /* vexp.h */
 typedef struct {
     const float *q, *k, *v, *dout, *lse, *delta;
     float *out, *lse_out, *dq, *dk, *dv;
+    float *probs; /* NULL, or P [BH][QB][b][M b]: written by the forward, read by the backward for its scores */
     const int32_t *kinds, *mask_id;
     const float *masks;
     int64_t QB, R, ell;
@@ -350,28 +355,56 @@ typedef struct {
 typedef struct {         /* one segment of one (batch x head), rows contiguous */
     const float *q, *k, *v, *dout;
     float *out, *dq, *dk, *dv;
+    float *probs;           /* NULL, or this (batch x head)'s P [QB][b][M b] (by layout block) */
     int64_t block0, blocks; /* its first block and block count */
     int64_t row0, step;     /* row t is row row0 + t * step of [BH][QB b] (lse, delta) */
 } Segment;
 
 static int64_t segment_blocks(const Band *B) { return B->ell ? B->R / B->b : B->QB; }
 
+/* dst[d * ldd + j] = src[j * lds + d] for j, d < VL: one VL x VL tile transposed in registers */
+INLINE void transpose_tile(const float *src, int64_t lds, float *dst, int64_t ldd) {
+#if defined(__AVX512F__)
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_ps(src + i * lds);
+    for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; i++) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+    for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + i * ldd, r[i]);
+#elif defined(__AVX__)
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+#else
+    for (int j = 0; j < VL; j++)
+        for (int d = 0; d < VL; d++) dst[d * ldd + j] = src[j * lds + d];
+#endif
+}
+
 /* t[kb][d][j] = x[kb b + j][d]: key blocks transposed, so that scores are rank updates over d */
 static void transpose_blocks(const float *x, int64_t blocks, int b, int D, float *t) {
-    for (int64_t kb = 0; kb < blocks; kb++) { /* in VL x VL tiles: VL rows in registers, written as columns */
-        const float *xb = x + kb * b * D;
-        float *tb = t + kb * D * b;
+    for (int64_t kb = 0; kb < blocks; kb++)
         for (int j0 = 0; j0 < b; j0 += VL)
-            for (int d0 = 0; d0 < D; d0 += VL) {
-                vf rows[VL];
-                for (int j = 0; j < VL; j++) rows[j] = vld(xb + (j0 + j) * D + d0);
-                for (int d = 0; d < VL; d++) {
-                    vf col;
-                    for (int j = 0; j < VL; j++) col[j] = rows[j][d];
-                    vst(tb + (d0 + d) * b + j0, col);
-                }
-            }
-    }
+            for (int d0 = 0; d0 < D; d0 += VL) transpose_tile(x + (kb * b + j0) * D + d0, D, t + kb * D * b + d0 * b + j0, b);
 }
 
 /* rows t of x (sequence rows row0 + t step) <-> contiguous rows of buf */
@@ -407,10 +440,89 @@ static void band_scores(const Band *B, const Segment *sg, int64_t r, int m0, con
     }
 }
 
+/* Bit j set where the mask element m[j] is read (0, not -inf), for j < VL. */
+INLINE uint64_t read_bits(const float *m) {
+#if defined(__AVX512F__)
+    return _mm512_cmp_ps_mask(_mm512_loadu_ps(m), _mm512_set1_ps(-__builtin_inff()), _CMP_GT_OQ);
+#elif defined(__AVX__)
+    return (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(m), _mm256_set1_ps(-__builtin_inff()), _CMP_GT_OQ));
+#else
+    uint64_t bits = 0;
+    for (int j = 0; j < VL; j++) bits |= (uint64_t)(m[j] > -__builtin_inff()) << j;
+    return bits;
+#endif
+}
+
+/* What each row and key of query block g reads, over its window of c = (M - m0) b keys from slot m0 on:
+   row i reads keys [first[i], last[i]) and key j is read by rows [kfirst[j], klast[j]) (the smallest spans
+   holding every read element; masked elements inside a span are -inf in the scores, so computing them is
+   exact). The products and exponentials skip what lies outside: the masked halves of a local layout's
+   diagonal and window-edge blocks. A row that reads nothing keeps the whole window (as if unranged). */
+typedef struct { int *first, *last, *kfirst, *klast; } Spans;
+
+static void block_spans(const Band *B, int64_t g, int m0, Spans *sp) {
+    const int b = B->b, M = B->M, c = (M - m0) * b;
+    for (int i = 0; i < b; i++) sp->first[i] = c, sp->last[i] = 0;
+    for (int j = 0; j < c; j++) sp->kfirst[j] = b, sp->klast[j] = 0;
+    for (int m = m0; m < M; m++) {
+        const int off = (m - m0) * b;
+        if (B->kinds[g * M + m] == 1) {
+            for (int i = 0; i < b; i++) {
+                sp->first[i] = sp->first[i] < off ? sp->first[i] : off;
+                sp->last[i] = off + b;
+            }
+            for (int j = off; j < off + b; j++) sp->kfirst[j] = 0, sp->klast[j] = b;
+            continue;
+        }
+        const float *mask = B->masks + (int64_t)B->mask_id[g * M + m] * b * b;
+        uint64_t seen = 0, bits[64]; /* bits[i]: the keys row i reads in this block (b <= 64) */
+        for (int i = 0; i < b; i++) {
+            bits[i] = 0;
+            for (int j0 = 0; j0 < b; j0 += VL) bits[i] |= read_bits(mask + i * b + j0) << j0;
+            if (!bits[i]) continue;
+            int lo = off + __builtin_ctzll(bits[i]), hi = off + 64 - __builtin_clzll(bits[i]);
+            sp->first[i] = lo < sp->first[i] ? lo : sp->first[i];
+            sp->last[i] = hi > sp->last[i] ? hi : sp->last[i];
+            for (uint64_t fresh = bits[i] & ~seen; fresh; fresh &= fresh - 1) sp->kfirst[off + __builtin_ctzll(fresh)] = i;
+            seen |= bits[i];
+        }
+        seen = 0;
+        for (int i = b - 1; i >= 0; i--) {
+            for (uint64_t fresh = bits[i] & ~seen; fresh; fresh &= fresh - 1) sp->klast[off + __builtin_ctzll(fresh)] = i + 1;
+            seen |= bits[i];
+        }
+    }
+    for (int i = 0; i < b; i++)
+        if (sp->first[i] >= sp->last[i]) sp->first[i] = 0, sp->last[i] = c;
+}
+
+/* The span [lo, hi) of rows [i0, i1) together, rounded out to whole vectors (at most c) when `vectors`. */
+static void span_of(const int *first, const int *last, int i0, int i1, int vectors, int c, int *lo, int *hi) {
+    int a = first[i0], z = last[i0];
+    for (int i = i0 + 1; i < i1; i++) a = first[i] < a ? first[i] : a, z = last[i] > z ? last[i] : z;
+    if (a >= z) a = z = 0;
+    if (vectors) a -= a % VL, z = z % VL ? z - z % VL + VL : z, z = z < c ? z : c;
+    *lo = a, *hi = z;
+}
+
+/* out[i, :n_cols] = (add ? out : 0) + alpha * sum over k in the span of rows' chunk of A(i, k) B(k, :), for
+   rows i < n_rows in chunks of one register tile each: A(i, k) = a[i a_row + k a_red], B(k, :) at bm + k b_red. */
+static void product_spans(int n_cols, int n_rows, const float *a, int64_t a_row, int64_t a_red, const float *bm,
+                          int64_t b_red, const int *first, const int *last, float *out, int64_t ldo, int add,
+                          float alpha) {
+    const int nv = n_cols / VL, tile = ACC / nv > MAX_ROWS ? MAX_ROWS : ACC / nv;
+    for (int i0 = 0; i0 < n_rows; i0 += tile) {
+        int i1 = i0 + tile < n_rows ? i0 + tile : n_rows, lo, hi;
+        span_of(first, last, i0, i1, 0, 0, &lo, &hi);
+        product(n_cols, i1 - i0, a + i0 * a_row + lo * a_red, a_row, a_red, bm + lo * b_red, b_red, hi - lo,
+                out + i0 * ldo, ldo, add, alpha);
+    }
+}
+
 static float vmax_all(vf a) { float m = a[0]; for (int i = 1; i < VL; i++) m = a[i] > m ? a[i] : m; return m; }
 static float vsum_all(vf a) { float s = 0; for (int i = 0; i < VL; i++) s += a[i]; return s; }
 
-static void band_fwd_segment(const Band *B, const Segment *sg, float *kT, float *S, float *lse) {
+static void band_fwd_segment(const Band *B, const Segment *sg, float *kT, float *S, float *lse, Spans *sp) {
     const int b = B->b, D = B->D, M = B->M, W = M * b;
     transpose_blocks(sg->k, sg->blocks, b, D, kT);
     for (int64_t r = 0; r < sg->blocks; r++) {
@@ -422,30 +534,38 @@ static void band_fwd_segment(const Band *B, const Segment *sg, float *kT, float 
             continue;
         }
         band_scores(B, sg, r, m0, kT, S);
+        block_spans(B, sg->block0 + r, m0, sp);
         float total[64], top[64];
-        for (int i = 0; i < b; i++) {
+        for (int i = 0; i < b; i++) { /* softmax over the row's span (whole vectors); 0 elsewhere */
             float *s = S + i * W + m0 * b;
+            int lo, hi;
+            span_of(sp->first, sp->last, i, i + 1, 1, c, &lo, &hi);
             vf mx = splat(-__builtin_inff());
-            for (int j = 0; j < c; j += VL) { vf x = vld(s + j); mx = vsel(x > mx, x, mx); }
+            for (int j = lo; j < hi; j += VL) { vf x = vld(s + j); mx = vsel(x > mx, x, mx); }
             float t = vmax_all(mx);
             vf sum = (vf){0};
-            for (int j = 0; j < c; j += VL) { vf p = vexp(vld(s + j) - t); vst(s + j, p); sum += p; }
+            for (int j = lo; j < hi; j += VL) { vf p = vexp(vld(s + j) - t); vst(s + j, p); sum += p; }
+            memset(s, 0, sizeof(float) * lo), memset(s + hi, 0, sizeof(float) * (c - hi));
             top[i] = t, total[i] = vsum_all(sum);
         }
-        /* P V over the c keys at once: the key blocks a block reads are consecutive rows */
-        product(D, b, S + m0 * b, W, 1, sg->v + (r + m0 - (M - 1)) * b * D, D, c, orow, D, 0, 1.0f);
+        /* P V: the key blocks a block reads are consecutive rows; each tile of rows over its span */
+        product_spans(D, b, S + m0 * b, W, 1, sg->v + (r + m0 - (M - 1)) * b * D, D, sp->first, sp->last, orow, D,
+                      0, 1.0f);
+        float *pr = sg->probs ? sg->probs + (sg->block0 + r) * b * W : NULL;
         for (int i = 0; i < b; i++) {
             vf inv = splat(1.0f / total[i]);
             for (int d = 0; d < D; d += VL) vst(orow + i * D + d, vld(orow + i * D + d) * inv);
             lse[sg->row0 + (r * b + i) * sg->step] = logf(total[i]) + top[i];
+            if (pr) /* P, as the backward would recompute it (up to rounding) */
+                for (int j = 0; j < c; j += VL) vst(pr + i * W + m0 * b + j, vld(S + i * W + m0 * b + j) * inv);
         }
     }
 }
 
 static void band_bwd_segment(const Band *B, const Segment *sg, float *kT, float *vT, float *S, float *dP,
-                             const float *lse, const float *delta) {
+                             const float *lse, const float *delta, Spans *sp) {
     const int b = B->b, D = B->D, M = B->M, W = M * b;
-    transpose_blocks(sg->k, sg->blocks, b, D, kT);
+    if (!sg->probs) transpose_blocks(sg->k, sg->blocks, b, D, kT);
     transpose_blocks(sg->v, sg->blocks, b, D, vT);
     memset(sg->dk, 0, sizeof(float) * sg->blocks * b * D);
     memset(sg->dv, 0, sizeof(float) * sg->blocks * b * D);
@@ -458,27 +578,37 @@ static void band_bwd_segment(const Band *B, const Segment *sg, float *kT, float 
             memset(dqr, 0, sizeof(float) * b * D);
             continue;
         }
-        band_scores(B, sg, r, m0, kT, S);
-        for (int i = 0; i < b; i++) { /* P = exp(S - lse) */
-            vf l = splat(lse[sg->row0 + (r * b + i) * sg->step]);
-            float *s = S + i * W + m0 * b;
-            for (int j = 0; j < c; j += VL) vst(s + j, vexp(vld(s + j) - l));
+        block_spans(B, sg->block0 + r, m0, sp);
+        float *P = S; /* P [b][M b]: the forward's, or recomputed */
+        if (sg->probs)
+            P = sg->probs + (sg->block0 + r) * b * W;
+        else {
+            band_scores(B, sg, r, m0, kT, S);
+            for (int i = 0; i < b; i++) { /* P = exp(S - lse) over the row's span; 0 elsewhere */
+                vf l = splat(lse[sg->row0 + (r * b + i) * sg->step]);
+                float *s = S + i * W + m0 * b;
+                int lo, hi;
+                span_of(sp->first, sp->last, i, i + 1, 1, c, &lo, &hi);
+                for (int j = lo; j < hi; j += VL) vst(s + j, vexp(vld(s + j) - l));
+                memset(s, 0, sizeof(float) * lo), memset(s + hi, 0, sizeof(float) * (c - hi));
+            }
         }
         for (int m = m0; m < M; m++) /* dP = dO v^T */
             product(b, b, dor, D, 1, vT + (r + m - (M - 1)) * D * b, b, D, dP + m * b, W, 0, 1.0f);
         for (int i = 0; i < b; i++) { /* dS = P (dP - delta), in dP */
             vf dl = splat(delta[sg->row0 + (r * b + i) * sg->step]);
-            float *p = dP + i * W + m0 * b, *ps = S + i * W + m0 * b;
+            float *p = dP + i * W + m0 * b, *ps = P + i * W + m0 * b;
             for (int j = 0; j < c; j += VL) vst(p + j, vld(ps + j) * (vld(p + j) - dl));
         }
-        product(D, b, dP + m0 * b, W, 1, sg->k + key * b * D, D, c, dqr, D, 0, B->scale); /* dS k */
-        product(D, c, dP + m0 * b, 1, W, qr, D, b, sg->dk + key * b * D, D, 1, B->scale);  /* dS^T q */
-        product(D, c, S + m0 * b, 1, W, dor, D, b, sg->dv + key * b * D, D, 1, 1.0f);       /* P^T dO */
+        /* dS k over each row tile's span of keys; dS^T q and P^T dO over each key tile's span of rows */
+        product_spans(D, b, dP + m0 * b, W, 1, sg->k + key * b * D, D, sp->first, sp->last, dqr, D, 0, B->scale);
+        product_spans(D, c, dP + m0 * b, 1, W, qr, D, sp->kfirst, sp->klast, sg->dk + key * b * D, D, 1, B->scale);
+        product_spans(D, c, P + m0 * b, 1, W, dor, D, sp->kfirst, sp->klast, sg->dv + key * b * D, D, 1, 1.0f);
     }
 }
 
-/* Items: (batch x head, segment) pairs. Per thread: kT, vT [rows][D], S, dP [b][M b], and with ell > 0 the
-   packed rows of q, k, v, dout and of out or dq, dk, dv (8 x [rows][D]); rows = a segment's. */
+/* Items: (batch x head, segment) pairs. Per thread: kT, vT [rows][D], S, dP [b][M b], with ell > 0 the
+   packed rows of q, k, v, dout and of out or dq, dk, dv (8 x [rows][D]; rows = a segment's), and the Spans. */
 static void band_part(void *arg, int index, int64_t first, int64_t end, int backward) {
     const Band *B = arg;
     const int b = B->b, D = B->D;
@@ -486,11 +616,14 @@ static void band_part(void *arg, int index, int64_t first, int64_t end, int back
     const int64_t n = N * D, seg = rows * D;
     float *kT = B->scratch + index * B->scratch_floats, *vT = kT + seg, *S = vT + seg, *dP = S + b * B->M * b;
     float *pack = dP + b * B->M * b;
+    int *ints = (int *)(pack + (B->ell ? 8 * seg : 0)); /* then the Spans: first, last [b], kfirst, klast [M b] */
+    Spans sp = {ints, ints + b, ints + 2 * b, ints + 2 * b + B->M * b};
     for (int64_t item = first; item < end; item++) {
         int64_t bh = item / nseg, s = item % nseg;
         Segment sg = {B->q + bh * n, B->k + bh * n, B->v + bh * n, B->dout ? B->dout + bh * n : NULL,
                       B->out ? B->out + bh * n : NULL, B->dq ? B->dq + bh * n : NULL, B->dk ? B->dk + bh * n : NULL,
-                      B->dv ? B->dv + bh * n : NULL, s * blocks, blocks, bh * N + s, B->ell ? B->ell : 1};
+                      B->dv ? B->dv + bh * n : NULL, B->probs ? B->probs + bh * B->QB * B->b * B->M * B->b : NULL,
+                      s * blocks, blocks, bh * N + s, B->ell ? B->ell : 1};
         float *targets[4] = {sg.out, sg.dq, sg.dk, sg.dv};
         if (B->ell) { /* pack the column; outputs go to packed rows first */
             const float *inputs[4] = {sg.q, sg.k, sg.v, sg.dout};
@@ -500,9 +633,9 @@ static void band_part(void *arg, int index, int64_t first, int64_t end, int back
             sg.out = pack + 4 * seg, sg.dq = pack + 5 * seg, sg.dk = pack + 6 * seg, sg.dv = pack + 7 * seg;
         }
         if (backward)
-            band_bwd_segment(B, &sg, kT, vT, S, dP, B->lse, B->delta);
+            band_bwd_segment(B, &sg, kT, vT, S, dP, B->lse, B->delta, &sp);
         else
-            band_fwd_segment(B, &sg, kT, S, B->lse_out);
+            band_fwd_segment(B, &sg, kT, S, B->lse_out, &sp);
         if (B->ell) {
             float *packed[4] = {sg.out, sg.dq, sg.dk, sg.dv};
             for (int i = backward ? 1 : 0; i < (backward ? 4 : 1); i++)
@@ -519,7 +652,8 @@ static int band_run(Band *B, int64_t BH, int threads, int backward) {
     if (B->b > 64 || !pow2_vectors(B->b) || !pow2_vectors(B->D)) return -1;
     if (B->ell && (B->R % B->b || B->R * B->ell != B->QB * B->b)) return -1;
     const int64_t seg = segment_blocks(B) * B->b * B->D, items = BH * (B->ell ? B->ell : 1);
-    B->scratch_floats = (2 + (B->ell ? 8 : 0)) * seg + 2 * (int64_t)B->b * B->M * B->b + 64;
+    /* per thread: kT, vT, S, dP, the packed rows and the Spans' ints (as many bytes as floats) */
+    B->scratch_floats = (2 + (B->ell ? 8 : 0)) * seg + 2 * (int64_t)B->b * B->M * B->b + 2 * B->b + 2 * B->M * B->b + 64;
     int used = thread_count(items, threads);
     B->scratch = malloc(sizeof(float) * B->scratch_floats * used);
     if (!B->scratch) return -2;
@@ -528,22 +662,24 @@ static int band_run(Band *B, int64_t BH, int threads, int backward) {
     return 0;
 }
 
-/* Forward of band attention: out [BH][QB b][D], lse [BH][QB b] (see Band for the layout and R, ell). b / VL and
-   D / VL must be 1, 2, 4 or 8 and b at most 64. Returns 0; -1 for sizes it does not know, -2 out of memory. */
+/* Forward of band attention: out [BH][QB b][D], lse [BH][QB b] (see Band for the layout and R, ell), and where
+   probs is not NULL the probabilities P [BH][QB][b][M b] for the backward. b / VL and D / VL must be 1, 2, 4 or 8
+   and b at most 64. Returns 0; -1 for sizes it does not know, -2 out of memory. */
 int band_forward(const float *q, const float *k, const float *v, const int32_t *kinds, const int32_t *mask_id,
                  const float *masks, int64_t BH, int64_t QB, int b, int D, int M, int64_t R, int64_t ell,
-                 float scale, float *out, float *lse, int threads) {
-    Band B = {q, k, v, NULL, NULL, NULL, out, lse, NULL, NULL, NULL, kinds, mask_id, masks, QB, R, ell, b, D, M,
-              scale, NULL, 0};
+                 float scale, float *out, float *lse, float *probs, int threads) {
+    Band B = {q, k, v, NULL, NULL, NULL, out, lse, NULL, NULL, NULL, probs, kinds, mask_id, masks, QB, R, ell, b, D,
+              M, scale, NULL, 0};
     return band_run(&B, BH, threads, 0);
 }
 
-/* Backward: dq, dk, dv like q from dout, the forward's lse and delta = rowsum(out * dout) [BH][QB b]. */
+/* Backward: dq, dk, dv like q from dout, the forward's lse and delta = rowsum(out * dout) [BH][QB b], and the
+   forward's probs where not NULL (else P is recomputed from q, k and lse). */
 int band_backward(const float *q, const float *k, const float *v, const float *dout, const float *lse,
                   const float *delta, const int32_t *kinds, const int32_t *mask_id, const float *masks, int64_t BH,
-                  int64_t QB, int b, int D, int M, int64_t R, int64_t ell, float scale, float *dq, float *dk,
-                  float *dv, int threads) {
-    Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, kinds, mask_id, masks, QB, R, ell, b, D, M, scale,
-              NULL, 0};
+                  int64_t QB, int b, int D, int M, int64_t R, int64_t ell, float scale, const float *probs,
+                  float *dq, float *dk, float *dv, int threads) {
+    Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, (float *)probs, kinds, mask_id, masks, QB, R, ell, b,
+              D, M, scale, NULL, 0};
     return band_run(&B, BH, threads, 1);
 }

@@ -21,9 +21,9 @@ _SIGNATURES = {
     "bs_vector_bytes": [],
     "bs_mm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _P, _I64, _I32],
     "bs_dw": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I32, _P, _I32],
-    "band_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _I64, _F32, _P, _P, _I32],
+    "band_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _I64, _F32, _P, _P, _P, _I32],
     "band_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _I64, _F32, _P, _P, _P,
-                      _I32],
+                      _P, _I32],
 }
 _status = {"error": "", "path": None}  # what the last library() did
 

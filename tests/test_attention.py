@@ -432,3 +432,29 @@ def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(kind, kw,
     assert_close(results[0], outputs_and_grads(q, k, v, do, layout, "reference"), torch.float32)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@pytest.mark.parametrize("kind,kw,n", [("local", {"window": 70}, 192), ("strided", {"stride": 6}, 192),
+                                        ("local", {"window": 40}, 200)], ids=["local", "strided", "local-padded"])
+def test_cpu_band_backward_from_kept_probabilities_equals_recomputing_them(kind, kw, n, monkeypatch):
+    """The compiled band keeps the forward's probabilities for the backward where they fit (PROBS_KEEP_BYTES) and
+    reuses finished buffers (the pool); recomputing them instead gives the same values and grads."""
+    from kernels import cpu_attention, cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip(cpu_kernels.status())
+    q, k, v, do = inputs(n, torch.float32, heads=3, d=32, batch=2)
+    layout = make_layout(kind, n, 32, heads=3, **kw)
+    monkeypatch.setattr(cpu_attention, "_probs_pool", [])
+    kept = [outputs_and_grads(q, k, v, do, layout, "cpu") for _ in range(2)]  # the second from a pooled buffer
+    assert len(cpu_attention._probs_pool) == 1
+    for other in kept[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(kept[0], other, strict=True))
+    monkeypatch.setattr(cpu_attention, "PROBS_KEEP_BYTES", 0)
+    recomputed = outputs_and_grads(q, k, v, do, layout, "cpu")
+    assert_close(kept[0], recomputed, torch.float32)
+    assert_close(recomputed, outputs_and_grads(q, k, v, do, layout, "reference"), torch.float32)
+    monkeypatch.setattr(cpu_attention, "PROBS_KEEP_BYTES", 1 << 30)
+    with torch.no_grad():  # no backward coming: the pooled buffer stays in the pool
+        attention(q, k, v, layout, backend="cpu")
+    assert len(cpu_attention._probs_pool) == 1
