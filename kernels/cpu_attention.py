@@ -30,8 +30,11 @@ from .layout import BlockTable, Layout
 
 CHUNK_BYTES = 4 << 20  # scores of one chunk of query blocks: stays in cache
 MASK_CACHE_BYTES = 64 << 20  # gather schedule: keep partial-block masks up to this size, else rebuild per chunk
-# compiled band: keep the forward's probabilities for the backward up to this size per call, else recompute them
+# compiled band: keep the forward's probabilities for the backward up to this size per call where the rows read
+# at least PROBS_MIN_FILL of their window on average (local layouts: all of it; a strided grid's columns about
+# half, where recomputing them was as fast at 12,288 and faster at 65,536), else recompute them
 PROBS_KEEP_BYTES = 1 << 30
+PROBS_MIN_FILL = 0.75
 # and hand finished ones to later forwards up to this size in all (fresh pages cost a fault each, which for tens of
 # MB took as long as the softmax itself)
 PROBS_POOL_BYTES = 512 << 20
@@ -516,7 +519,8 @@ class CompiledBand(torch.autograd.Function):
         o, lse = torch.empty(xs[0].shape), torch.empty(xs[0].shape[:2])
         # the probabilities [B H, QB, b, M b] for the backward, where one is coming and they fit
         shape = (B * H, layout.num_blocks, layout.block, plan.width * layout.block)
-        keep = any(ctx.needs_input_grad[:3]) and math.prod(shape) * 4 <= PROBS_KEEP_BYTES
+        keep = (any(ctx.needs_input_grad[:3]) and math.prod(shape) * 4 <= PROBS_KEEP_BYTES
+                and (plan.kinds != 0).float().mean() >= PROBS_MIN_FILL)
         probs = _probs_buffer(shape) if keep else None
         cpu_kernels.check(cpu_kernels.library().band_forward(
             *(x.data_ptr() for x in xs), plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(),

@@ -438,13 +438,20 @@ def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(kind, kw,
                                         ("local", {"window": 40}, 200)], ids=["local", "strided", "local-padded"])
 def test_cpu_band_backward_from_kept_probabilities_equals_recomputing_them(kind, kw, n, monkeypatch):
     """The compiled band keeps the forward's probabilities for the backward where they fit (PROBS_KEEP_BYTES) and
-    reuses finished buffers (the pool); recomputing them instead gives the same values and grads."""
+    fill their window (PROBS_MIN_FILL), and reuses finished buffers (the pool); recomputing them instead gives the
+    same values and grads."""
     from kernels import cpu_attention, cpu_kernels
 
     if cpu_kernels.library() is None:
         pytest.skip(cpu_kernels.status())
     q, k, v, do = inputs(n, torch.float32, heads=3, d=32, batch=2)
     layout = make_layout(kind, n, 32, heads=3, **kw)
+    monkeypatch.setattr(cpu_attention, "_probs_pool", [])
+    outputs_and_grads(q, k, v, do, layout, "cpu")
+    # by default only layouts whose rows fill most of their window keep them
+    fill = (cpu_attention._plan(layout).kinds != 0).float().mean()
+    assert len(cpu_attention._probs_pool) == (fill >= cpu_attention.PROBS_MIN_FILL)
+    monkeypatch.setattr(cpu_attention, "PROBS_MIN_FILL", 0.0)
     monkeypatch.setattr(cpu_attention, "_probs_pool", [])
     kept = [outputs_and_grads(q, k, v, do, layout, "cpu") for _ in range(2)]  # the second from a pooled buffer
     assert len(cpu_attention._probs_pool) == 1
@@ -458,3 +465,15 @@ def test_cpu_band_backward_from_kept_probabilities_equals_recomputing_them(kind,
     with torch.no_grad():  # no backward coming: the pooled buffer stays in the pool
         attention(q, k, v, layout, backend="cpu")
     assert len(cpu_attention._probs_pool) == 1
+
+
+def test_cpu_band_keeps_probabilities_for_local_layouts_but_not_long_strided_columns():
+    """The rule behind PROBS_MIN_FILL at the benchmark's sizes: a local window is read in full, a strided grid of 8
+    blocks per column about half (there recomputing the probabilities measured faster)."""
+    from kernels import cpu_attention
+
+    def fill(layout):
+        return float((cpu_attention._plan(layout).kinds != 0).float().mean())
+
+    assert fill(make_layout("local", 12288, 32, window=192)) >= cpu_attention.PROBS_MIN_FILL
+    assert fill(make_layout("strided", 65536, 32, stride=256)) < cpu_attention.PROBS_MIN_FILL
