@@ -1,8 +1,9 @@
 """Block-sparse attention on the CPU in plain PyTorch: only the listed key blocks, batched matmuls.
 
-The forward saves the log-sum-exp; the backward recomputes the probabilities, so
-memory stays O(computed blocks), never N x N. Computes in float32 whatever the input
-dtype. Three schedules, picked per layout:
+The forward saves the log-sum-exp; the backward recomputes the probabilities (the compiled band keeps
+them instead where they fit and fill their window: PROBS_KEEP_BYTES, PROBS_MIN_FILL), so memory stays
+O(computed blocks), never N x N. Computes in float32 whatever the input dtype. Three schedules, picked per
+layout:
 
 * columns: strided layouts whose [R, l] view is whole and splits into whole blocks per
   column. Block-row u of all l columns is one bmm on a strided view of q/k/v: no copies.
