@@ -127,22 +127,24 @@ def test_sweep_parsing_distances_and_verdicts():
     grid = sweep.settings_grid([0.9, 1.0], [1, 0.95], None)
     assert grid[0] == SamplingOptions(0.9) and grid[3] == SamplingOptions(1.0, None, 0.95)
     assert sweep.log_distance([(2.0, 1.0), (0.5, 1.0)]) == pytest.approx(math.log(2))
-    data = {"flatness": 0.01, "rms": 0.1, "stuck": 0.0}
+    data = {"flatness": 0.01, "rms": 0.1, "loudest_rms": 0.2, "stuck": 0.0}
     ok = {"flatness": 0.1, "rms": 0.12, "quietest_rms": 0.05, "stuck": 0.0}
     assert sweep.audio_verdict(ok, data, 3)[0] == pytest.approx(math.log(10))
     assert "loudness" in sweep.audio_verdict(ok | {"quietest_rms": 0.01}, data, 3)[1]  # one near-silent clip
-    assert "loudness" in sweep.audio_verdict(ok | {"rms": 0.5}, data, 3)[1]
+    assert "loudest data window" in sweep.audio_verdict(ok | {"rms": 0.25}, data, 3)[1]  # a buzz
     assert "stuck" in sweep.audio_verdict(ok | {"stuck": 1 / 6}, data, 3)[1]
     held = np.full((2, 2048), 128, np.uint8)  # one value: a stuck (and silent) clip
     noise = np.random.default_rng(0).integers(0, 256, (2, 2048), dtype=np.uint8)
     assert sweep.clip_figures(held)["stuck"] == 1.0 and sweep.clip_figures(held)["quietest_rms"] < 0.01
+    buzz = np.tile(np.repeat(np.array([10, 245], np.uint8), 300), (2, 4))  # a square wave: loud, flatness low
+    assert sweep.clip_figures(buzz)["loudest_rms"] > 0.5 and sweep.clip_figures(buzz)["flatness"] < 0.05
     assert sweep.clip_figures(noise)["stuck"] == 0.0 and sweep.clip_figures(noise)["flatness"] > 0.3
 
 
 def test_an_audio_sweep_chooses_writes_the_card_and_a_figure(tmp_path):
     path = tiny_checkpoint(tmp_path / "a", "audio")
     model = load_model(path)
-    data = {"flatness": 0.3, "rms": 0.2, "stuck": 0.0}
+    data = {"flatness": 0.3, "rms": 0.2, "loudest_rms": 1.0, "stuck": 0.0}
     row = sweep.audio_setting(model, 2, 1024, SamplingOptions(1.0), 2)
     assert row["media"]["clips"].shape == (2, 1024) and 0 < row["flatness"] <= 1 and row["rms"] > 0
     row["distance"], row["degenerate"] = sweep.audio_verdict(row, data, 3)
