@@ -1,5 +1,7 @@
 """attention(): the CPU path and the Triton kernels (interpreted on the CPU) match the dense reference."""
 
+import platform
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -477,3 +479,34 @@ def test_cpu_band_keeps_probabilities_for_local_layouts_but_not_long_strided_col
 
     assert fill(make_layout("local", 12288, 32, window=192)) >= cpu_attention.PROBS_MIN_FILL
     assert fill(make_layout("strided", 65536, 32, stride=256)) < cpu_attention.PROBS_MIN_FILL
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 build")
+def test_cpu_band_built_for_avx2_without_avx512_matches_reference(tmp_path, monkeypatch):
+    """A CPU with AVX2 and FMA but no AVX-512 gets 8-wide vectors and the AVX code paths (its transposes and mask
+    bits): built here with -mavx2 -mfma in place of -march=native, against the reference."""
+    import shutil
+
+    from kernels import cpu_kernels
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    cc = tmp_path / "cc-avx2"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do shift; if [ "$a" = "-march=native" ]; then set -- "$@" -mavx2 -mfma; '
+                  'else set -- "$@" "$a"; fi; done\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cpu_kernels.library.cache_clear()
+    try:
+        if cpu_kernels.library() is None:
+            pytest.skip(cpu_kernels.status())
+        assert cpu_kernels.vector_floats() == 8
+        for kind, kw in (("local", {"window": 70}), ("strided", {"stride": 6})):
+            q, k, v, do = inputs(192, torch.float32, heads=2, d=32, batch=1)
+            layout = make_layout(kind, 192, 32, heads=2, **kw)
+            assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"),
+                         outputs_and_grads(q, k, v, do, layout, "reference"), torch.float32)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.library.cache_clear()
