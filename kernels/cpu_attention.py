@@ -174,6 +174,7 @@ class _BandPlan:
     kinds: torch.Tensor  # [QB, M] int32, for the compiled kernels: 0 padding, 1 full, 2 partial
     mask_id: torch.Tensor  # [QB, M] int32: the row of ``masks`` of each partial slot
     masks: torch.Tensor  # [n partial, block, block] float32: 0 where read, -inf where not (added to the scores)
+    fill: float  # the share of the M slots the query blocks read, on average (PROBS_MIN_FILL)
 
 
 @dataclass
@@ -216,7 +217,8 @@ def _band_plan(layout: Layout) -> _BandPlan:
             items.append(_Work(m, a, e, mask))
         work.append(items)
     masks = torch.zeros(read.shape).masked_fill_(~read, NEG_INF)
-    return _BandPlan(width, chunks, work, kinds.to(torch.int32).contiguous(), mask_id, masks)
+    return _BandPlan(width, chunks, work, kinds.to(torch.int32).contiguous(), mask_id, masks,
+                     float((kinds != 0).float().mean()))
 
 
 def _plan(layout: Layout) -> _BandPlan | _GatherPlan:
@@ -521,7 +523,7 @@ class CompiledBand(torch.autograd.Function):
         # the probabilities [B H, QB, b, M b] for the backward, where one is coming and they fit
         shape = (B * H, layout.num_blocks, layout.block, plan.width * layout.block)
         keep = (any(ctx.needs_input_grad[:3]) and math.prod(shape) * 4 <= PROBS_KEEP_BYTES
-                and (plan.kinds != 0).float().mean() >= PROBS_MIN_FILL)
+                and plan.fill >= PROBS_MIN_FILL)
         probs = _probs_buffer(shape) if keep else None
         cpu_kernels.check(cpu_kernels.library().band_forward(
             *(x.data_ptr() for x in xs), plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(),

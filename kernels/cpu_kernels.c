@@ -522,6 +522,16 @@ static void product_spans(int n_cols, int n_rows, const float *a, int64_t a_row,
 static float vmax_all(vf a) { float m = a[0]; for (int i = 1; i < VL; i++) m = a[i] > m ? a[i] : m; return m; }
 static float vsum_all(vf a) { float s = 0; for (int i = 0; i < VL; i++) s += a[i]; return s; }
 
+/* s[j] = exp(s[j] - shift) over row i's span of the c keys (whole vectors), 0 elsewhere; the span's sum */
+static float exp_span(float *s, const Spans *sp, int i, int c, float shift) {
+    int lo, hi;
+    span_of(sp->first, sp->last, i, i + 1, 1, c, &lo, &hi);
+    vf sum = (vf){0};
+    for (int j = lo; j < hi; j += VL) { vf p = vexp(vld(s + j) - shift); vst(s + j, p); sum += p; }
+    memset(s, 0, sizeof(float) * lo), memset(s + hi, 0, sizeof(float) * (c - hi));
+    return vsum_all(sum);
+}
+
 static void band_fwd_segment(const Band *B, const Segment *sg, float *kT, float *S, float *lse, Spans *sp) {
     const int b = B->b, D = B->D, M = B->M, W = M * b;
     transpose_blocks(sg->k, sg->blocks, b, D, kT);
@@ -536,17 +546,14 @@ static void band_fwd_segment(const Band *B, const Segment *sg, float *kT, float 
         band_scores(B, sg, r, m0, kT, S);
         block_spans(B, sg->block0 + r, m0, sp);
         float total[64], top[64];
-        for (int i = 0; i < b; i++) { /* softmax over the row's span (whole vectors); 0 elsewhere */
+        for (int i = 0; i < b; i++) { /* softmax over the row's span */
             float *s = S + i * W + m0 * b;
             int lo, hi;
             span_of(sp->first, sp->last, i, i + 1, 1, c, &lo, &hi);
             vf mx = splat(-__builtin_inff());
             for (int j = lo; j < hi; j += VL) { vf x = vld(s + j); mx = vsel(x > mx, x, mx); }
-            float t = vmax_all(mx);
-            vf sum = (vf){0};
-            for (int j = lo; j < hi; j += VL) { vf p = vexp(vld(s + j) - t); vst(s + j, p); sum += p; }
-            memset(s, 0, sizeof(float) * lo), memset(s + hi, 0, sizeof(float) * (c - hi));
-            top[i] = t, total[i] = vsum_all(sum);
+            top[i] = vmax_all(mx);
+            total[i] = exp_span(s, sp, i, c, top[i]);
         }
         /* P V: the key blocks a block reads are consecutive rows; each tile of rows over its span */
         product_spans(D, b, S + m0 * b, W, 1, sg->v + (r + m0 - (M - 1)) * b * D, D, sp->first, sp->last, orow, D,
@@ -584,14 +591,8 @@ static void band_bwd_segment(const Band *B, const Segment *sg, float *kT, float 
             P = sg->probs + (sg->block0 + r) * b * W;
         else {
             band_scores(B, sg, r, m0, kT, S);
-            for (int i = 0; i < b; i++) { /* P = exp(S - lse) over the row's span; 0 elsewhere */
-                vf l = splat(lse[sg->row0 + (r * b + i) * sg->step]);
-                float *s = S + i * W + m0 * b;
-                int lo, hi;
-                span_of(sp->first, sp->last, i, i + 1, 1, c, &lo, &hi);
-                for (int j = lo; j < hi; j += VL) vst(s + j, vexp(vld(s + j) - l));
-                memset(s, 0, sizeof(float) * lo), memset(s + hi, 0, sizeof(float) * (c - hi));
-            }
+            for (int i = 0; i < b; i++) /* P = exp(S - lse) */
+                exp_span(S + i * W + m0 * b, sp, i, c, lse[sg->row0 + (r * b + i) * sg->step]);
         }
         for (int m = m0; m < M; m++) /* dP = dO v^T */
             product(b, b, dor, D, 1, vT + (r + m - (M - 1)) * D * b, b, D, dP + m * b, W, 0, 1.0f);
