@@ -270,6 +270,18 @@ static int cache_rows(const Step *s, const Layer *L, int pos, int b, int which, 
     }
 }
 
+/* Row j of the two segments (the first n0 rows in s0, the rest in s1), D floats a row. */
+static inline const float *row_at(const float *s0, const float *s1, int n0, int j, int D) {
+    return j < n0 ? s0 + (size_t)j * D : s1 + (size_t)(j - n0) * D;
+}
+
+/* The lane-wise products of q's vectors and key k's, summed over the D / 8 vectors (hsum gives the dot). */
+static inline __attribute__((always_inline)) v8 dot_lanes(const v8 *qv, const float *k, const int D) {
+    v8 a = qv[0] * ld(k);
+    for (int e = 1; e < D / 8; e++) a += qv[e] * ld(k + 8 * e);
+    return a;
+}
+
 /* One query against keys [lo, hi) of the two segments: partial max, sum and weighted values. */
 static inline __attribute__((always_inline)) void attend_part(const float *q, const float *k0, const float *v0,
                                                                int n0, const float *k1, const float *v1, int lo,
@@ -285,11 +297,9 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
         for (; j + 8 <= hi; j += 8) {
             v8 a[8];
             for (int c = 0; c < 8; c++) {
-                const float *k = j + c < n0 ? k0 + (size_t)(j + c) * D : k1 + (size_t)(j + c - n0) * D;
-                const float *v = j + c < n0 ? v0 + (size_t)(j + c) * D : v1 + (size_t)(j + c - n0) * D;
+                const float *v = row_at(v0, v1, n0, j + c, D);
                 for (int e = 0; e < D; e += 16) __builtin_prefetch(v + e);  /* for the weighted sum below */
-                a[c] = qv[0] * ld(k);
-                for (int e = 1; e < D / 8; e++) a[c] += qv[e] * ld(k + 8 * e);
+                a[c] = dot_lanes(qv, row_at(k0, k1, n0, j + c, D), D);
             }
             v8 sc = hsum8(a);
             st(scores + j - lo, sc);
@@ -298,10 +308,7 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
         for (int c = 0; c < 8; c++) m = mv[c] > m ? mv[c] : m;
     }
     for (; j < hi; j++) {
-        const float *k = j < n0 ? k0 + (size_t)j * D : k1 + (size_t)(j - n0) * D;
-        v8 a = qv[0] * ld(k);
-        for (int e = 1; e < D / 8; e++) a += qv[e] * ld(k + 8 * e);
-        float sc = hsum(a);
+        float sc = hsum(dot_lanes(qv, row_at(k0, k1, n0, j, D), D));
         scores[j - lo] = sc;
         m = sc > m ? sc : m;
     }
@@ -313,7 +320,7 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
         for (int e = 0; e < 8 && j + e < n; e++) l += p[e];
     }
     for (int j = lo; j < hi; j++) {
-        const float *v = j < n0 ? v0 + (size_t)j * D : v1 + (size_t)(j - n0) * D;
+        const float *v = row_at(v0, v1, n0, j, D);
         v8 p = splat(scores[j - lo]);
         for (int e = 0; e < D / 8; e++) acc[e] += p * ld(v + 8 * e);
     }
