@@ -40,6 +40,18 @@ def tiny_checkpoint(path: Path, kind: str, **card) -> Path:
     return path
 
 
+def wrapped_compiler(folder: Path, monkeypatch, march_native: str) -> None:
+    """Builds from here on use ``cc`` with -march=native replaced by ``march_native`` (words; empty: dropped) or,
+    with "refuse", failing on it (as some compilers do), into a private cache under ``folder``."""
+    body = ('[ "$a" = "-march=native" ] && { echo "no native" >&2; exit 1; }' if march_native == "refuse" else
+            f'if [ "$a" = "-march=native" ]; then set -- "$@" {march_native}; continue; fi')
+    cc = folder / "cc-wrapped"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do shift; {body}; set -- "$@" "$a"; done\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(folder / "cache"))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -451,8 +451,7 @@ def test_cpu_band_backward_from_kept_probabilities_equals_recomputing_them(kind,
     monkeypatch.setattr(cpu_attention, "_probs_pool", [])
     outputs_and_grads(q, k, v, do, layout, "cpu")
     # by default only layouts whose rows fill most of their window keep them
-    fill = (cpu_attention._plan(layout).kinds != 0).float().mean()
-    assert len(cpu_attention._probs_pool) == (fill >= cpu_attention.PROBS_MIN_FILL)
+    assert len(cpu_attention._probs_pool) == (cpu_attention._plan(layout).fill >= cpu_attention.PROBS_MIN_FILL)
     monkeypatch.setattr(cpu_attention, "PROBS_MIN_FILL", 0.0)
     monkeypatch.setattr(cpu_attention, "_probs_pool", [])
     kept = [outputs_and_grads(q, k, v, do, layout, "cpu") for _ in range(2)]  # the second from a pooled buffer
@@ -474,11 +473,8 @@ def test_cpu_band_keeps_probabilities_for_local_layouts_but_not_long_strided_col
     blocks per column about half (there recomputing the probabilities measured faster)."""
     from kernels import cpu_attention
 
-    def fill(layout):
-        return float((cpu_attention._plan(layout).kinds != 0).float().mean())
-
-    assert fill(make_layout("local", 12288, 32, window=192)) >= cpu_attention.PROBS_MIN_FILL
-    assert fill(make_layout("strided", 65536, 32, stride=256)) < cpu_attention.PROBS_MIN_FILL
+    assert cpu_attention._plan(make_layout("local", 12288, 32, window=192)).fill >= cpu_attention.PROBS_MIN_FILL
+    assert cpu_attention._plan(make_layout("strided", 65536, 32, stride=256)).fill < cpu_attention.PROBS_MIN_FILL
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 build")
@@ -487,16 +483,13 @@ def test_cpu_band_built_for_avx2_without_avx512_matches_reference(tmp_path, monk
     bits): built here with -mavx2 -mfma in place of -march=native, against the reference."""
     import shutil
 
+    from helpers import wrapped_compiler
+
     from kernels import cpu_kernels
 
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
-    cc = tmp_path / "cc-avx2"
-    cc.write_text('#!/bin/sh\nfor a in "$@"; do shift; if [ "$a" = "-march=native" ]; then set -- "$@" -mavx2 -mfma; '
-                  'else set -- "$@" "$a"; fi; done\nexec cc "$@"\n')
-    cc.chmod(0o755)
-    monkeypatch.setenv("CC", str(cc))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    wrapped_compiler(tmp_path, monkeypatch, "-mavx2 -mfma")
     cpu_kernels.library.cache_clear()
     try:
         if cpu_kernels.library() is None:

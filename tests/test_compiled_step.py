@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import needs_compiler, small_model
+from helpers import needs_compiler, small_model, wrapped_compiler
 
 from kernels import native
 from sampling import Decoder, SamplingOptions, choose_tokens
@@ -163,12 +163,7 @@ def test_library_is_built_once_into_a_private_folder_and_a_missing_or_failing_co
 def test_library_built_without_march_native_gives_the_same_logits(env, tmp_path):
     """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code, with the
     8-wide matmul tiles of CPUs without AVX-512 (blocks of 4 and 1 rows for a batch of 5)."""
-    cc = tmp_path / "cc-without-native"
-    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && { echo "no native" >&2; exit 1; }; done\n'
-                  'exec cc "$@"\n')
-    cc.chmod(0o755)
-    env.setenv("CC", str(cc))
-    env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    wrapped_compiler(tmp_path, env, "refuse")
     model = small_model(pattern="strided")
     tokens = torch.randint(0, 256, (5, 50), generator=torch.Generator().manual_seed(7))
     plain, ref = Decoder(model, 5, 50, step="compiled"), Decoder(model, 5, 50, step="pytorch")
