@@ -1,6 +1,7 @@
 /* Compiled CPU kernels, float32 (loaded by kernels/cpu_kernels.py): block-sparse weight matmul (for
    kernels/blocksparse_cpu.py) and band attention (for kernels/cpu_attention.py). Both are built on one
-   register-tiled product (rank_updates) and one thread pool per call (parallel).
+   register-tiled product (rank_updates) and one thread pool per call (parallel), which also runs the tanh
+   GELU of training's feed-forward layers (float32 or bfloat16, for kernels/activations.py).
 
    Block-sparse matmul, blocks of 16, 32 or 64: y = x @ W, W sparse in b x b blocks stored compactly as
    w [nnz][b][b]. bs_mm reads x, dy and w in place: no gathered copies.
@@ -683,4 +684,88 @@ int band_backward(const float *q, const float *k, const float *v, const float *d
     Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, (float *)probs, kinds, mask_id, masks, QB, R, ell, b,
               D, M, scale, NULL, 0};
     return band_run(&B, BH, threads, 1);
+}
+
+/* ---- tanh GELU ---------------------------------------------------------------------------------------- */
+
+/* y = x / 2 (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), elementwise over float32 or bfloat16 (bf16 = 1:
+   uint16 storage, computed in float32 and rounded to nearest even). Written as y = x s with s = (1 + tanh(u)) / 2
+   = 1 / (1 + exp(-2 u)), so that neither end loses digits to 1 + tanh(u) near 0. The backward takes dy and x:
+   dx = dy (s + 2 x s (1 - s) sqrt(2 / pi) (1 + 3 0.044715 x^2)), since 1 - tanh(u)^2 = 4 s (1 - s). */
+#define GELU_BETA 0.7978845608028654f
+#define GELU_KAPPA 0.044715f
+#define GELU_CHUNK 16384 /* elements per thread item */
+typedef struct { const void *x, *dy; void *out; int64_t n; int bf16; } Gelu;
+
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+
+INLINE vf load_any(const void *p, int64_t i, int bf16) {
+    if (!bf16) return vld((const float *)p + i);
+    vh h;
+    memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+INLINE void store_any(void *p, int64_t i, int bf16, vf v) {
+    if (!bf16) { vst((float *)p + i, v); return; }
+    vu u = (vu)v;
+    vu rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+    rounded = (vu)vsel(v != v, (vf)(u >> 16 | 0x40), (vf)rounded); /* NaN stays a (quiet) NaN */
+    vh h = __builtin_convertvector(rounded, vh);
+    memcpy((uint16_t *)p + i, &h, sizeof h);
+}
+
+/* Element i of a float32 or bfloat16 array, as a float. */
+INLINE float load1(const void *p, int64_t i, int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+INLINE vf gelu_vector(vf x, vf dy, int backward) {
+    vf x2 = x * x, a = -2.0f * GELU_BETA * (x + GELU_KAPPA * x2 * x), e = vexp(a);
+    vf s = vsel(a < 87.0f, 1.0f / (1.0f + e), splat(0.0f)); /* 0 past exp's range: no 1e-38 left behind */
+    if (!backward) return x * s;
+    return dy * (s + 2.0f * GELU_BETA * x * s * (e * s) * (1.0f + 3.0f * GELU_KAPPA * x2));
+}
+
+static void gelu_part(void *arg, int index, int64_t first, int64_t end, int backward) {
+    (void)index;
+    const Gelu *G = arg;
+    const int esize = G->bf16 ? 2 : 4;
+    for (int64_t c = first; c < end; c++) {
+        int64_t i0 = c * GELU_CHUNK, i1 = i0 + GELU_CHUNK < G->n ? i0 + GELU_CHUNK : G->n, i = i0;
+        for (; i + VL <= i1; i += VL)
+            store_any(G->out, i, G->bf16, gelu_vector(load_any(G->x, i, G->bf16),
+                                                      backward ? load_any(G->dy, i, G->bf16) : splat(0.0f), backward));
+        if (i < i1) { /* the last partial vector, through buffers */
+            float xs[VL] = {0}, gs[VL] = {0};
+            char out[VL * 4];
+            for (int j = 0; j < i1 - i; j++) {
+                xs[j] = load1(G->x, i + j, G->bf16);
+                if (backward) gs[j] = load1(G->dy, i + j, G->bf16);
+            }
+            store_any(out, 0, G->bf16, gelu_vector(vld(xs), vld(gs), backward));
+            memcpy((char *)G->out + i * esize, out, (size_t)(i1 - i) * esize);
+        }
+    }
+}
+static void gelu_fwd_part(void *arg, int index, int64_t first, int64_t end) { gelu_part(arg, index, first, end, 0); }
+static void gelu_bwd_part(void *arg, int index, int64_t first, int64_t end) { gelu_part(arg, index, first, end, 1); }
+
+/* out = gelu(x) over n elements (float32, or bfloat16 where bf16 = 1). Returns 0. */
+int gelu_forward(const void *x, void *out, int64_t n, int bf16, int threads) {
+    Gelu G = {x, NULL, out, n, bf16};
+    parallel(gelu_fwd_part, &G, (n + GELU_CHUNK - 1) / GELU_CHUNK, NULL, threads);
+    return 0;
+}
+
+/* dx = dy * gelu'(x) over n elements, all of one dtype (as gelu_forward). Returns 0. */
+int gelu_backward(const void *dy, const void *x, void *dx, int64_t n, int bf16, int threads) {
+    Gelu G = {x, dy, dx, n, bf16};
+    parallel(gelu_bwd_part, &G, (n + GELU_CHUNK - 1) / GELU_CHUNK, NULL, threads);
+    return 0;
 }

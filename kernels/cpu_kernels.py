@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (kernels/cpu_kernels.c): block-sparse weight matmul and band attention, float32.
+"""The compiled CPU kernels (kernels/cpu_kernels.c): block-sparse weight matmul and band attention (float32),
+and the tanh GELU (float32 or bfloat16).
 
 Built once per machine by kernels/native.py (this user's private cache; nothing loaded from a shared
 folder) and called through ctypes on torch's thread count. They run where the build has AVX2 with FMA or
@@ -24,6 +25,8 @@ _SIGNATURES = {
     "band_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _I64, _F32, _P, _P, _P, _I32],
     "band_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _I64, _F32, _P, _P, _P,
                       _P, _I32],
+    "gelu_forward": [_P, _P, _I64, _I32, _I32],
+    "gelu_backward": [_P, _P, _P, _I64, _I32, _I32],
 }
 _status = {"error": "", "path": None}  # what the last library() did
 

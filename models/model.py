@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import BLOCK_SIZES, KINDS, PATTERNS, BlockSparseLinear, Layout, Pattern, attention, layout_of
+from kernels import BLOCK_SIZES, KINDS, PATTERNS, BlockSparseLinear, Layout, Pattern, attention, gelu, layout_of
 
 from .sparse_ff import FF_BLOCKS, FF_LAYOUTS, SparseLinear, decode_layout, layer_seed, recipe_layout
 
@@ -275,7 +274,7 @@ class FeedForward(nn.Module):
             self.proj = SparseLinear(cfg.ff_width, cfg.d_model, layouts[1], cfg.ff_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(gelu(self.fc(x)))
 
 
 class Block(nn.Module):
