@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from bench.common import CpuContention, cpu_name, fmt, median_time, print_table, sig
 from models import SparseTransformer, config_for
 from models.flops import device_peak_flops, matmul_parameters, training_flops_per_sequence
-from training import autocast, make_optimizer
+from training import autocast, keep_freed_memory, make_optimizer
 
 CPU_VARIANTS = (("bf16", True), ("bf16", False), ("fp32", True))
 GPU_CONFIG, GPU_BATCH = "imagenet64-paper", 4
@@ -70,6 +70,7 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     variants = CPU_VARIANTS[:2] if args.quick else CPU_VARIANTS
     cpu = torch.device("cpu")
+    keep_freed_memory()  # as train.py does on the CPU
     rows, peak, busy = [], None, None
     if args.gpu_only:
         print("CPU rows: skipped (--gpu-only)")

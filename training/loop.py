@@ -43,6 +43,7 @@ from .errors import TrainingError
 from .evaluation import held_out_bits
 from .export import earlier_runs, export_checkpoint
 from .log import Log
+from .memory import keep_freed_memory
 from .optim import lr_factor, make_optimizer, set_lr
 from .precision import PRECISIONS, autocast, settle_precision
 from .settings import model_config, resolve_settings, save_run_settings, training_window
@@ -114,6 +115,8 @@ def set_up(s: dict, d: Dist) -> Run:
     """Everything a run needs before its first step; writes run.json and the log's start line."""
     out = Path(s["out"])
     threads = cpu_threads(s["threads"], d)
+    if d.device.type == "cpu":
+        keep_freed_memory()
     precision_how = settle_precision(s, d)
     cfg = model_config(s)
     accum = accumulation(s, d)

@@ -1,0 +1,30 @@
+"""The C allocator, set for training on the CPU: freed blocks under 32 MB are kept for the next step.
+
+glibc's malloc serves large blocks (from 128 KB, its threshold rising as they are freed) with fresh pages
+from the kernel and returns them when freed, so every step's activations page-fault again: about 9% of an
+image-cpu step (docs/benchmarks.md). With the threshold fixed at 32 MB (glibc's largest) and the heap's
+trimming and top pad raised, the second step onwards reuses the first step's pages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 256 << 20))
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc to keep freed memory for reuse (see the module notes); False where the C library
+    is not glibc (no mallopt) or refuses a setting, and nothing changes."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
