@@ -513,7 +513,7 @@ class CompiledBand(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: Layout, scale: float):
         B, H, N, D = q.shape
         if _in_place(layout):
-            xs = [t.float().contiguous().view(B * H, N, D) for t in (q, k, v)]
+            xs = [_contiguous_float(t).view(B * H, N, D) for t in (q, k, v)]
             grid = (layout.rows, layout.stride) if layout.permuted else (0, 0)
         else:
             xs = [to_physical(t, layout).contiguous().view(B * H, -1, D) for t in (q, k, v)]
@@ -546,7 +546,7 @@ class CompiledBand(torch.autograd.Function):
         q, k, v, o, lse, probs = ctx.saved_tensors
         layout, plan = ctx.layout, _plan(ctx.layout)
         if _in_place(layout):
-            dout = do.float().contiguous().view(o.shape)
+            dout = _contiguous_float(do).view(o.shape)
         else:
             dout = to_physical(do.contiguous(), layout).contiguous().view(o.shape)
         delta = (o * dout).sum(-1)
@@ -559,6 +559,13 @@ class CompiledBand(torch.autograd.Function):
         if probs is not None and sum(t.numel() for t in _probs_pool) + probs.numel() <= PROBS_POOL_BYTES // 4:
             _probs_pool.append(probs)
         return (*(CompiledBand._back(g, ctx) for g in (dq, dk, dv)), None, None)
+
+
+def _contiguous_float(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous float32 in one copy (``.float().contiguous()`` makes two of a strided bf16 view)."""
+    if x.dtype == torch.float32:
+        return x.contiguous()  # .to() would return x itself, strides and all
+    return x.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _probs_buffer(shape: tuple[int, ...]) -> torch.Tensor:
