@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -546,3 +547,20 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine():
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
     assert training.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert f[55] == pytest.approx(0.55, abs=0.01)  # half way through the decay
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
+def test_keep_freed_memory_sets_glibcs_malloc_and_declines_elsewhere(monkeypatch):
+    """glibc takes every setting (mallopt returns 1); a C library that refuses one, or none to load, is reported."""
+    from training import memory
+
+    assert memory.keep_freed_memory()
+
+    class Refusing:
+        def __init__(self, name):
+            self.mallopt = lambda param, value: 0
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", Refusing)
+    assert not memory.keep_freed_memory()
+    monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: None)
+    assert not memory.keep_freed_memory()

@@ -2,7 +2,7 @@
 
 glibc's malloc serves large blocks (from 128 KB, its threshold rising as they are freed) with fresh pages
 from the kernel and returns them when freed, so every step's activations page-fault again: about 9% of an
-image-cpu step (docs/benchmarks.md). With the threshold fixed at 32 MB (glibc's largest) and the heap's
+image-cpu step (docs/benchmarks.md). With the threshold fixed at 32 MB (the most every glibc accepts) and the heap's
 trimming and top pad raised, the second step onwards reuses the first step's pages.
 """
 
