@@ -1,10 +1,11 @@
 """Benchmark training throughput: tokens/s, seconds per 64x64 image, model FLOP utilisation.
 
-Run: ``python -m bench.train [--quick] [--configs small,image-cpu] [--repeats R]``; on a GPU machine
+Run: ``python -m bench.train [--quick] [--configs small,image-cpu,image-cpu:12] [--repeats R]``; on a GPU machine
 ``python -m bench.train --gpu-only`` runs the GPU row alone.
 Prints a table; the LAST line printed is one line of JSON with the figures.
 
-Each row times full optimizer steps of training's pieces (forward, cross-entropy, backward,
+A config is a named image config, or NAME:LAYERS for it at another depth (image-cpu:12 is the shipped
+image64's). Each row times full optimizer steps of training's pieces (forward, cross-entropy, backward,
 AdamW, no data loading) on one 64x64x3 image (12,288 tokens) per step: the median of
 --repeats steps after one warm-up step. Settings per row: autocast dtype and whether each
 residual block is recomputed in the backward pass (torch.utils.checkpoint).
@@ -33,9 +34,17 @@ CPU_VARIANTS = (("bf16", True), ("bf16", False), ("fp32", True))
 GPU_CONFIG, GPU_BATCH = "imagenet64-paper", 4
 
 
+def config_of(spec: str):
+    """"NAME" or "NAME:LAYERS" -> that named image config (at LAYERS layers); ValueError otherwise."""
+    name, colon, layers = spec.partition(":")
+    if colon and not (layers.isdigit() and int(layers) > 0):
+        raise ValueError(f"config {spec!r}: the layers after ':' must be a positive whole number")
+    return config_for("image", name, **({"n_layers": int(layers)} if layers else {}))
+
+
 def step_time(name: str, precision: str, recompute: bool, batch: int, device: torch.device, repeats: int) -> dict:
-    """Median seconds of one training step of config ``name`` on ``batch`` random images."""
-    cfg = config_for("image", name)
+    """Median seconds of one training step of config ``name`` (see :func:`config_of`) on ``batch`` random images."""
+    cfg = config_of(name)
     torch.manual_seed(0)
     model = SparseTransformer(cfg).to(device)
     model.recompute = recompute
@@ -63,10 +72,16 @@ def step_time(name: str, precision: str, recompute: bool, batch: int, device: to
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one timed step per row, bf16 rows only")
-    p.add_argument("--configs", default="small,image-cpu", help="named image configs to time on the CPU")
+    p.add_argument("--configs", default="small,image-cpu,image-cpu:12",
+                   help="image configs to time on the CPU: names, or NAME:LAYERS at another depth")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-only", action="store_true", help="only the GPU row (no CPU rows)")
     args = p.parse_args()
+    for spec in args.configs.split(","):
+        try:
+            config_of(spec)
+        except ValueError as e:
+            p.error(str(e))
     repeats = 1 if args.quick else args.repeats
     variants = CPU_VARIANTS[:2] if args.quick else CPU_VARIANTS
     cpu = torch.device("cpu")
