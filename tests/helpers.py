@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import socket
 from collections.abc import Iterator
@@ -50,6 +51,26 @@ def wrapped_compiler(folder: Path, monkeypatch, march_native: str) -> None:
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv("XDG_CACHE_HOME", str(folder / "cache"))
+
+
+@contextlib.contextmanager
+def avx2_kernels(folder: Path, monkeypatch) -> Iterator[None]:
+    """Inside, kernels/cpu_kernels.c is the build of a CPU with AVX2 and FMA but no AVX-512 (-mavx2 -mfma in place
+    of -march=native: 8-wide vectors and the AVX code paths); skips where that cannot be built here."""
+    from kernels import cpu_kernels
+
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None:
+        pytest.skip("an x86 build with a C compiler")
+    wrapped_compiler(folder, monkeypatch, "-mavx2 -mfma")
+    cpu_kernels.library.cache_clear()
+    try:
+        if cpu_kernels.library() is None:
+            pytest.skip(cpu_kernels.status())
+        assert cpu_kernels.vector_floats() == 8
+        yield
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.library.cache_clear()
 
 
 def free_port() -> int:

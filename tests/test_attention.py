@@ -1,6 +1,5 @@
 """attention(): the CPU path and the Triton kernels (interpreted on the CPU) match the dense reference."""
 
-import platform
 
 import pytest
 import torch
@@ -477,29 +476,14 @@ def test_cpu_band_keeps_probabilities_for_local_layouts_but_not_long_strided_col
     assert cpu_attention._plan(make_layout("strided", 65536, 32, stride=256)).fill < cpu_attention.PROBS_MIN_FILL
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 build")
 def test_cpu_band_built_for_avx2_without_avx512_matches_reference(tmp_path, monkeypatch):
     """A CPU with AVX2 and FMA but no AVX-512 gets 8-wide vectors and the AVX code paths (its transposes and mask
     bits): built here with -mavx2 -mfma in place of -march=native, against the reference."""
-    import shutil
+    from helpers import avx2_kernels
 
-    from helpers import wrapped_compiler
-
-    from kernels import cpu_kernels
-
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    wrapped_compiler(tmp_path, monkeypatch, "-mavx2 -mfma")
-    cpu_kernels.library.cache_clear()
-    try:
-        if cpu_kernels.library() is None:
-            pytest.skip(cpu_kernels.status())
-        assert cpu_kernels.vector_floats() == 8
+    with avx2_kernels(tmp_path, monkeypatch):
         for kind, kw in (("local", {"window": 70}), ("strided", {"stride": 6})):
             q, k, v, do = inputs(192, torch.float32, heads=2, d=32, batch=1)
             layout = make_layout(kind, 192, 32, heads=2, **kw)
             assert_close(outputs_and_grads(q, k, v, do, layout, "cpu"),
                          outputs_and_grads(q, k, v, do, layout, "reference"), torch.float32)
-    finally:
-        monkeypatch.undo()
-        cpu_kernels.library.cache_clear()

@@ -1,8 +1,6 @@
 """The tanh GELU: the compiled CPU kernels (training) against a float64 reference and PyTorch's own."""
 
 import math
-import platform
-import shutil
 
 import pytest
 import torch
@@ -78,22 +76,11 @@ def test_other_inputs_take_pytorchs_gelu(monkeypatch):
     assert type(gelu(torch.randn(8, requires_grad=True)).grad_fn).__name__ == "GeluBackward0"
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="an x86 build")
 def test_an_avx2_build_matches_the_reference_too(tmp_path, monkeypatch):
     """The 8-wide build (-mavx2 -mfma in place of -march=native): its bfloat16 loads, rounding and tail."""
-    from helpers import wrapped_compiler
+    from helpers import avx2_kernels
 
-    if shutil.which("cc") is None:
-        pytest.skip("no C compiler")
-    wrapped_compiler(tmp_path, monkeypatch, "-mavx2 -mfma")
-    cpu_kernels.library.cache_clear()
-    try:
-        if cpu_kernels.library() is None:
-            pytest.skip(cpu_kernels.status())
-        assert cpu_kernels.vector_floats() == 8
+    with avx2_kernels(tmp_path, monkeypatch):
         test_float32_matches_the_float64_reference(16384 + 13)
         test_bfloat16_is_the_float32_result_rounded_to_nearest_even()
         test_nan_stays_nan_and_zero_stays_zero()
-    finally:
-        monkeypatch.undo()
-        cpu_kernels.library.cache_clear()
