@@ -1,9 +1,9 @@
 """The feed-forward's activation, GELU with the tanh approximation: [...] -> [...] of the same shape and dtype.
 
 Training on the CPU runs it in kernels/cpu_kernels.c (gelu_forward / gelu_backward, one pass over memory each,
-float32 or bfloat16): PyTorch's tanh GELU takes about 9 ms each way on a [12288, 768] bfloat16 tensor, a
-quarter of an image-cpu training step without attention. Elsewhere, and wherever no gradient is needed, it is
-``F.gelu(x, approximate="tanh")``, so that evaluation and sampling stay bit for bit what they were.
+float32 or bfloat16), faster than PyTorch's tanh GELU there (docs/benchmarks.md, Training). Elsewhere, and
+wherever no gradient is needed, it is ``F.gelu(x, approximate="tanh")``, so that evaluation and sampling stay
+bit for bit what they were.
 """
 
 from __future__ import annotations

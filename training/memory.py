@@ -1,8 +1,8 @@
 """The C allocator, set for training on the CPU: freed blocks under 32 MB are kept for the next step.
 
 glibc's malloc serves large blocks (from 128 KB, its threshold rising as they are freed) with fresh pages
-from the kernel and returns them when freed, so every step's activations page-fault again: about 9% of an
-image-cpu step (docs/benchmarks.md). With the threshold fixed at 32 MB (the most every glibc accepts) and the heap's
+from the kernel and returns them when freed, so every step's activations page-fault again (docs/benchmarks.md,
+Training, has what that costs). With the threshold fixed at 32 MB (the most every glibc accepts) and the heap's
 trimming and top pad raised, the second step onwards reuses the first step's pages.
 """
 
