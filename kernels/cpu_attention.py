@@ -47,6 +47,13 @@ NEG_INF = float("-inf")
 # --- layout -> physical order -----------------------------------------------------------------
 
 
+def _contiguous_float(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous float32 in one copy (``.float().contiguous()`` makes two of a strided bf16 view)."""
+    if x.dtype == torch.float32:
+        return x.contiguous()  # .to() would return x itself, strides and all
+    return x.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 def to_physical(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[B, H, N, D] -> [B * H, QB, block, D] float32 in block order, zero padded.
 
@@ -56,7 +63,7 @@ def to_physical(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     B, H, N, D = x.shape
     b, n_blocks = layout.block, layout.num_blocks
     if not layout.permuted and N == n_blocks * b:
-        return x.float().reshape(B * H, n_blocks, b, D)
+        return _contiguous_float(x).view(B * H, n_blocks, b, D)
     out = torch.empty((B * H, n_blocks, b, D))
     flat = out.view(B, H, -1, D)
     flat[:, :, layout.physical_len:].zero_()
@@ -383,7 +390,7 @@ class CPUAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: Layout, scale: float):
         plan = _plan(layout)
         qp, kp, vp = (to_physical(t, layout) for t in (q, k, v))
-        o = torch.empty(qp.shape)  # contiguous even when qp is a view of a strided input
+        o = torch.empty(qp.shape)
         lse = torch.empty(qp.shape[:3])
         if isinstance(plan, _BandPlan):
             _band_forward(plan, qp, kp, vp, o, lse, scale)
@@ -400,7 +407,7 @@ class CPUAttention(torch.autograd.Function):
         plan = _plan(layout)
         dop = to_physical(do.contiguous(), layout)
         delta = (o * dop).sum(-1)
-        dq = torch.empty(qp.shape)  # both schedules write every row; contiguous whatever qp's strides
+        dq = torch.empty(qp.shape)  # both schedules write every row
         dk, dv = torch.zeros(kp.shape), torch.zeros(vp.shape)
         if isinstance(plan, _BandPlan):
             _band_backward(plan, qp, kp, vp, dop, lse, delta, dq, dk, dv, scale)
@@ -559,13 +566,6 @@ class CompiledBand(torch.autograd.Function):
         if probs is not None and sum(t.numel() for t in _probs_pool) + probs.numel() <= PROBS_POOL_BYTES // 4:
             _probs_pool.append(probs)
         return (*(CompiledBand._back(g, ctx) for g in (dq, dk, dv)), None, None)
-
-
-def _contiguous_float(x: torch.Tensor) -> torch.Tensor:
-    """x as contiguous float32 in one copy (``.float().contiguous()`` makes two of a strided bf16 view)."""
-    if x.dtype == torch.float32:
-        return x.contiguous()  # .to() would return x itself, strides and all
-    return x.to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _probs_buffer(shape: tuple[int, ...]) -> torch.Tensor:
