@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import CpuContention, cpu_name, fmt, median_time, print_table, sig
-from models import SparseTransformer, config_for
+from models import ModelConfig, SparseTransformer, config_for
 from models.flops import device_peak_flops, matmul_parameters, training_flops_per_sequence
 from training import autocast, keep_freed_memory, make_optimizer
 
@@ -34,7 +34,7 @@ CPU_VARIANTS = (("bf16", True), ("bf16", False), ("fp32", True))
 GPU_CONFIG, GPU_BATCH = "imagenet64-paper", 4
 
 
-def config_of(spec: str):
+def config_of(spec: str) -> ModelConfig:
     """"NAME" or "NAME:LAYERS" -> that named image config (at LAYERS layers); ValueError otherwise."""
     name, colon, layers = spec.partition(":")
     if colon and not (layers.isdigit() and int(layers) > 0):

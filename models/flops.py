@@ -59,7 +59,6 @@ def device_peak_flops(device: torch.device | str, dtype: torch.dtype = torch.bfl
     CPU: no portable data sheet exists, so square matmuls in ``dtype`` on the threads torch uses,
     grown from 256 until one takes 20 ms (at most 4096), the best of 5 at each size, and the fastest
     size taken: an attainable peak; MFU against it is an upper bound of the true hardware utilisation.
-    (AMX reaches about twice the speed at 2048 that it does at 1024, the old largest size.)
     """
     device = torch.device(device)
     if device.type == "cuda":
