@@ -1,6 +1,5 @@
 """attention(): the CPU path and the Triton kernels (interpreted on the CPU) match the dense reference."""
 
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
