@@ -1,8 +1,9 @@
 """Shipped-model I/O: ``NAME.safetensors`` (weights, never pickle) + ``NAME.json`` (the card).
 
 The card holds the model config, the codec, the training data, steps, tokens seen,
-compute (PF-days), held-out bits/dim and the date, plus the weights' size and SHA-256,
-so a corrupt or truncated file, or weights of another config, fail with a clear error.
+compute (PF-days), held-out bits/dim and the date, plus the weights' size, SHA-256 and dtype
+(float32, or bfloat16 in half the bytes: the model computes in float32 from either), so a corrupt
+or truncated file, or weights of another config, fail with a clear error.
 The card's ``architecture`` names the model family (models/architectures.py): absent for the
 Sparse Transformer, "lstm" for the sparse LSTM baseline (models/lstm.py).
 """
@@ -30,6 +31,8 @@ from .lstm import SparseLSTM
 from .model import ModelConfig, SparseTransformer
 
 FORMAT = "sparse-transformer-studio/1"
+# How a weights file may store the floating-point tensors; a model computes in float32 either way
+WEIGHTS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -105,11 +108,15 @@ def remove_stale_temporaries(folder: str | os.PathLike, names: Iterable[str]) ->
     return removed
 
 
-def save_model(model: Model, path: str | os.PathLike, card: dict | None = None) -> Path:
+def save_model(model: Model, path: str | os.PathLike, card: dict | None = None,
+               weights_dtype: str | None = None) -> Path:
     """Write ``path``.safetensors and ``path``.json; returns the card's path.
 
     card: what to record besides the config (codec, data, steps, tokens_seen,
     compute_pf_days, held_out_bits_per_dim, ...); must be JSON-serialisable.
+    weights_dtype: "float32", or "bfloat16" to store the floating-point tensors in half the bytes
+    (rounded to nearest even; see :func:`round_weights`); the card records it as weights.dtype. None: the
+    dtype the card's ``weights`` give (so a loaded model saves as it was stored), else float32.
     Each file is written to a temporary name and renamed, so a crash never leaves
     a half-written checkpoint under the final name.
     """
@@ -118,6 +125,10 @@ def save_model(model: Model, path: str | os.PathLike, card: dict | None = None) 
     if card is not None and not isinstance(card, dict):
         raise ValueError(f"card must be a dict, got {type(card).__name__}")
     card = dict(card or {})
+    if weights_dtype is None:
+        earlier = card.get("weights")
+        weights_dtype = earlier.get("dtype", "float32") if isinstance(earlier, dict) else "float32"
+    stored = _weights_dtype(weights_dtype)
     try:
         json.dumps(card)
     except TypeError as e:
@@ -131,7 +142,8 @@ def save_model(model: Model, path: str | os.PathLike, card: dict | None = None) 
         card["architecture"] = architecture
     else:
         card.pop("architecture", None)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", stored if v.is_floating_point() else v.dtype, copy=True).contiguous()
+               for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config),
                                                  "architecture": architecture})
@@ -140,12 +152,29 @@ def save_model(model: Model, path: str | os.PathLike, card: dict | None = None) 
         format=FORMAT,
         config=config,
         parameters=model.num_parameters(),
-        weights={"file": weights.name, "bytes": weights.stat().st_size, "sha256": _sha256(weights)},
+        weights={"file": weights.name, "bytes": weights.stat().st_size, "sha256": _sha256(weights),
+                 "dtype": weights_dtype},
     )
     card.setdefault("date", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     check_card(card, card_path)  # never write a card that load_card would refuse
     _write_card(card, card_path)
     return card_path
+
+
+def _weights_dtype(name: object) -> torch.dtype:
+    if name not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {sorted(WEIGHTS_DTYPES)}, got {name!r}")
+    return WEIGHTS_DTYPES[name]
+
+
+@torch.no_grad()
+def round_weights(model: torch.nn.Module, weights_dtype: str) -> None:
+    """Round the model's floating-point parameters and buffers, in place, to what a weights file of
+    ``weights_dtype`` holds, so that held-out bits measured afterwards are those of the stored weights."""
+    stored = _weights_dtype(weights_dtype)
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.to(stored))
 
 
 def _write_card(card: dict, card_path: Path) -> None:
@@ -198,7 +227,8 @@ CARD_FIELDS: dict[str, tuple[type, ...]] = {
     "architecture": _TEXT,
 }
 REQUIRED_CARD_FIELDS = ("format", "config", "weights")
-WEIGHTS_FIELDS: dict[str, tuple[type, ...]] = {"file": _TEXT, "bytes": _INT, "sha256": _TEXT}
+WEIGHTS_FIELDS: dict[str, tuple[type, ...]] = {"file": _TEXT, "bytes": _INT, "sha256": _TEXT, "dtype": _TEXT}
+WEIGHTS_REQUIRED = ("file", "bytes", "sha256")  # cards written before bf16 storage have no dtype: float32
 CODEC_FIELDS: dict[str, tuple[type, ...]] = {"kind": _TEXT + _NONE, "sample_rate": _INT + _NONE}
 # the sampling defaults (bench/sampling_sweep.py); their ranges are SamplingOptions' (sampling.card_defaults)
 SAMPLING_FIELDS: dict[str, tuple[type, ...]] = {"temperature": _NUMBER, "top_k": _INT + _NONE,
@@ -234,8 +264,11 @@ def check_card(card: object, card_path: object = "(card)") -> dict:
         raise CheckpointError(f"{card_path} is not a model card of this project (format {FORMAT!r} expected, "
                               f"got {json.dumps(card.get('format'))[:60]})")
     _check_fields("", card, CARD_FIELDS, REQUIRED_CARD_FIELDS, card_path)
-    _check_fields("weights.", card["weights"], WEIGHTS_FIELDS, tuple(WEIGHTS_FIELDS), card_path)
+    _check_fields("weights.", card["weights"], WEIGHTS_FIELDS, WEIGHTS_REQUIRED, card_path)
     w = card["weights"]
+    if w.get("dtype", "float32") not in WEIGHTS_DTYPES:
+        raise CheckpointError(f"model card {card_path}: 'weights.dtype' must be one of {sorted(WEIGHTS_DTYPES)}, "
+                              f"got {w['dtype']!r}")
     if w["bytes"] < 0 or len(w["sha256"]) != 64 or any(c not in "0123456789abcdef" for c in w["sha256"]):
         raise CheckpointError(f"model card {card_path}: 'weights' must give the file's size in bytes (>= 0) and "
                               "its SHA-256 as 64 lower-case hex digits")
@@ -275,6 +308,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> M
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"weights {weights} cannot be read: {e}") from None
+    stored = WEIGHTS_DTYPES[expected.get("dtype", "float32")]
+    other = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.dtype != stored)
+    if other:
+        raise CheckpointError(f"weights {weights} hold {tensors[other[0]].dtype} tensors ({other[:3]}) where the card "
+                              f"{card_path} says {stored}")
     cfg = config_from_card(card)
     try:
         saved = config_from_card({"architecture": meta.get("architecture", TRANSFORMER),

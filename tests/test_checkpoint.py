@@ -36,6 +36,43 @@ def test_round_trip_gives_the_same_model_and_card(tmp_path):
     assert not list((tmp_path / "ck").glob("*.tmp"))
 
 
+def test_bfloat16_weights_take_half_the_bytes_and_load_as_the_rounded_float32_model(tmp_path):
+    from models.checkpoint import round_weights
+
+    model = make_model()
+    save_model(model, tmp_path / "f", CARD)
+    save_model(model, tmp_path / "b", CARD, weights_dtype="bfloat16")
+    full, half = (tmp_path / "f.safetensors").stat().st_size, (tmp_path / "b.safetensors").stat().st_size
+    assert half < 0.52 * full
+    loaded = load_model(tmp_path / "b")
+    assert loaded.card["weights"]["dtype"] == "bfloat16"
+    assert load_model(tmp_path / "f").card["weights"]["dtype"] == "float32"
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())  # computes in float32
+    round_weights(model, "bfloat16")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    tokens = torch.randint(0, 256, (1, 300))
+    assert torch.equal(loaded(tokens), model.eval()(tokens))
+    # saving a loaded model keeps the dtype its card records (the promotion of an export over a shipped model)
+    save_model(loaded, tmp_path / "again", loaded.card)
+    assert (tmp_path / "again.safetensors").stat().st_size == half
+    assert torch.equal(load_model(tmp_path / "again")(tokens), loaded(tokens))
+
+
+def test_weights_of_another_dtype_than_the_card_says_fail_clearly(tmp_path):
+    save_model(make_model(), tmp_path / "m", CARD, weights_dtype="bfloat16")
+    card = json.loads((tmp_path / "m.json").read_text())
+    for dtype, message in (("float32", "hold torch.bfloat16 tensors .* says torch.float32"),
+                           ("float16", r"'weights.dtype' must be one of \['bfloat16', 'float32'\]")):
+        (tmp_path / "m.json").write_text(json.dumps(card | {"weights": card["weights"] | {"dtype": dtype}}))
+        with pytest.raises(CheckpointError, match=message):
+            load_model(tmp_path / "m")
+    del card["weights"]["dtype"]  # a card from before bf16 storage: float32
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="says torch.float32"):
+        load_model(tmp_path / "m")
+
+
 def test_weights_are_safetensors_not_pickle(tmp_path):
     save_model(make_model(), tmp_path / "m", CARD)
     head = (tmp_path / "m.safetensors").read_bytes()[:8]
@@ -116,6 +153,8 @@ def test_save_model_validates_its_arguments(tmp_path):
         save_model(make_model(), tmp_path / "m", {"when": object()})
     with pytest.raises(ValueError, match="card must be a dict"):
         save_model(make_model(), tmp_path / "m", ["x"])
+    with pytest.raises(ValueError, match=r"weights_dtype must be one of \['bfloat16', 'float32'\], got 'float16'"):
+        save_model(make_model(), tmp_path / "m", weights_dtype="float16")
 
 
 def test_update_card_adds_fields_and_keeps_the_weights_loadable(tmp_path):

@@ -71,6 +71,16 @@ def test_a_tiny_run_logs_checkpoints_and_exports(images, tmp_path):
     assert card["steps"] == 3 and card["tokens_seen"] == 3 * 2 * 12288 and card["codec"]["kind"] == "image"
     assert card["compute_pf_days"] > 0 and 0 < card["held_out_bits_per_dim"] <= 8.01
     assert card["data"]["train_items"] == 10 and card["data"]["val_items"] == 2
+    # a finished run exported again with --resume, in bfloat16: half the bytes, the same weights rounded
+    resume = ["image", "--data", str(images), "--out", str(tmp_path / "run"), "--resume", "--quiet",
+              "--checkpoints", str(ck), "--export", "tiny-bf16", "--export-dtype", "bfloat16"]
+    assert train.main(resume) == 0
+    half = load_model(ck / "tiny-bf16")
+    assert half.card["weights"]["dtype"] == "bfloat16" and card["weights"]["dtype"] == "float32"
+    assert half.card["weights"]["bytes"] < 0.52 * card["weights"]["bytes"]
+    for name, p in half.state_dict().items():
+        assert torch.equal(p, model.state_dict()[name].bfloat16().float()), name
+    assert half.card["held_out_bits_per_dim"] == pytest.approx(card["held_out_bits_per_dim"], abs=0.05)
 
 
 def export_tiny(images: Path, out: Path, checkpoint: Path) -> SparseTransformer:

@@ -11,6 +11,7 @@ import torch
 from data.loader import dataset_description
 from models import LSTMConfig, ModelConfig, codec_card, save_model
 from models.architectures import build_model
+from models.checkpoint import round_weights
 from models.flops import pf_days
 
 from .distributed import Dist, full_tensor
@@ -24,8 +25,9 @@ HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "precision", "seed")
 
 def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: ModelConfig | LSTMConfig, d: Dist,
                       train_set, val_set, progress: Progress) -> str | None:
-    """Write the shipped checkpoint (EMA weights if kept), with held-out bits/dim of exactly those weights;
-    its card's training_history is ``progress.history`` (the runs before this one) followed by this run.
+    """Write the shipped checkpoint (EMA weights if kept, stored as --export-dtype), with held-out bits/dim of
+    exactly those weights; its card's training_history is ``progress.history`` (the runs before this one)
+    followed by this run.
     A collective: every process calls it; rank 0 writes and gets the card's path, the others None."""
     params = shipped_params(model, ema)
     path = None
@@ -34,10 +36,12 @@ def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: Mod
         with torch.no_grad():
             for dst, src in zip(plain.parameters(), params, strict=True):
                 dst.copy_(src.to("cpu", dst.dtype))
+        round_weights(plain, s["export_dtype"])  # the held-out bits are those of the weights as stored
         plain.to(d.device)
         bits = held_out_bits(plain, val_set, s, Dist(0, 1, 0, d.device), shard=False)
         card = export_card(s, cfg, d.world, train_set, val_set, progress, bits)
-        path = str(save_model(plain.cpu(), Path(s["checkpoints"]) / s["export"], card))
+        path = str(save_model(plain.cpu(), Path(s["checkpoints"]) / s["export"], card,
+                              weights_dtype=s["export_dtype"]))
         print(f"exported {path} (held-out {bits:.3f} bits/dim)", file=sys.stderr)
     d.barrier()
     return path

@@ -22,8 +22,8 @@ RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=No
                     multiplicative=None, tbptt=None)
 # Settings of this invocation only.
 CONTROL = dict(data=None, out=None, resume=False, stop_after=None, stop_minutes=None, export=None,
-               checkpoints="checkpoints", eval_every=100, eval_items=64, save_every=100, save_minutes=10.0,
-               device="auto", threads=None, max_nonfinite=5, peak_tflops=None, quiet=False)
+               export_dtype="float32", checkpoints="checkpoints", eval_every=100, eval_items=64, save_every=100,
+               save_minutes=10.0, device="auto", threads=None, max_nonfinite=5, peak_tflops=None, quiet=False)
 # Model flags -> the ModelConfig fields they set.
 MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult="ff_mult", dropout="dropout",
                    pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
