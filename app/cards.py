@@ -118,6 +118,7 @@ def card_markdown(entry: Entry) -> str:
     weights = card.get("weights") if isinstance(card.get("weights"), dict) else {}
     if weights:
         size = f", {weights['bytes'] / 1e6:.1f} MB" if isinstance(weights.get("bytes"), int) else ""
+        size += " in bfloat16 (computed in float32)" if weights.get("dtype") == "bfloat16" else ""
         sha = f", SHA-256 `{str(weights['sha256'])[:12]}…`" if weights.get("sha256") else ""
         rows.append(("Weights", f"{_code(weights.get('file', entry.name))}{size}{sha}"))
     rows.append(("Date", str(card["date"])[:10] if card.get("date") else None))

@@ -342,5 +342,8 @@ def test_model_cards_show_what_they_have(checkpoints):
     for text in ("3.900 bits/dim on 500 items (lossless codecs: PNG 4.900)", "ImageNet64 (1,000 training items)",
                  "2.5M", "0.0123 PF-days"):
         assert text in more
+    assert "bfloat16" not in full
+    half = card | {"weights": card["weights"] | {"dtype": "bfloat16", "bytes": 290_000}}
+    assert "0.3 MB in bfloat16 (computed in float32)" in card_markdown(replace(entry, card=half))
     bare = {k: entry.card[k] for k in ("format", "config", "weights")} | {"parameters": "?"}
     assert card_markdown(replace(entry, card=bare)).startswith("### image-a\n**image** model\n")
