@@ -1,10 +1,13 @@
 """Benchmark the block-sparse attention kernels on the Sparse Transformer's local + strided "pair".
 
-Run: ``python -m bench.attention [--quick] [--ns 3072,12288,65536] [--no-flex] [--repeats R]``; on a GPU machine
-``python -m bench.attention --gpu-only [--gpu-ns 16384,65536] [--json-out PATH]`` runs the GPU rows alone.
+Run: ``python -m bench.attention [--quick] [--ns 3072,12288,65536] [--no-flex] [--repeats R] [--malloc-defaults]``;
+on a GPU machine ``python -m bench.attention --gpu-only [--gpu-ns 16384,65536] [--json-out PATH]`` runs the GPU
+rows alone.
 Prints readable tables; the LAST line printed is one line of JSON with the headline figures.
 
-What is measured (CPU, unless --gpu-only; B=1, H=4, D=64, float32, causal):
+What is measured (CPU, unless --gpu-only; B=1, H=4, D=64, float32, causal), with glibc's malloc set as train.py
+sets it on the CPU (training/memory.py: freed blocks under 32 MB are kept, not returned and faulted in again),
+for every variant alike; --malloc-defaults leaves the allocator at its defaults:
   * Layout build: median wall time of ``make_layout`` for the local and strided patterns, blocks 32 and 64.
   * For each N, forward and forward+backward wall time (median of --repeats after one warm-up call) of
       - dense causal SDPA (``F.scaled_dot_product_attention(is_causal=True)``), one layer; for N > 32768
@@ -58,6 +61,7 @@ from bench.common import (
     write_json_atomic,
 )
 from kernels import attention, make_layout
+from training.memory import keep_freed_memory
 
 B, H, D = 1, 4, 64  # CPU problem: batch, heads, head dim
 CPU_BLOCKS = (32, 64)
@@ -547,6 +551,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only the GPU rows (no layout builds, CPU tables or CPU FlexAttention)")
     p.add_argument("--gpu-ns", default=None,
                    help="sequence lengths of the GPU rows, in the order run (default: --ns)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc at its defaults (default: train.py's settings, training/memory.py)")
     p.add_argument("--json-out", default=None, metavar="PATH",
                    help="also write the JSON record to PATH (the GPU rows rewrite it after every (N, D))")
     args = p.parse_args(argv)
@@ -562,11 +568,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    kept = False if args.malloc_defaults else keep_freed_memory()
     machine = f"{platform.platform()}; {cpu_name()}; {torch.get_num_threads()} threads"
-    print(f"machine: {machine}\ntorch {torch.__version__}; repeats {args.repeats}; quick {args.quick}")
+    print(f"machine: {machine}\ntorch {torch.__version__}; repeats {args.repeats}; quick {args.quick}; malloc: "
+          f"{'freed blocks under 32 MB kept (as train.py)' if kept else 'defaults'}")
     contention = CpuContention()
     torch.manual_seed(0)
-    record = {"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "quick": args.quick}
+    record = {"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "quick": args.quick,
+              "malloc_kept": kept}
     cpu = None
     if args.gpu_only:
         print("CPU rows: skipped (--gpu-only)")
