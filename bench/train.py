@@ -1,12 +1,12 @@
 """Benchmark training throughput: tokens/s, seconds per 64x64 image, model FLOP utilisation.
 
-Run: ``python -m bench.train [--quick] [--configs small,image-cpu,image-cpu:12] [--repeats R]``; on a GPU machine
-``python -m bench.train --gpu-only`` runs the GPU row alone.
+Run: ``python -m bench.train [--quick] [--configs small,image-cpu,image-cpu:12] [--batch B] [--repeats R]``; on a
+GPU machine ``python -m bench.train --gpu-only`` runs the GPU row alone.
 Prints a table; the LAST line printed is one line of JSON with the figures.
 
 A config is a named image config, or NAME:LAYERS for it at another depth (image-cpu:12 is the shipped
 image64's). Each row times full optimizer steps of training's pieces (forward, cross-entropy, backward,
-AdamW, no data loading) on one 64x64x3 image (12,288 tokens) per step: the median of
+AdamW, no data loading) on --batch 64x64x3 images (12,288 tokens each; default 1) per step: the median of
 --repeats steps after one warm-up step. Settings per row: autocast dtype and whether each
 residual block is recomputed in the backward pass (torch.utils.checkpoint).
 MFU = model FLOPs per step (models/flops.py: 6 x matmul parameters x tokens + attention
@@ -74,9 +74,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one timed step per row, bf16 rows only")
     p.add_argument("--configs", default="small,image-cpu,image-cpu:12",
                    help="image configs to time on the CPU: names, or NAME:LAYERS at another depth")
+    p.add_argument("--batch", type=int, default=1, help="images per CPU step, in one forward pass (default 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-only", action="store_true", help="only the GPU row (no CPU rows)")
     args = p.parse_args()
+    if args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
     for spec in args.configs.split(","):
         try:
             config_of(spec)
@@ -96,11 +99,11 @@ def main() -> None:
         contention = CpuContention()
         for name in args.configs.split(","):
             for precision, recompute in variants:
-                r = step_time(name, precision, recompute, 1, cpu, repeats)
+                r = step_time(name, precision, recompute, args.batch, cpu, repeats)
                 r["mfu"] = r["tflops"] * 1e12 / peak
                 rows.append(r)
         busy = contention.other_cores()
-        print_table("Training step on the CPU (1 image = 12,288 tokens per step)",
+        print_table(f"Training step on the CPU ({args.batch} x 12,288 tokens per step)",
                     ["config", "params", "dtype", "recompute", "s/image", "tokens/s", "GFLOP/s", "MFU"],
                     [[r["config"], f"{r['params_m']:.1f}M", r["precision"], "yes" if r["recompute"] else "no",
                       fmt(r["seconds_per_image"], ".3f"), fmt(r["tokens_per_s"], ",.0f"),
