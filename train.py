@@ -23,6 +23,7 @@ import sys
 
 import training
 from models import CONFIGS
+from models.checkpoint import WEIGHTS_DTYPES
 from training import PRECISIONS, TrainingError
 
 
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--stop-minutes", type=float, help="stop (with a checkpoint, then --export) after the step that "
                    "passes this many minutes of this call: for equal-time comparisons")
     r.add_argument("--export", metavar="NAME", help="write CHECKPOINTS/NAME.safetensors + .json at the end")
-    r.add_argument("--export-dtype", choices=("float32", "bfloat16"), help="how --export stores the weights: "
+    r.add_argument("--export-dtype", choices=tuple(WEIGHTS_DTYPES), help="how --export stores the weights: "
                    "bfloat16 takes half the bytes (the model still computes in float32; the card's held-out bits "
                    "are those of the rounded weights) (default float32)")
     r.add_argument("--checkpoints", help="folder for --export (default checkpoints)")
