@@ -18,7 +18,7 @@ SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PA
 
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse (see the module notes); False where the C library
-    is not glibc (no mallopt) or refuses a setting, and nothing changes."""
+    is not glibc (no mallopt: nothing changes) or refuses a setting (the settings before it stay set)."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt if name else None
