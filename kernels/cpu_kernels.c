@@ -19,7 +19,7 @@
    P from the forward where it kept it (probs) or recomputes it from the log-sum-exp, and accumulates dK and
    dV of the key blocks in place, so one thread owns each (batch x head). Each row and key computes only
    the span of the window it reads (Spans), so the masked halves of edge blocks cost nothing.
-   Each call runs on `threads` threads (the caller and threads - 1 it starts), the work split into
+   Each call runs on `threads` threads (PyTorch's OpenMP threads, or its own without OpenMP: parallel), the work split into
    contiguous ranges of equal cost; each output is summed in the same order whatever the thread count. */
 
 #include <math.h>
@@ -29,6 +29,9 @@
 #include <string.h>
 
 #include "vexp.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -44,6 +47,8 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 #define MAX_THREADS 256
 #define DW_CHUNK 64 /* tokens per packed chunk in bs_dw */
 #define MAX_ROWS 12 /* rows per tile: more did not help (4,096 features, blocks 16-64) */
+#define COLUMN_GROUP_BYTES (1 << 20) /* band attention on a strided grid: packed rows per item, at most */
+#define MAX_COLUMN_GROUP 16
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE vf vld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
@@ -57,6 +62,15 @@ int bs_vector_bytes(void) {
     return 64;
 #elif defined(__AVX2__) && defined(__FMA__)
     return 32;
+#else
+    return 0;
+#endif
+}
+
+/* 1 where the parts of a call run on OpenMP's threads (PyTorch's), 0 where on threads of their own. */
+int uses_openmp(void) {
+#ifdef _OPENMP
+    return 1;
 #else
     return 0;
 #endif
@@ -81,13 +95,14 @@ static int thread_count(int64_t n, int threads) {
 }
 
 /* Run fn over [0, n) in thread_count(n, threads) contiguous parts of about equal cost, part `index` getting
-   that index (its scratch); cum[k] (k = 0..n) is the cost of items [0, k) (NULL: one each). The caller
-   runs the first part, and any part whose thread could not start. */
+   that index (its scratch); cum[k] (k = 0..n) is the cost of items [0, k) (NULL: one each). Built with OpenMP,
+   the parts run on the OpenMP threads PyTorch already keeps (the same libgomp): they are waiting, often
+   spinning, after PyTorch's last parallel operation, and threads of our own would have to share the cores with
+   them. Without OpenMP the caller runs the first part and starts a thread for each other one (or runs it
+   itself where one could not start). */
 static void parallel(part_fn fn, void *arg, int64_t n, const int64_t *cum, int threads) {
     threads = thread_count(n, threads);
     Part parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     int64_t total = cum ? cum[n] : n, first = 0;
     for (int t = 0; t < threads; t++) {
         int64_t end = n;
@@ -99,6 +114,13 @@ static void parallel(part_fn fn, void *arg, int64_t n, const int64_t *cum, int t
         parts[t] = (Part){fn, arg, t, first, end};
         first = end;
     }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    for (int t = omp_get_thread_num(); t < threads; t += omp_get_num_threads()) /* fewer threads: each runs more */
+        if (parts[t].first < parts[t].end) run_part(&parts[t]);
+#else
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
     for (int t = 1; t < threads; t++)
         started[t] = parts[t].first < parts[t].end && pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
     for (int t = 1; t < threads; t++)
@@ -106,6 +128,7 @@ static void parallel(part_fn fn, void *arg, int64_t n, const int64_t *cum, int t
     if (parts[0].first < parts[0].end) run_part(&parts[0]);
     for (int t = 1; t < threads; t++)
         if (started[t]) pthread_join(ids[t], NULL);
+#endif
 }
 
 /* ---- out = a @ blocks --------------------------------------------------------------------------------- */
@@ -348,6 +371,7 @@ typedef struct {
     const float *masks;
     int64_t QB, R, ell;
     int b, D, M;
+    int group; /* columns packed together (ell > 0) */
     float scale;
     float *scratch; /* per thread, see band_run */
     int64_t scratch_floats;
@@ -408,12 +432,15 @@ static void transpose_blocks(const float *x, int64_t blocks, int b, int D, float
             for (int d0 = 0; d0 < D; d0 += VL) transpose_tile(x + (kb * b + j0) * D + d0, D, t + kb * D * b + d0 * b + j0, b);
 }
 
-/* rows t of x (sequence rows row0 + t step) <-> contiguous rows of buf */
-static void pack_rows(const float *x, int64_t rows, int64_t row0, int64_t step, int D, float *buf) {
-    for (int64_t t = 0; t < rows; t++) memcpy(buf + t * D, x + (row0 + t * step) * D, sizeof(float) * D);
+/* Columns s0 .. s0 + g - 1 of a strided grid (rows of ell columns, D floats each) <-> g packed columns
+   buf[c] [rows][D], seg floats apart: each grid row's g columns are one contiguous read or write. */
+static void pack_columns(const float *x, int64_t rows, int64_t s0, int64_t ell, int g, int D, int64_t seg, float *buf) {
+    for (int64_t t = 0; t < rows; t++)
+        for (int c = 0; c < g; c++) memcpy(buf + c * seg + t * D, x + (t * ell + s0 + c) * D, sizeof(float) * D);
 }
-static void unpack_rows(const float *buf, int64_t rows, int64_t row0, int64_t step, int D, float *x) {
-    for (int64_t t = 0; t < rows; t++) memcpy(x + (row0 + t * step) * D, buf + t * D, sizeof(float) * D);
+static void unpack_columns(const float *buf, int64_t rows, int64_t s0, int64_t ell, int g, int D, int64_t seg, float *x) {
+    for (int64_t t = 0; t < rows; t++)
+        for (int c = 0; c < g; c++) memcpy(x + (t * ell + s0 + c) * D, buf + c * seg + t * D, sizeof(float) * D);
 }
 
 /* The first slot query block r reads (M: none). */
@@ -609,40 +636,44 @@ static void band_bwd_segment(const Band *B, const Segment *sg, float *kT, float 
     }
 }
 
-/* Items: (batch x head, segment) pairs. Per thread: kT, vT [rows][D], S, dP [b][M b], with ell > 0 the
-   packed rows of q, k, v, dout and of out or dq, dk, dv (8 x [rows][D]; rows = a segment's), and the Spans. */
+/* Items: (batch x head, group of segments): the whole sequence (ell = 0), or B->group adjacent columns of the grid.
+   Per thread: kT, vT [rows][D], S, dP [b][M b], with ell > 0 the packed rows of q, k, v, dout and of out or dq,
+   dk, dv of the group's columns (8 x group x [rows][D]; rows = a segment's), and the Spans. */
 static void band_part(void *arg, int index, int64_t first, int64_t end, int backward) {
     const Band *B = arg;
     const int b = B->b, D = B->D;
-    const int64_t nseg = B->ell ? B->ell : 1, blocks = segment_blocks(B), rows = blocks * b, N = B->QB * b;
-    const int64_t n = N * D, seg = rows * D;
+    const int64_t groups = B->ell ? (B->ell + B->group - 1) / B->group : 1, blocks = segment_blocks(B);
+    const int64_t rows = blocks * b, N = B->QB * b, n = N * D, seg = rows * D, packed = B->group * seg;
     float *kT = B->scratch + index * B->scratch_floats, *vT = kT + seg, *S = vT + seg, *dP = S + b * B->M * b;
     float *pack = dP + b * B->M * b;
-    int *ints = (int *)(pack + (B->ell ? 8 * seg : 0)); /* then the Spans: first, last [b], kfirst, klast [M b] */
+    int *ints = (int *)(pack + (B->ell ? 8 * packed : 0)); /* then the Spans: first, last [b], kfirst, klast [M b] */
     Spans sp = {ints, ints + b, ints + 2 * b, ints + 2 * b + B->M * b};
     for (int64_t item = first; item < end; item++) {
-        int64_t bh = item / nseg, s = item % nseg;
-        Segment sg = {B->q + bh * n, B->k + bh * n, B->v + bh * n, B->dout ? B->dout + bh * n : NULL,
-                      B->out ? B->out + bh * n : NULL, B->dq ? B->dq + bh * n : NULL, B->dk ? B->dk + bh * n : NULL,
-                      B->dv ? B->dv + bh * n : NULL, B->probs ? B->probs + bh * B->QB * B->b * B->M * B->b : NULL,
-                      s * blocks, blocks, bh * N + s, B->ell ? B->ell : 1};
-        float *targets[4] = {sg.out, sg.dq, sg.dk, sg.dv};
-        if (B->ell) { /* pack the column; outputs go to packed rows first */
-            const float *inputs[4] = {sg.q, sg.k, sg.v, sg.dout};
+        const int64_t bh = item / groups, s0 = (item % groups) * B->group;
+        const int g = B->ell ? (int)(B->ell - s0 < B->group ? B->ell - s0 : B->group) : 1;
+        const float *inputs[4] = {B->q + bh * n, B->k + bh * n, B->v + bh * n, B->dout ? B->dout + bh * n : NULL};
+        float *targets[4] = {B->out ? B->out + bh * n : NULL, B->dq ? B->dq + bh * n : NULL,
+                             B->dk ? B->dk + bh * n : NULL, B->dv ? B->dv + bh * n : NULL};
+        if (B->ell) /* pack the group's columns; outputs go to packed rows first */
             for (int i = 0; i < 4; i++)
-                if (inputs[i]) pack_rows(inputs[i], rows, s, B->ell, D, pack + i * seg);
-            sg.q = pack, sg.k = pack + seg, sg.v = pack + 2 * seg, sg.dout = B->dout ? pack + 3 * seg : NULL;
-            sg.out = pack + 4 * seg, sg.dq = pack + 5 * seg, sg.dk = pack + 6 * seg, sg.dv = pack + 7 * seg;
+                if (inputs[i]) pack_columns(inputs[i], rows, s0, B->ell, g, D, seg, pack + i * packed);
+        for (int c = 0; c < g; c++) {
+            Segment sg = {inputs[0], inputs[1], inputs[2], inputs[3], targets[0], targets[1], targets[2], targets[3],
+                          B->probs ? B->probs + bh * B->QB * B->b * B->M * B->b : NULL, (s0 + c) * blocks, blocks,
+                          bh * N + s0 + c, B->ell ? B->ell : 1};
+            if (B->ell) {
+                float *col = pack + c * seg;
+                sg.q = col, sg.k = col + packed, sg.v = col + 2 * packed, sg.dout = B->dout ? col + 3 * packed : NULL;
+                sg.out = col + 4 * packed, sg.dq = col + 5 * packed, sg.dk = col + 6 * packed, sg.dv = col + 7 * packed;
+            }
+            if (backward)
+                band_bwd_segment(B, &sg, kT, vT, S, dP, B->lse, B->delta, &sp);
+            else
+                band_fwd_segment(B, &sg, kT, S, B->lse_out, &sp);
         }
-        if (backward)
-            band_bwd_segment(B, &sg, kT, vT, S, dP, B->lse, B->delta, &sp);
-        else
-            band_fwd_segment(B, &sg, kT, S, B->lse_out, &sp);
-        if (B->ell) {
-            float *packed[4] = {sg.out, sg.dq, sg.dk, sg.dv};
+        if (B->ell)
             for (int i = backward ? 1 : 0; i < (backward ? 4 : 1); i++)
-                unpack_rows(packed[i], rows, s, B->ell, D, targets[i]);
-        }
+                unpack_columns(pack + (4 + i) * packed, rows, s0, B->ell, g, D, seg, targets[i]);
     }
 }
 static void band_fwd_part(void *arg, int index, int64_t first, int64_t end) { band_part(arg, index, first, end, 0); }
@@ -653,9 +684,14 @@ static int pow2_vectors(int n) { return n % VL == 0 && n / VL <= 8 && ((n / VL) 
 static int band_run(Band *B, int64_t BH, int threads, int backward) {
     if (B->b > 64 || !pow2_vectors(B->b) || !pow2_vectors(B->D)) return -1;
     if (B->ell && (B->R % B->b || B->R * B->ell != B->QB * B->b)) return -1;
-    const int64_t seg = segment_blocks(B) * B->b * B->D, items = BH * (B->ell ? B->ell : 1);
+    const int64_t seg = segment_blocks(B) * B->b * B->D;
+    /* columns packed together: as many as keep the packed rows within COLUMN_GROUP_BYTES, at least one */
+    B->group = B->ell ? (int)(COLUMN_GROUP_BYTES / (8 * seg * (int64_t)sizeof(float))) : 1;
+    B->group = B->group < 1 ? 1 : B->group > MAX_COLUMN_GROUP ? MAX_COLUMN_GROUP : B->group;
+    const int64_t items = BH * (B->ell ? (B->ell + B->group - 1) / B->group : 1);
     /* per thread: kT, vT, S, dP, the packed rows and the Spans' ints (as many bytes as floats) */
-    B->scratch_floats = (2 + (B->ell ? 8 : 0)) * seg + 2 * (int64_t)B->b * B->M * B->b + 2 * B->b + 2 * B->M * B->b + 64;
+    B->scratch_floats = 2 * seg + (B->ell ? 8 * B->group * seg : 0) + 2 * (int64_t)B->b * B->M * B->b + 2 * B->b +
+                        2 * B->M * B->b + 64;
     int used = thread_count(items, threads);
     B->scratch = malloc(sizeof(float) * B->scratch_floats * used);
     if (!B->scratch) return -2;
@@ -671,7 +707,7 @@ int band_forward(const float *q, const float *k, const float *v, const int32_t *
                  const float *masks, int64_t BH, int64_t QB, int b, int D, int M, int64_t R, int64_t ell,
                  float scale, float *out, float *lse, float *probs, int threads) {
     Band B = {q, k, v, NULL, NULL, NULL, out, lse, NULL, NULL, NULL, probs, kinds, mask_id, masks, QB, R, ell, b, D,
-              M, scale, NULL, 0};
+              M, 0, scale, NULL, 0};
     return band_run(&B, BH, threads, 0);
 }
 
@@ -682,7 +718,7 @@ int band_backward(const float *q, const float *k, const float *v, const float *d
                   int64_t QB, int b, int D, int M, int64_t R, int64_t ell, float scale, const float *probs,
                   float *dq, float *dk, float *dv, int threads) {
     Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, (float *)probs, kinds, mask_id, masks, QB, R, ell, b,
-              D, M, scale, NULL, 0};
+              D, M, 0, scale, NULL, 0};
     return band_run(&B, BH, threads, 1);
 }
 

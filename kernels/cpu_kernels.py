@@ -2,9 +2,11 @@
 and the tanh GELU (float32 or bfloat16).
 
 Built once per machine by kernels/native.py (this user's private cache; nothing loaded from a shared
-folder) and called through ctypes on torch's thread count. They run where the build has AVX2 with FMA or
-AVX-512; elsewhere :func:`library` is None and the callers keep their PyTorch schedules, as they do with
-``STS_COMPILED_KERNELS=0`` in the environment. :func:`status` says which.
+folder) and called through ctypes on torch's thread count: built with OpenMP (where the compiler has it),
+they run on the OpenMP threads PyTorch already keeps, which would otherwise spin beside threads of their
+own. They run where the build has AVX2 with FMA or AVX-512; elsewhere :func:`library` is None and the
+callers keep their PyTorch schedules, as they do with ``STS_COMPILED_KERNELS=0`` in the environment.
+:func:`status` says which.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ SOURCE = Path(__file__).with_suffix(".c")
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "bs_vector_bytes": [],
+    "uses_openmp": [],
     "bs_mm": [_P, _I64, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _P, _I64, _I32],
     "bs_dw": [_P, _I64, _P, _I64, _P, _P, _I64, _I64, _I32, _P, _I32],
     "band_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32, _I64, _I64, _F32, _P, _P, _P, _I32],
@@ -28,6 +31,7 @@ _SIGNATURES = {
     "gelu_forward": [_P, _P, _I64, _I32, _I32],
     "gelu_backward": [_P, _P, _P, _I64, _I32, _I32],
 }
+OPENMP = True  # build with OpenMP where the compiler has it: the kernels then run on PyTorch's threads
 _status = {"error": "", "path": None}  # what the last library() did
 
 
@@ -39,7 +43,7 @@ def library() -> ctypes.CDLL | None:
         _status["error"] = "turned off (STS_COMPILED_KERNELS=0)"
         return None
     try:
-        path, _ = native.find_or_build(SOURCE)
+        path, _ = native.find_or_build(SOURCE, openmp=OPENMP)
         lib = ctypes.CDLL(str(path))
     except (OSError, ValueError) as e:
         _status["error"] = f"they could not be built ({e})"
@@ -65,7 +69,8 @@ def status() -> str:
     lib = library()
     if lib is None:
         return f"compiled CPU kernels unavailable: {_status['error']}; PyTorch schedules used"
-    return f"compiled CPU kernels ready ({_status['path']}, {lib.bs_vector_bytes() * 8}-bit vectors)"
+    threads = "PyTorch's OpenMP threads" if lib.uses_openmp() else "threads of their own"
+    return f"compiled CPU kernels ready ({_status['path']}, {lib.bs_vector_bytes() * 8}-bit vectors, {threads})"
 
 
 def check(code: int) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-pthread"]
 ARCH_FLAGS = (["-march=native"], [])  # -march=native is not known to every compiler: then a plain build
+OPENMP_FLAGS = ["-fopenmp"]  # for sources that use OpenMP where the compiler has it: else built without
 BUILD_TIMEOUT = 300  # seconds for one compile
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
@@ -97,20 +98,20 @@ def _build_text(source: Path, seen: frozenset = frozenset()) -> str:
     return "\0".join(parts)
 
 
-def _command(cc: str, source: Path, arch: list[str], out: Path) -> list[str]:
-    return [cc, *FLAGS, *arch, str(source), "-o", str(out), "-lm"]
+def _command(cc: str, source: Path, flags: list[str], out: Path) -> list[str]:
+    return [cc, *FLAGS, *flags, str(source), "-o", str(out), "-lm"]
 
 
-def library_name(source: Path, cc: str, version: str, arch: list[str]) -> str:
+def library_name(source: Path, cc: str, version: str, flags: list[str]) -> str:
     """The file name: the source's stem and a hash of everything the compiled code depends on."""
-    key = "\0".join([_build_text(source), cc, version, " ".join(_command(cc, source, arch, Path("out"))), _cpu_id()])
+    key = "\0".join([_build_text(source), cc, version, " ".join(_command(cc, source, flags, Path("out"))), _cpu_id()])
     return f"{source.stem}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
 
 
-def _compile(cc: str, source: Path, arch: list[str], out: Path) -> str | None:
+def _compile(cc: str, source: Path, flags: list[str], out: Path) -> str | None:
     """Compile ``source`` into ``out``; None on success, else the compiler's complaint."""
     try:
-        run = subprocess.run(_command(cc, source, arch, out), capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+        run = subprocess.run(_command(cc, source, flags, out), capture_output=True, text=True, timeout=BUILD_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as e:
         return str(e)
     if run.returncode == 0:
@@ -119,16 +120,24 @@ def _compile(cc: str, source: Path, arch: list[str], out: Path) -> str | None:
     return lines[-1] if lines else f"{cc} exited with {run.returncode}"
 
 
-def find_or_build(source: Path) -> tuple[Path, str]:
-    """(the path of a checked library of ``source`` for this machine, built if need be; a note, "" unless
-    the usual cache folder was not used); a ValueError saying why not."""
+def build_variants(openmp: bool = False) -> list[list[str]]:
+    """The flag sets a build tries, best first: -march=native before a plain build and, for a source that uses
+    OpenMP, each with -fopenmp before each without."""
+    return [arch + omp for arch in ARCH_FLAGS for omp in ([OPENMP_FLAGS, []] if openmp else [[]])]
+
+
+def find_or_build(source: Path, openmp: bool = False) -> tuple[Path, str]:
+    """(the path of a checked library of ``source`` for this machine, built if need be with the first of
+    :func:`build_variants` that compiles; a note, "" unless the usual cache folder was not used); a ValueError
+    saying why not."""
     name = os.environ.get("CC", "cc")
     cc = shutil.which(name)
     if cc is None:
         raise ValueError(f"no C compiler ({name}) on the PATH")
     version = compiler_version(cc)
     folder, note = _private_cache()
-    names = [library_name(source, cc, version, arch) for arch in ARCH_FLAGS]
+    variants = build_variants(openmp)
+    names = [library_name(source, cc, version, flags) for flags in variants]
     for lib_name in names:  # built before (by this user)
         path = folder / lib_name
         if path.exists():
@@ -138,10 +147,10 @@ def find_or_build(source: Path) -> tuple[Path, str]:
             except UnsafeFolder as e:
                 note = f"{e}: not loaded"
     error = f"{cc} did not run"
-    for arch, lib_name in zip(ARCH_FLAGS, names, strict=True):
+    for flags, lib_name in zip(variants, names, strict=True):
         fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=folder)
         os.close(fd)
-        error = _compile(cc, source, arch, Path(tmp))
+        error = _compile(cc, source, flags, Path(tmp))
         if error is None:
             os.chmod(tmp, 0o700)
             os.replace(tmp, folder / lib_name)  # atomic: a concurrent build writes the same bytes

@@ -402,8 +402,9 @@ def test_cpu_band_schedule_in_pytorch_matches_reference(kind, kw, block, n, monk
 
 
 @pytest.mark.parametrize("kind,kw,n", [("local", {"window": 70}, 200), ("local", {"window": 70}, 192),
-                                        ("strided", {"stride": 6}, 192), ("strided", {"stride": 7}, 200)],
-                         ids=["local-padded", "local-whole", "strided-in-place", "strided-padded"])
+                                        ("strided", {"stride": 6}, 192), ("strided", {"stride": 7}, 200),
+                                        ("strided", {"stride": 40}, 1280)],
+                         ids=["local-padded", "local-whole", "strided-in-place", "strided-padded", "strided-groups"])
 @pytest.mark.parametrize("heads,d", [(1, 64), (3, 32)])
 def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(kind, kw, n, heads, d, monkeypatch):
     """Band layouts run in compiled C where it builds (in place when whole, strided grids included); 1, 2 and
@@ -419,7 +420,7 @@ def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(kind, kw,
         monkeypatch.setattr(band, name, staticmethod(lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)))
     q, k, v, do = inputs(n, torch.float32, heads=heads, d=d, batch=2)
     layout = make_layout(kind, n, 32, heads=heads, **kw)
-    assert cpu_attention._in_place(layout) == (n == 192)
+    assert cpu_attention._in_place(layout) == (n in (192, 1280))  # 1,280: 40 columns, packed 16 at a time
     threads = torch.get_num_threads()
     try:
         results = []
@@ -432,6 +433,32 @@ def test_cpu_band_runs_compiled_with_the_same_bits_on_any_thread_count(kind, kw,
     assert_close(results[0], outputs_and_grads(q, k, v, do, layout, "reference"), torch.float32)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+def test_cpu_kernels_built_without_openmp_start_their_own_threads_and_give_the_same_bits(monkeypatch):
+    """Where the compiler has no OpenMP the kernels start threads of their own: the same bits as on OpenMP's."""
+    from kernels import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip(cpu_kernels.status())
+    q, k, v, do = inputs(1280, torch.float32, heads=2, d=32)
+    layouts = [make_layout("local", 1280, 32, heads=2, window=100),
+               make_layout("strided", 1280, 32, heads=2, stride=40)]
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        torch.set_num_threads(2)
+        for openmp in (True, False):
+            monkeypatch.setattr(cpu_kernels, "OPENMP", openmp)
+            cpu_kernels.library.cache_clear()
+            if cpu_kernels.library().uses_openmp() != openmp:
+                pytest.skip(f"this compiler builds no OpenMP: {cpu_kernels.status()}")
+            results[openmp] = [outputs_and_grads(q, k, v, do, layout, "cpu") for layout in layouts]
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels.library.cache_clear()
+    for a, b in zip(results[True], results[False], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("kind,kw,n", [("local", {"window": 70}, 192), ("strided", {"stride": 6}, 192),
