@@ -180,7 +180,7 @@ class _BandPlan:
     work: list[list[_Work]]  # per chunk
     kinds: torch.Tensor  # [QB, M] int32, for the compiled kernels: 0 padding, 1 full, 2 partial
     mask_id: torch.Tensor  # [QB, M] int32: the row of ``masks`` of each partial slot
-    masks: torch.Tensor  # [n partial, block, block] float32: 0 where read, -inf where not (added to the scores)
+    masks: torch.Tensor  # [n distinct, block, block] float32: 0 where read, -inf where not (added to the scores)
     fill: float  # the share of the M slots the query blocks read, on average (PROBS_MIN_FILL)
 
 
@@ -202,9 +202,9 @@ def _band_plan(layout: Layout) -> _BandPlan:
     index, kinds = index[0], kinds[0]
     width, b = kinds.shape[1], layout.block
     r, m = torch.nonzero(kinds == 2, as_tuple=True)  # every partial slot's element mask, computed once
-    read = _entry_masks(layout, torch.zeros_like(r), r, index[r, m])
-    mask_id = torch.zeros(kinds.shape, dtype=torch.int32)
-    mask_id[r, m] = torch.arange(r.numel(), dtype=torch.int32)
+    read, inverse = torch.unique(_entry_masks(layout, torch.zeros_like(r), r, index[r, m]), dim=0, return_inverse=True)
+    mask_id = torch.zeros(kinds.shape, dtype=torch.int32)  # equal masks share one id (a local layout has two)
+    mask_id[r, m] = inverse.to(torch.int32)
     chunks = _chunk_rows(layout.num_blocks, width * b * b * 4)
     work = []
     for r0, r1 in chunks:
@@ -556,10 +556,9 @@ class CompiledBand(torch.autograd.Function):
             dout = _contiguous_float(do).view(o.shape)
         else:
             dout = to_physical(do.contiguous(), layout).contiguous().view(o.shape)
-        delta = (o * dout).sum(-1)
         dq, dk, dv = (torch.empty(o.shape) for _ in range(3))
         cpu_kernels.check(cpu_kernels.library().band_backward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), delta.data_ptr(),
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), o.data_ptr(),
             plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(), o.shape[0], layout.num_blocks,
             layout.block, o.shape[-1], plan.width, *ctx.grid, ctx.scale, None if probs is None else probs.data_ptr(),
             dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), torch.get_num_threads()))

@@ -49,6 +49,7 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 #define MAX_ROWS 12 /* rows per tile: more did not help (4,096 features, blocks 16-64) */
 #define COLUMN_GROUP_BYTES (1 << 20) /* band attention on a strided grid: packed rows per item, at most */
 #define MAX_COLUMN_GROUP 16
+#define PACKED 9 /* packed buffers per column: q, k, v, dout, o and out, dq, dk, dv */
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE vf vld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
@@ -357,14 +358,14 @@ VEXP(vexp, vf, vi) /* vexp.h */
 
 /* One band layout: slot m of query block r reads key block r + m - (M - 1); kinds [QB][M]: 0 nothing (padding),
    1 every element, 2 the elements of masks[mask_id[r][m]] ([b][b] floats: 0 = read, -inf = not); the slots
-   a block reads are consecutive and end at m = M - 1. Tensors are [BH][QB b][D] (lse and delta [BH][QB b]) in the order
+   a block reads are consecutive and end at m = M - 1. Tensors are [BH][QB b][D] (lse [BH][QB b]) in the order
    the caller holds them: blocks in sequence order (ell = 0), or a strided layout in place (ell > 0: the
    sequence is an [R][ell] grid and block r holds column (r b) / R, grid rows (r b) % R onwards), so that
    the caller makes no copy.
    Work comes in segments whose blocks read only each other: the whole sequence (ell = 0), or one column of
    the grid, which is first packed into contiguous rows (its rows lie ell rows apart) and unpacked after. */
 typedef struct {
-    const float *q, *k, *v, *dout, *lse, *delta;
+    const float *q, *k, *v, *dout, *lse, *o; /* o: the forward's output, for the backward's rowsum(o dout) */
     float *out, *lse_out, *dq, *dk, *dv;
     float *probs; /* NULL, or P [BH][QB][b][M b]: written by the forward, read by the backward for its scores */
     const int32_t *kinds, *mask_id;
@@ -378,11 +379,11 @@ typedef struct {
 } Band;
 
 typedef struct {         /* one segment of one (batch x head), rows contiguous */
-    const float *q, *k, *v, *dout;
+    const float *q, *k, *v, *dout, *o;
     float *out, *dq, *dk, *dv;
     float *probs;           /* NULL, or this (batch x head)'s P [QB][b][M b] (by layout block) */
     int64_t block0, blocks; /* its first block and block count */
-    int64_t row0, step;     /* row t is row row0 + t * step of [BH][QB b] (lse, delta) */
+    int64_t row0, step;     /* row t is row row0 + t * step of [BH][QB b] (lse) */
 } Segment;
 
 static int64_t segment_blocks(const Band *B) { return B->ell ? B->R / B->b : B->QB; }
@@ -485,11 +486,22 @@ INLINE uint64_t read_bits(const float *m) {
    row i reads keys [first[i], last[i]) and key j is read by rows [kfirst[j], klast[j]) (the smallest spans
    holding every read element; masked elements inside a span are -inf in the scores, so computing them is
    exact). The products and exponentials skip what lies outside: the masked halves of a local layout's
-   diagonal and window-edge blocks. A row that reads nothing keeps the whole window (as if unranged). */
-typedef struct { int *first, *last, *kfirst, *klast; } Spans;
+   diagonal and window-edge blocks. A row that reads nothing keeps the whole window (as if unranged).
+   g: the block they were last computed for (-1: none); a block whose slots read the same (kinds and mask ids)
+   keeps them, so a local layout computes them once per segment. */
+typedef struct { int *first, *last, *kfirst, *klast; int64_t g; } Spans;
 
 static void block_spans(const Band *B, int64_t g, int m0, Spans *sp) {
     const int b = B->b, M = B->M, c = (M - m0) * b;
+    if (sp->g >= 0) {
+        int same = 1;
+        for (int m = 0; m < M && same; m++) {
+            int kind = B->kinds[g * M + m];
+            same = kind == B->kinds[sp->g * M + m] && (kind != 2 || B->mask_id[g * M + m] == B->mask_id[sp->g * M + m]);
+        }
+        if (same) return;
+    }
+    sp->g = g;
     for (int i = 0; i < b; i++) sp->first[i] = c, sp->last[i] = 0;
     for (int j = 0; j < c; j++) sp->kfirst[j] = b, sp->klast[j] = 0;
     for (int m = m0; m < M; m++) {
@@ -597,20 +609,22 @@ static void band_fwd_segment(const Band *B, const Segment *sg, float *kT, float 
     }
 }
 
+/* Key block r is first read by query block r (its last slot): dK and dV of the earlier key blocks accumulate,
+   block r's start there (or are zeroed where block r reads nothing), so no pass zeroes them first. */
 static void band_bwd_segment(const Band *B, const Segment *sg, float *kT, float *vT, float *S, float *dP,
-                             const float *lse, const float *delta, Spans *sp) {
+                             const float *lse, Spans *sp) {
     const int b = B->b, D = B->D, M = B->M, W = M * b;
     if (!sg->probs) transpose_blocks(sg->k, sg->blocks, b, D, kT);
     transpose_blocks(sg->v, sg->blocks, b, D, vT);
-    memset(sg->dk, 0, sizeof(float) * sg->blocks * b * D);
-    memset(sg->dv, 0, sizeof(float) * sg->blocks * b * D);
     for (int64_t r = 0; r < sg->blocks; r++) {
         int m0 = first_slot(B, sg->block0 + r), c = (M - m0) * b;
         int64_t key = r + m0 - (M - 1); /* the first key block read */
-        const float *qr = sg->q + r * b * D, *dor = sg->dout + r * b * D;
+        const float *qr = sg->q + r * b * D, *dor = sg->dout + r * b * D, *orow = sg->o + r * b * D;
         float *dqr = sg->dq + r * b * D;
         if (m0 == M) {
             memset(dqr, 0, sizeof(float) * b * D);
+            memset(sg->dk + r * b * D, 0, sizeof(float) * b * D);
+            memset(sg->dv + r * b * D, 0, sizeof(float) * b * D);
             continue;
         }
         block_spans(B, sg->block0 + r, m0, sp);
@@ -624,21 +638,29 @@ static void band_bwd_segment(const Band *B, const Segment *sg, float *kT, float 
         }
         for (int m = m0; m < M; m++) /* dP = dO v^T */
             product(b, b, dor, D, 1, vT + (r + m - (M - 1)) * D * b, b, D, dP + m * b, W, 0, 1.0f);
-        for (int i = 0; i < b; i++) { /* dS = P (dP - delta), in dP */
-            vf dl = splat(delta[sg->row0 + (r * b + i) * sg->step]);
+        for (int i = 0; i < b; i++) { /* dS = P (dP - delta), in dP; delta = rowsum(o dO) */
+            vf dot = (vf){0};
+            for (int d = 0; d < D; d += VL) dot += vld(orow + i * D + d) * vld(dor + i * D + d);
+            vf dl = splat(vsum_all(dot));
             float *p = dP + i * W + m0 * b, *ps = P + i * W + m0 * b;
             for (int j = 0; j < c; j += VL) vst(p + j, vld(ps + j) * (vld(p + j) - dl));
         }
         /* dS k over each row tile's span of keys; dS^T q and P^T dO over each key tile's span of rows */
         product_spans(D, b, dP + m0 * b, W, 1, sg->k + key * b * D, D, sp->first, sp->last, dqr, D, 0, B->scale);
-        product_spans(D, c, dP + m0 * b, 1, W, qr, D, sp->kfirst, sp->klast, sg->dk + key * b * D, D, 1, B->scale);
-        product_spans(D, c, P + m0 * b, 1, W, dor, D, sp->kfirst, sp->klast, sg->dv + key * b * D, D, 1, 1.0f);
+        for (int fresh = 0; fresh < 2; fresh++) { /* the earlier key blocks (add), then block r (write) */
+            const int j0 = fresh ? c - b : 0, n = fresh ? b : c - b;
+            const int64_t at = (key * b + j0) * D;
+            product_spans(D, n, dP + m0 * b + j0, 1, W, qr, D, sp->kfirst + j0, sp->klast + j0, sg->dk + at, D, !fresh,
+                          B->scale);
+            product_spans(D, n, P + m0 * b + j0, 1, W, dor, D, sp->kfirst + j0, sp->klast + j0, sg->dv + at, D, !fresh,
+                          1.0f);
+        }
     }
 }
 
 /* Items: (batch x head, group of segments): the whole sequence (ell = 0), or B->group adjacent columns of the grid.
-   Per thread: kT, vT [rows][D], S, dP [b][M b], with ell > 0 the packed rows of q, k, v, dout and of out or dq,
-   dk, dv of the group's columns (8 x group x [rows][D]; rows = a segment's), and the Spans. */
+   Per thread: kT, vT [rows][D], S, dP [b][M b], with ell > 0 the packed rows of q, k, v, dout, o and of out or
+   dq, dk, dv of the group's columns (PACKED x group x [rows][D]; rows = a segment's), and the Spans. */
 static void band_part(void *arg, int index, int64_t first, int64_t end, int backward) {
     const Band *B = arg;
     const int b = B->b, D = B->D;
@@ -646,34 +668,36 @@ static void band_part(void *arg, int index, int64_t first, int64_t end, int back
     const int64_t rows = blocks * b, N = B->QB * b, n = N * D, seg = rows * D, packed = B->group * seg;
     float *kT = B->scratch + index * B->scratch_floats, *vT = kT + seg, *S = vT + seg, *dP = S + b * B->M * b;
     float *pack = dP + b * B->M * b;
-    int *ints = (int *)(pack + (B->ell ? 8 * packed : 0)); /* then the Spans: first, last [b], kfirst, klast [M b] */
-    Spans sp = {ints, ints + b, ints + 2 * b, ints + 2 * b + B->M * b};
+    int *ints = (int *)(pack + (B->ell ? PACKED * packed : 0)); /* then the Spans: first, last [b], kfirst, klast [M b] */
+    Spans sp = {ints, ints + b, ints + 2 * b, ints + 2 * b + B->M * b, -1};
     for (int64_t item = first; item < end; item++) {
         const int64_t bh = item / groups, s0 = (item % groups) * B->group;
         const int g = B->ell ? (int)(B->ell - s0 < B->group ? B->ell - s0 : B->group) : 1;
-        const float *inputs[4] = {B->q + bh * n, B->k + bh * n, B->v + bh * n, B->dout ? B->dout + bh * n : NULL};
+        const float *inputs[5] = {B->q + bh * n, B->k + bh * n, B->v + bh * n, B->dout ? B->dout + bh * n : NULL,
+                                  B->o ? B->o + bh * n : NULL};
         float *targets[4] = {B->out ? B->out + bh * n : NULL, B->dq ? B->dq + bh * n : NULL,
                              B->dk ? B->dk + bh * n : NULL, B->dv ? B->dv + bh * n : NULL};
         if (B->ell) /* pack the group's columns; outputs go to packed rows first */
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < 5; i++)
                 if (inputs[i]) pack_columns(inputs[i], rows, s0, B->ell, g, D, seg, pack + i * packed);
         for (int c = 0; c < g; c++) {
-            Segment sg = {inputs[0], inputs[1], inputs[2], inputs[3], targets[0], targets[1], targets[2], targets[3],
+            Segment sg = {inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], targets[0], targets[1], targets[2], targets[3],
                           B->probs ? B->probs + bh * B->QB * B->b * B->M * B->b : NULL, (s0 + c) * blocks, blocks,
                           bh * N + s0 + c, B->ell ? B->ell : 1};
             if (B->ell) {
                 float *col = pack + c * seg;
                 sg.q = col, sg.k = col + packed, sg.v = col + 2 * packed, sg.dout = B->dout ? col + 3 * packed : NULL;
-                sg.out = col + 4 * packed, sg.dq = col + 5 * packed, sg.dk = col + 6 * packed, sg.dv = col + 7 * packed;
+                sg.o = B->o ? col + 4 * packed : NULL;
+                sg.out = col + 5 * packed, sg.dq = col + 6 * packed, sg.dk = col + 7 * packed, sg.dv = col + 8 * packed;
             }
             if (backward)
-                band_bwd_segment(B, &sg, kT, vT, S, dP, B->lse, B->delta, &sp);
+                band_bwd_segment(B, &sg, kT, vT, S, dP, B->lse, &sp);
             else
                 band_fwd_segment(B, &sg, kT, S, B->lse_out, &sp);
         }
         if (B->ell)
             for (int i = backward ? 1 : 0; i < (backward ? 4 : 1); i++)
-                unpack_columns(pack + (4 + i) * packed, rows, s0, B->ell, g, D, seg, targets[i]);
+                unpack_columns(pack + (5 + i) * packed, rows, s0, B->ell, g, D, seg, targets[i]);
     }
 }
 static void band_fwd_part(void *arg, int index, int64_t first, int64_t end) { band_part(arg, index, first, end, 0); }
@@ -686,11 +710,11 @@ static int band_run(Band *B, int64_t BH, int threads, int backward) {
     if (B->ell && (B->R % B->b || B->R * B->ell != B->QB * B->b)) return -1;
     const int64_t seg = segment_blocks(B) * B->b * B->D;
     /* columns packed together: as many as keep the packed rows within COLUMN_GROUP_BYTES, at least one */
-    B->group = B->ell ? (int)(COLUMN_GROUP_BYTES / (8 * seg * (int64_t)sizeof(float))) : 1;
+    B->group = B->ell ? (int)(COLUMN_GROUP_BYTES / (PACKED * seg * (int64_t)sizeof(float))) : 1;
     B->group = B->group < 1 ? 1 : B->group > MAX_COLUMN_GROUP ? MAX_COLUMN_GROUP : B->group;
     const int64_t items = BH * (B->ell ? (B->ell + B->group - 1) / B->group : 1);
     /* per thread: kT, vT, S, dP, the packed rows and the Spans' ints (as many bytes as floats) */
-    B->scratch_floats = 2 * seg + (B->ell ? 8 * B->group * seg : 0) + 2 * (int64_t)B->b * B->M * B->b + 2 * B->b +
+    B->scratch_floats = 2 * seg + (B->ell ? PACKED * B->group * seg : 0) + 2 * (int64_t)B->b * B->M * B->b + 2 * B->b +
                         2 * B->M * B->b + 64;
     int used = thread_count(items, threads);
     B->scratch = malloc(sizeof(float) * B->scratch_floats * used);
@@ -711,13 +735,13 @@ int band_forward(const float *q, const float *k, const float *v, const int32_t *
     return band_run(&B, BH, threads, 0);
 }
 
-/* Backward: dq, dk, dv like q from dout, the forward's lse and delta = rowsum(out * dout) [BH][QB b], and the
-   forward's probs where not NULL (else P is recomputed from q, k and lse). */
+/* Backward: dq, dk, dv like q from dout, the forward's output o and lse, and the forward's probs where not NULL
+   (else P is recomputed from q, k and lse). */
 int band_backward(const float *q, const float *k, const float *v, const float *dout, const float *lse,
-                  const float *delta, const int32_t *kinds, const int32_t *mask_id, const float *masks, int64_t BH,
+                  const float *o, const int32_t *kinds, const int32_t *mask_id, const float *masks, int64_t BH,
                   int64_t QB, int b, int D, int M, int64_t R, int64_t ell, float scale, const float *probs,
                   float *dq, float *dk, float *dv, int threads) {
-    Band B = {q, k, v, dout, lse, delta, NULL, NULL, dq, dk, dv, (float *)probs, kinds, mask_id, masks, QB, R, ell, b,
+    Band B = {q, k, v, dout, lse, o, NULL, NULL, dq, dk, dv, (float *)probs, kinds, mask_id, masks, QB, R, ell, b,
               D, M, 0, scale, NULL, 0};
     return band_run(&B, BH, threads, 1);
 }
