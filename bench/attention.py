@@ -6,7 +6,7 @@ rows alone.
 Prints readable tables; the LAST line printed is one line of JSON with the headline figures.
 
 What is measured (CPU, unless --gpu-only; B=1, H=4, D=64, float32, causal), with glibc's malloc set as train.py
-sets it on the CPU (training/memory.py: freed blocks under 32 MB are kept, not returned and faulted in again),
+sets it on the CPU (training/memory.py: freed blocks are kept, not returned and faulted in again),
 for every variant alike; --malloc-defaults leaves the allocator at its defaults:
   * Layout build: median wall time of ``make_layout`` for the local and strided patterns, blocks 32 and 64.
   * For each N, forward and forward+backward wall time (median of --repeats after one warm-up call) of
@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     kept = False if args.malloc_defaults else keep_freed_memory()
     machine = f"{platform.platform()}; {cpu_name()}; {torch.get_num_threads()} threads"
     print(f"machine: {machine}\ntorch {torch.__version__}; repeats {args.repeats}; quick {args.quick}; malloc: "
-          f"{'freed blocks under 32 MB kept (as train.py)' if kept else 'defaults'}")
+          f"{'freed blocks kept (as train.py)' if kept else 'defaults'}")
     contention = CpuContention()
     torch.manual_seed(0)
     record = {"machine": machine, "torch": torch.__version__, "repeats": args.repeats, "quick": args.quick,

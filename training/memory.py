@@ -1,10 +1,11 @@
-"""The C allocator, set for training on the CPU: freed blocks under 32 MB are kept for the next step.
+"""The C allocator, set for training on the CPU: freed blocks are kept for the next step, whatever their size.
 
 glibc's malloc serves large blocks (from 128 KB, its threshold rising as they are freed) with fresh pages
 from the kernel and returns them when freed, so every step's activations page-fault again (docs/benchmarks.md,
-Training, has what that costs). With the threshold fixed at 32 MB (the most every glibc accepts) and the heap's
-trimming and top pad raised, the second step onwards reuses the first step's pages.
-"""
+Training, has what that costs). With the heap's trimming and top pad raised and no block served by mmap (the
+threshold can rise to 32 MB at most, and a 65,536-token layer's tensors are larger), the second step onwards
+reuses the first step's pages. Threads other than the main one still get blocks over their arena's 64 MB from
+mmap."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import ctypes
 import ctypes.util
 
 # mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 256 << 20))
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
+SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 256 << 20), (M_MMAP_MAX, 0))
 
 
 def keep_freed_memory() -> bool:
