@@ -19,8 +19,8 @@
    P from the forward where it kept it (probs) or recomputes it from the log-sum-exp, and accumulates dK and
    dV of the key blocks in place, so one thread owns each (batch x head). Each row and key computes only
    the span of the window it reads (Spans), so the masked halves of edge blocks cost nothing.
-   Each call runs on `threads` threads (PyTorch's OpenMP threads, or its own without OpenMP: parallel), the work split into
-   contiguous ranges of equal cost; each output is summed in the same order whatever the thread count. */
+   Each call runs on `threads` threads (PyTorch's OpenMP threads, or its own without OpenMP: parallel), the work
+   split into contiguous ranges of equal cost; each output is summed in the same order whatever the thread count. */
 
 #include <math.h>
 #include <pthread.h>
@@ -363,7 +363,8 @@ VEXP(vexp, vf, vi) /* vexp.h */
    sequence is an [R][ell] grid and block r holds column (r b) / R, grid rows (r b) % R onwards), so that
    the caller makes no copy.
    Work comes in segments whose blocks read only each other: the whole sequence (ell = 0), or one column of
-   the grid, which is first packed into contiguous rows (its rows lie ell rows apart) and unpacked after. */
+   the grid, packed into contiguous rows (its rows lie ell rows apart) with its neighbours (group) and unpacked
+   after. */
 typedef struct {
     const float *q, *k, *v, *dout, *lse, *o; /* o: the forward's output, for the backward's rowsum(o dout) */
     float *out, *lse_out, *dq, *dk, *dv;
