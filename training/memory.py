@@ -14,6 +14,7 @@ import ctypes.util
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
+# in this order: where a glibc refused M_MMAP_MAX, the 32 MB threshold set before it would still hold
 SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 256 << 20), (M_MMAP_MAX, 0))
 
 
