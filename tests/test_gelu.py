@@ -59,6 +59,20 @@ def test_nan_stays_nan_and_zero_stays_zero():
     assert y[1:].tolist() == [0.0, 0.0, 30.0, 0.0] and dx[1:].tolist() == [0.5, 0.5, 1.0, 0.0]
 
 
+def test_the_far_ends_match_the_reference_in_both_dtypes():
+    """Where exp's argument leaves its range (x under about -4.9, over about 9.4) and around it: no NaN, no
+    lost digits, and bfloat16 still the float32 result rounded."""
+    x = torch.linspace(-12, 12, 24001)
+    y, dx, _ = run(x, torch.ones_like(x))
+    y0, dx0 = reference(x, torch.ones_like(x))
+    assert torch.allclose(y.double(), y0, rtol=1e-5, atol=1e-35)
+    assert torch.allclose(dx.double(), dx0, rtol=1e-5, atol=1e-6)
+    xb = x.bfloat16()
+    yb, dxb, _ = run(xb, torch.ones_like(xb))
+    y32, dx32, _ = run(xb.float(), torch.ones_like(x))
+    assert torch.equal(yb, y32.bfloat16()) and torch.equal(dxb, dx32.bfloat16())
+
+
 def test_without_a_gradient_it_is_pytorchs_gelu_bit_for_bit():
     """Evaluation and sampling keep F.gelu, so that their pinned outputs do not move."""
     x = torch.randn(1000) * 3
@@ -84,3 +98,4 @@ def test_an_avx2_build_matches_the_reference_too(tmp_path, monkeypatch):
         test_float32_matches_the_float64_reference(16384 + 13)
         test_bfloat16_is_the_float32_result_rounded_to_nearest_even()
         test_nan_stays_nan_and_zero_stays_zero()
+        test_the_far_ends_match_the_reference_in_both_dtypes()
