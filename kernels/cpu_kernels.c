@@ -1,7 +1,8 @@
 /* Compiled CPU kernels, float32 (loaded by kernels/cpu_kernels.py): block-sparse weight matmul (for
    kernels/blocksparse_cpu.py) and band attention (for kernels/cpu_attention.py). Both are built on one
    register-tiled product (rank_updates) and one thread pool per call (parallel), which also runs the tanh
-   GELU of training's feed-forward layers (float32 or bfloat16, for kernels/activations.py).
+   GELU of training's feed-forward layers (float32 or bfloat16, for kernels/activations.py) and its layer
+   norms (float32 in, float32 or bfloat16 out, for kernels/layer_norm.py).
 
    Block-sparse matmul, blocks of 16, 32 or 64: y = x @ W, W sparse in b x b blocks stored compactly as
    w [nnz][b][b]. bs_mm reads x, dy and w in place: no gathered copies.
@@ -860,5 +861,92 @@ int gelu_forward(const void *x, void *out, int64_t n, int bf16, int threads) {
 int gelu_backward(const void *dy, const void *x, void *dx, int64_t n, int bf16, int threads) {
     Gelu G = {x, dy, dx, n, bf16};
     parallel(gelu_bwd_part, &G, (n + GELU_CHUNK - 1) / GELU_CHUNK, NULL, threads);
+    return 0;
+}
+
+/* ---- layer norm ------------------------------------------------------------------------------------------ */
+
+/* Over rows of d floats (d a multiple of VL): y = (x - mean) rstd w + b, rstd = 1 / sqrt(var + eps) with the
+   biased variance, x float32 and y float32 or bfloat16 (bf16 = 1: rounded as store_any does), mean and rstd kept
+   per row for the backward. The backward takes dy (y's dtype) and gives dx (float32) and, per item of NORM_ROWS
+   rows, the partial sums of dw = sum dy xhat and db = sum dy (dwb [items][2][d]), which the caller adds up in
+   item order, so that the sums do not depend on the thread count. */
+#define NORM_ROWS 64
+typedef struct {
+    const float *x, *w, *b;
+    const void *dy;
+    void *y;
+    float *mean, *rstd, *dx, *dwb;
+    int64_t rows;
+    int d, bf16;
+    float eps;
+} Norm;
+
+static void norm_fwd_part(void *arg, int index, int64_t first, int64_t end) {
+    (void)index;
+    const Norm *N = arg;
+    const int d = N->d;
+    for (int64_t r = first * NORM_ROWS; r < end * NORM_ROWS && r < N->rows; r++) {
+        const float *x = N->x + r * d;
+        vf s = splat(0.0f);
+        for (int j = 0; j < d; j += VL) s += vld(x + j);
+        float mean = 0.0f;
+        for (int l = 0; l < VL; l++) mean += s[l];
+        mean /= d;
+        vf q = splat(0.0f);
+        for (int j = 0; j < d; j += VL) { vf c = vld(x + j) - mean; q += c * c; }
+        float var = 0.0f;
+        for (int l = 0; l < VL; l++) var += q[l];
+        const float rstd = 1.0f / sqrtf(var / d + N->eps);
+        for (int j = 0; j < d; j += VL)
+            store_any(N->y, r * d + j, N->bf16, (vld(x + j) - mean) * rstd * vld(N->w + j) + vld(N->b + j));
+        N->mean[r] = mean, N->rstd[r] = rstd;
+    }
+}
+
+static void norm_bwd_part(void *arg, int index, int64_t first, int64_t end) {
+    (void)index;
+    const Norm *N = arg;
+    const int d = N->d;
+    for (int64_t item = first; item < end; item++) {
+        float *dw = N->dwb + item * 2 * d, *db = dw + d;
+        for (int j = 0; j < 2 * d; j += VL) vst(dw + j, splat(0.0f));
+        for (int64_t r = item * NORM_ROWS; r < (item + 1) * NORM_ROWS && r < N->rows; r++) {
+            const float *x = N->x + r * d;
+            const float mean = N->mean[r], rstd = N->rstd[r];
+            vf sg = splat(0.0f), sgx = splat(0.0f); /* sums of g = dy w and of g xhat */
+            for (int j = 0; j < d; j += VL) {
+                vf dy = load_any(N->dy, r * d + j, N->bf16), xhat = (vld(x + j) - mean) * rstd, g = dy * vld(N->w + j);
+                sg += g, sgx += g * xhat;
+                vst(dw + j, vld(dw + j) + dy * xhat);
+                vst(db + j, vld(db + j) + dy);
+            }
+            float mg = 0.0f, mgx = 0.0f;
+            for (int l = 0; l < VL; l++) mg += sg[l], mgx += sgx[l];
+            mg /= d, mgx /= d;
+            for (int j = 0; j < d; j += VL) {
+                vf xhat = (vld(x + j) - mean) * rstd, g = load_any(N->dy, r * d + j, N->bf16) * vld(N->w + j);
+                vst(N->dx + r * d + j, rstd * (g - mg - xhat * mgx));
+            }
+        }
+    }
+}
+
+/* y, mean, rstd = layer_norm(x [rows][d]; w, b [d]) as above. Returns 0; -1 where d is not a multiple of VL. */
+int norm_forward(const float *x, const float *w, const float *b, void *y, float *mean, float *rstd, int64_t rows,
+                 int d, float eps, int bf16, int threads) {
+    if (d % VL) return -1;
+    Norm N = {x, w, b, NULL, y, mean, rstd, NULL, NULL, rows, d, bf16, eps};
+    parallel(norm_fwd_part, &N, (rows + NORM_ROWS - 1) / NORM_ROWS, NULL, threads);
+    return 0;
+}
+
+/* dx [rows][d] and dwb [ceil(rows / NORM_ROWS)][2][d] from dy (float32, or bfloat16 where bf16 = 1), x, w and
+   the forward's mean and rstd. Returns 0; -1 where d is not a multiple of VL. */
+int norm_backward(const void *dy, const float *x, const float *w, const float *mean, const float *rstd, float *dx,
+                  float *dwb, int64_t rows, int d, int bf16, int threads) {
+    if (d % VL) return -1;
+    Norm N = {x, w, NULL, dy, NULL, (float *)mean, (float *)rstd, dx, dwb, rows, d, bf16, 0.0f};
+    parallel(norm_bwd_part, &N, (rows + NORM_ROWS - 1) / NORM_ROWS, NULL, threads);
     return 0;
 }

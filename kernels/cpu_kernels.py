@@ -1,5 +1,5 @@
 """The compiled CPU kernels (kernels/cpu_kernels.c): block-sparse weight matmul and band attention (float32),
-and the tanh GELU (float32 or bfloat16).
+and training's tanh GELU and layer norm (float32 or bfloat16 outputs).
 
 Built once per machine by kernels/native.py (this user's private cache; nothing loaded from a shared
 folder) and called through ctypes on torch's thread count: built with OpenMP (where the compiler has it),
@@ -30,6 +30,8 @@ _SIGNATURES = {
                       _P, _I32],
     "gelu_forward": [_P, _P, _I64, _I32, _I32],
     "gelu_backward": [_P, _P, _P, _I64, _I32, _I32],
+    "norm_forward": [_P, _P, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32],
+    "norm_backward": [_P, _P, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32],
 }
 OPENMP = True  # build with OpenMP where the compiler has it: the kernels then run on PyTorch's threads
 _status = {"error": "", "path": None}  # what the last library() did

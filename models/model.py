@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import BLOCK_SIZES, KINDS, PATTERNS, BlockSparseLinear, Layout, Pattern, attention, gelu, layout_of
+from kernels.layer_norm import LayerNorm
 
 from .sparse_ff import FF_BLOCKS, FF_LAYOUTS, SparseLinear, decode_layout, layer_seed, recipe_layout
 
@@ -282,9 +283,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm1 = LayerNorm(cfg.d_model)
         self.attn = Attention(cfg, layer)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = LayerNorm(cfg.d_model)
         self.ff = FeedForward(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -307,7 +308,7 @@ class SparseTransformer(nn.Module):
         self.start = nn.Parameter(torch.zeros(cfg.d_model))
         self.pos_emb = nn.ModuleList(nn.Embedding(f, cfg.d_model) for f in cfg.pos_factors)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab)
         self.reset_parameters()
 
