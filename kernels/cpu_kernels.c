@@ -868,16 +868,15 @@ int gelu_backward(const void *dy, const void *x, void *dx, int64_t n, int bf16, 
 
 /* Over rows of d floats (d a multiple of VL): y = (x - mean) rstd w + b, rstd = 1 / sqrt(var + eps) with the
    biased variance, x float32 and y float32 or bfloat16 (bf16 = 1: rounded as store_any does), mean and rstd kept
-   per row for the backward. The backward takes dy (y's dtype) and gives dx (float32) and, per item of NORM_ROWS
-   rows, the partial sums of dw = sum dy xhat and db = sum dy (dwb [items][2][d]), which the caller adds up in
-   item order, so that the sums do not depend on the thread count. */
-#define NORM_ROWS 64
+   per row for the backward. The backward takes dy (y's dtype) and gives dx (float32) and, per item of
+   item_rows rows, the partial sums of dw = sum dy xhat and db = sum dy (dwb [items][2][d]), which the caller
+   adds up in item order, so that the sums do not depend on the thread count. */
 typedef struct {
     const float *x, *w, *b;
     const void *dy;
     void *y;
     float *mean, *rstd, *dx, *dwb;
-    int64_t rows;
+    int64_t rows, item_rows;
     int d, bf16;
     float eps;
 } Norm;
@@ -886,7 +885,7 @@ static void norm_fwd_part(void *arg, int index, int64_t first, int64_t end) {
     (void)index;
     const Norm *N = arg;
     const int d = N->d;
-    for (int64_t r = first * NORM_ROWS; r < end * NORM_ROWS && r < N->rows; r++) {
+    for (int64_t r = first * N->item_rows; r < end * N->item_rows && r < N->rows; r++) {
         const float *x = N->x + r * d;
         vf s = splat(0.0f);
         for (int j = 0; j < d; j += VL) s += vld(x + j);
@@ -911,7 +910,7 @@ static void norm_bwd_part(void *arg, int index, int64_t first, int64_t end) {
     for (int64_t item = first; item < end; item++) {
         float *dw = N->dwb + item * 2 * d, *db = dw + d;
         for (int j = 0; j < 2 * d; j += VL) vst(dw + j, splat(0.0f));
-        for (int64_t r = item * NORM_ROWS; r < (item + 1) * NORM_ROWS && r < N->rows; r++) {
+        for (int64_t r = item * N->item_rows; r < (item + 1) * N->item_rows && r < N->rows; r++) {
             const float *x = N->x + r * d;
             const float mean = N->mean[r], rstd = N->rstd[r];
             vf sg = splat(0.0f), sgx = splat(0.0f); /* sums of g = dy w and of g xhat */
@@ -932,21 +931,22 @@ static void norm_bwd_part(void *arg, int index, int64_t first, int64_t end) {
     }
 }
 
-/* y, mean, rstd = layer_norm(x [rows][d]; w, b [d]) as above. Returns 0; -1 where d is not a multiple of VL. */
+/* y, mean, rstd = layer_norm(x [rows][d]; w, b [d]) as above, item_rows rows a thread item. Returns 0; -1 where d
+   is not a multiple of VL. */
 int norm_forward(const float *x, const float *w, const float *b, void *y, float *mean, float *rstd, int64_t rows,
-                 int d, float eps, int bf16, int threads) {
-    if (d % VL) return -1;
-    Norm N = {x, w, b, NULL, y, mean, rstd, NULL, NULL, rows, d, bf16, eps};
-    parallel(norm_fwd_part, &N, (rows + NORM_ROWS - 1) / NORM_ROWS, NULL, threads);
+                 int64_t item_rows, int d, float eps, int bf16, int threads) {
+    if (d % VL || item_rows < 1) return -1;
+    Norm N = {x, w, b, NULL, y, mean, rstd, NULL, NULL, rows, item_rows, d, bf16, eps};
+    parallel(norm_fwd_part, &N, (rows + item_rows - 1) / item_rows, NULL, threads);
     return 0;
 }
 
-/* dx [rows][d] and dwb [ceil(rows / NORM_ROWS)][2][d] from dy (float32, or bfloat16 where bf16 = 1), x, w and
+/* dx [rows][d] and dwb [ceil(rows / item_rows)][2][d] from dy (float32, or bfloat16 where bf16 = 1), x, w and
    the forward's mean and rstd. Returns 0; -1 where d is not a multiple of VL. */
 int norm_backward(const void *dy, const float *x, const float *w, const float *mean, const float *rstd, float *dx,
-                  float *dwb, int64_t rows, int d, int bf16, int threads) {
-    if (d % VL) return -1;
-    Norm N = {x, w, NULL, dy, NULL, (float *)mean, (float *)rstd, dx, dwb, rows, d, bf16, 0.0f};
-    parallel(norm_bwd_part, &N, (rows + NORM_ROWS - 1) / NORM_ROWS, NULL, threads);
+                  float *dwb, int64_t rows, int64_t item_rows, int d, int bf16, int threads) {
+    if (d % VL || item_rows < 1) return -1;
+    Norm N = {x, w, NULL, dy, NULL, (float *)mean, (float *)rstd, dx, dwb, rows, item_rows, d, bf16, 0.0f};
+    parallel(norm_bwd_part, &N, (rows + item_rows - 1) / item_rows, NULL, threads);
     return 0;
 }

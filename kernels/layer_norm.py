@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import cpu_kernels
 from .activations import COMPILED_DTYPES
 
-ROWS_PER_ITEM = 64  # NORM_ROWS in cpu_kernels.c: the backward's partial sums of dw and db come per item of rows
+ROWS_PER_ITEM = 64  # rows a thread item; the backward's partial sums of dw and db come one per item
 
 
 class CompiledLayerNorm(torch.autograd.Function):
@@ -32,7 +32,7 @@ class CompiledLayerNorm(torch.autograd.Function):
         mean, rstd = torch.empty(rows), torch.empty(rows)
         cpu_kernels.check(cpu_kernels.library().norm_forward(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), rows,
-            d, eps, COMPILED_DTYPES[dtype], torch.get_num_threads()))
+            ROWS_PER_ITEM, d, eps, COMPILED_DTYPES[dtype], torch.get_num_threads()))
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -46,7 +46,7 @@ class CompiledLayerNorm(torch.autograd.Function):
         dwb = torch.empty(-(-rows // ROWS_PER_ITEM), 2, d)
         cpu_kernels.check(cpu_kernels.library().norm_backward(
             dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
-            dwb.data_ptr(), rows, d, COMPILED_DTYPES[dy.dtype], torch.get_num_threads()))
+            dwb.data_ptr(), rows, ROWS_PER_ITEM, d, COMPILED_DTYPES[dy.dtype], torch.get_num_threads()))
         dw, db = dwb.sum(0)
         return dx, dw, db, None, None
 
