@@ -797,21 +797,21 @@ INLINE float load1(const void *p, int64_t i, int bf16) {
 }
 
 #if defined(__AVX512F__)
-/* exp(a) for gelu_vector on AVX-512: vexp's polynomial with the nearest n by roundscale, 2^n by scalef and the
-   clamps by min and max (NaN passes), about half of vexp's instructions. a is clamped to [-87, 88.38]: below -87
-   the sigmoid is 1 in float32 either way, and no subnormal (slow) values arise. */
+/* exp(a) for gelu_vector on AVX-512: vexp's polynomial (vexp.h's constants) with the nearest n by roundscale,
+   2^n by scalef and the clamps by min and max (NaN passes), about half of vexp's instructions. a is clamped to
+   [-87, 88.38]: below -87 the sigmoid is 1 in float32 either way, and no subnormal (slow) values arise. */
 INLINE vf gelu_exp(vf a) {
-    __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), (__m512)a));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    __m512 x = _mm512_max_ps(_mm512_set1_ps(-87.0f), _mm512_min_ps(_mm512_set1_ps(VEXP_MAX), (__m512)a));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(VEXP_LOG2E)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(VEXP_LN2_HI), x);
+    x = _mm512_fmadd_ps(n, _mm512_set1_ps(VEXP_LN2_LO), x);
+    __m512 y = _mm512_set1_ps(VEXP_P0);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(VEXP_P1));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(VEXP_P2));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(VEXP_P3));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(VEXP_P4));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(VEXP_P5));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
     return (vf)_mm512_scalef_ps(y, n);
 }
