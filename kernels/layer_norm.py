@@ -51,7 +51,7 @@ class CompiledLayerNorm(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
+def _output_dtype() -> torch.dtype:
     """What the compiled layer norm writes: bfloat16 under CPU bfloat16 autocast, else float32."""
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
         return torch.bfloat16
@@ -66,12 +66,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if (grad and x.device.type == "cpu" and x.dtype == weight.dtype == bias.dtype == torch.float32
             and x.is_contiguous() and weight.shape == bias.shape == (d,) and x.numel() > 0
             and (vector := cpu_kernels.vector_floats()) and d % vector == 0):
-        return CompiledLayerNorm.apply(x, weight, bias, eps, _output_dtype(x))
+        return CompiledLayerNorm.apply(x, weight, bias, eps, _output_dtype())
     return F.layer_norm(x, (d,), weight, bias, eps)
 
 
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` over the last dimension (same parameters and state dict) through :func:`layer_norm`."""
+    """``nn.LayerNorm`` (same parameters and state dict) through :func:`layer_norm` where it normalizes the last
+    dimension with a weight and a bias; other shapes and settings are nn.LayerNorm's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 1 or self.weight is None or self.bias is None:
+            return super().forward(x)
         return layer_norm(x, self.weight, self.bias, self.eps)

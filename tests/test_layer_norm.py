@@ -106,6 +106,16 @@ def test_the_module_keeps_nn_layernorms_parameters_and_state_dict():
     assert isinstance(ours_, torch.nn.LayerNorm) and CompiledLayerNorm is not None
 
 
+@pytest.mark.parametrize("kwargs", [{"normalized_shape": (4, 64)}, {"normalized_shape": 64, "bias": False},
+                                    {"normalized_shape": 64, "elementwise_affine": False}])
+def test_the_module_keeps_nn_layernorms_other_settings(kwargs):
+    torch.manual_seed(0)
+    ours_, theirs = LayerNorm(**kwargs), torch.nn.LayerNorm(**kwargs)
+    x = torch.randn(3, 4, 64, requires_grad=True)
+    y = ours_(x)
+    assert torch.equal(y, theirs(x)) and type(y.grad_fn).__name__ != "CompiledLayerNormBackward"
+
+
 def test_an_avx2_build_matches_the_reference_too(tmp_path, monkeypatch):
     """The 8-wide build (-mavx2 -mfma in place of -march=native): its loads, stores and partial items."""
     from helpers import avx2_kernels
