@@ -46,6 +46,26 @@ def test_compiled_step_on_any_thread_count_equals_the_pytorch_step(batch):
             torch.testing.assert_close(decoder.step(prev, pos), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_rows_logits_do_not_depend_on_the_batch_it_runs_in():
+    """Bit for bit: 11 rows (the layer norm's groups of 8 and 3, the matmul's groups of 8, 2 and 1) against each
+    row decoded alone, on two threads."""
+    model = small_model(pattern="strided")
+    batch, n = 11, 40
+    tokens = torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(5))
+    together = Decoder(model, batch, n, step="pytorch")
+    together.step = CompiledStep(model, together.caches, together.pos_emb, threads=2)
+    alone = []
+    for _ in range(batch):
+        decoder = Decoder(model, 1, n, step="pytorch")
+        decoder.step = CompiledStep(model, decoder.caches, decoder.pos_emb, threads=2)
+        alone.append(decoder)
+    for pos in range(n):
+        prev = tokens[:, pos - 1] if pos else None
+        logits = together.step(prev, pos)
+        for row, decoder in enumerate(alone):
+            assert torch.equal(logits[row], decoder.step(None if prev is None else prev[row:row + 1], pos)[0])
+
+
 def test_compiled_step_refuses_what_it_cannot_run(env):
     model = small_model()
     decoder = Decoder(model, 2, 40, step="compiled")
