@@ -3,7 +3,7 @@ kernels) and block-sparse weights (matmul, linear and conv layers, layouts)."""
 
 from . import blocksparse_layouts
 from .activations import gelu
-from .attention import BACKENDS, attention
+from .attention import BACKENDS, attention, attention_from_qkv
 from .blocksparse import BSMM_BACKENDS, BSMM_BLOCKS, BSMM_DTYPES, BlockSparseMatMul
 from .blocksparse_layers import BlockSparseConv2d, BlockSparseLinear
 from .blocksparse_layouts import average_path_length, small_world_ba, small_world_ws
@@ -17,6 +17,6 @@ from .patterns import KINDS, PATTERNS, All, DecodeSlots, Fixed, Local, Pattern, 
 
 __all__ = ["BACKENDS", "BLOCK_SIZES", "BSMM_BACKENDS", "BSMM_BLOCKS", "BSMM_DTYPES", "KINDS", "PATTERNS", "All",
            "BlockSparseConv2d", "BlockSparseLinear", "BlockSparseMatMul", "DecodeSlots", "Fixed", "LayerNorm", "Layout",
-           "Local", "Pattern", "Strided", "attention", "average_path_length", "banded_layout", "blocksparse_layouts",
-           "gelu", "layer_norm", "layout_density", "layout_from_dense", "layout_of", "make_layout", "make_pattern",
-           "random_layout", "small_world_ba", "small_world_ws"]
+           "Local", "Pattern", "Strided", "attention", "attention_from_qkv", "average_path_length", "banded_layout",
+           "blocksparse_layouts", "gelu", "layer_norm", "layout_density", "layout_from_dense", "layout_of",
+           "make_layout", "make_pattern", "random_layout", "small_world_ba", "small_world_ws"]

@@ -1,4 +1,4 @@
-"""The public entry point ``attention``: checks its inputs once, then runs one backend.
+"""The public entry points ``attention`` and ``attention_from_qkv``: check their inputs once, then run one backend.
 
 Decoding one position at a time reads the caches of sampling/kv_cache.py, not this function."""
 
@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .cpu_attention import cpu_attention
+from .cpu_attention import cpu_attention, packed_attention, runs_packed
 from .layout import Layout
 from .reference import reference_attention
 
@@ -64,6 +64,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
       reference always compute in fp32; 16-bit inputs use the tensor cores' native precision.
     Returns [B, H, N, D] in q's dtype.
     """
+    scale, backend = _checked(q, k, v, layout, scale, backend, fp32_precision)
+    # The kernels choose their own compute precision (fp32 accumulation): autocast must not recast inside.
+    with torch.autocast(q.device.type, enabled=False):
+        return _dispatch(q, k, v, layout, scale, backend, fp32_precision)
+
+
+def attention_from_qkv(qkv: torch.Tensor, heads: int, layout: Layout, scale: float | None = None,
+                       backend: str = "auto", fp32_precision: str = "ieee") -> torch.Tensor:
+    """:func:`attention` from a qkv projection's output, in its layout; differentiable.
+
+    qkv: [B, N, 3 H D], per position q, k and v in turn, each [H, D] (``nn.Linear(d, 3 d)``'s output);
+    heads: H. The other arguments as :func:`attention`. Returns [B, N, H D] in qkv's dtype, ready for the
+    output projection. On the CPU, where the compiled band kernels run the layout whole, q, k and v are
+    never unpacked (kernels/cpu_attention.py PackedBand); elsewhere this is :func:`attention` on views.
+    """
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive integer, got {heads!r}")
+    qkv = _check_operand("qkv", qkv, 3, "of shape [B, N, 3 H D]")
+    B, N, width = qkv.shape
+    if width % (3 * heads):
+        raise ValueError(f"qkv's last dimension ({width}) must be 3 x heads ({heads}) x the head dim")
+    q, k, v = qkv.view(B, N, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
+    scale, backend = _checked(q, k, v, layout, scale, backend, fp32_precision)
+    if backend == "cpu" and runs_packed(qkv, layout, heads):
+        with torch.autocast("cpu", enabled=False):
+            return packed_attention(qkv, layout, scale, heads)
+    with torch.autocast(q.device.type, enabled=False):
+        y = _dispatch(q, k, v, layout, scale, backend, fp32_precision)
+    return y.transpose(1, 2).reshape(B, N, width // 3)
+
+
+def _checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float | None, backend: str,
+             fp32_precision: str) -> tuple[float, str]:
+    """All of :func:`attention`'s checks; (the softmax scale, the backend "auto" resolves to)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if fp32_precision not in FP32_PRECISIONS:
@@ -80,9 +114,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
         raise ValueError(f"layout was built for seq_len={layout.seq_len}, but the input has N={q.shape[2]}")
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "cpu"
-    # The kernels choose their own compute precision (fp32 accumulation): autocast must not recast inside.
-    with torch.autocast(q.device.type, enabled=False):
-        return _dispatch(q, k, v, layout, scale, backend, fp32_precision)
+    return scale, backend
 
 
 def _dispatch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,

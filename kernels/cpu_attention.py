@@ -21,6 +21,7 @@ order and N is a multiple of the block, else one copy in and one out.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
@@ -511,6 +512,45 @@ def _in_place(layout: Layout) -> bool:
     return _reads_columns_in_place(layout) or (not layout.permuted and whole)
 
 
+def _band_forward_compiled(xs: list[torch.Tensor], layout: Layout, scale: float, grid: tuple[int, int],
+                           backward_coming: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """band_forward on q, k, v [B H, L, D] float32 in the kernel's order: (o, lse, the probabilities kept for the
+    backward or None)."""
+    plan = _plan(layout)
+    o, lse = torch.empty(xs[0].shape), torch.empty(xs[0].shape[:2])
+    # the probabilities [B H, QB, b, M b] for the backward, where one is coming and they fit
+    shape = (xs[0].shape[0], layout.num_blocks, layout.block, plan.width * layout.block)
+    keep = backward_coming and math.prod(shape) * 4 <= PROBS_KEEP_BYTES and plan.fill >= PROBS_MIN_FILL
+    probs = _probs_buffer(shape) if keep else None
+    cpu_kernels.check(cpu_kernels.library().band_forward(
+        *(x.data_ptr() for x in xs), plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(),
+        xs[0].shape[0], layout.num_blocks, layout.block, xs[0].shape[-1], plan.width, *grid, scale, o.data_ptr(),
+        lse.data_ptr(), None if probs is None else probs.data_ptr(), torch.get_num_threads()))
+    return o, lse, probs
+
+
+def _band_backward_compiled(saved: tuple[torch.Tensor, ...], dout: torch.Tensor, layout: Layout, scale: float,
+                            grid: tuple[int, int]) -> list[torch.Tensor]:
+    """band_backward from what _band_forward_compiled saved (q, k, v, o, lse, probs) and dout like o:
+    [dq, dk, dv], each float32 like o; the probabilities go back to the pool."""
+    q, k, v, o, lse, probs = saved
+    plan = _plan(layout)
+    grads = [torch.empty(o.shape) for _ in range(3)]
+    cpu_kernels.check(cpu_kernels.library().band_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), o.data_ptr(),
+        plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(), o.shape[0], layout.num_blocks,
+        layout.block, o.shape[-1], plan.width, *grid, scale, None if probs is None else probs.data_ptr(),
+        *(g.data_ptr() for g in grads), torch.get_num_threads()))
+    if probs is not None and sum(t.numel() for t in _probs_pool) + probs.numel() <= PROBS_POOL_BYTES // 4:
+        _probs_pool.append(probs)
+    return grads
+
+
+def _grid(layout: Layout) -> tuple[int, int]:
+    """The [R, l] grid a strided layout is read as in place, else (0, 0)."""
+    return (layout.rows, layout.stride) if layout.permuted else (0, 0)
+
+
 class CompiledBand(torch.autograd.Function):
     """Band layouts in kernels/cpu_kernels.c (band_forward, band_backward): on the inputs themselves when the
     layout is whole ([B * H, N, D], strided layouts read as their [R, l] grid), else in block order through
@@ -521,21 +561,11 @@ class CompiledBand(torch.autograd.Function):
         B, H, N, D = q.shape
         if _in_place(layout):
             xs = [_contiguous_float(t).view(B * H, N, D) for t in (q, k, v)]
-            grid = (layout.rows, layout.stride) if layout.permuted else (0, 0)
+            grid = _grid(layout)
         else:
             xs = [to_physical(t, layout).contiguous().view(B * H, -1, D) for t in (q, k, v)]
             grid = (0, 0)
-        plan = _plan(layout)
-        o, lse = torch.empty(xs[0].shape), torch.empty(xs[0].shape[:2])
-        # the probabilities [B H, QB, b, M b] for the backward, where one is coming and they fit
-        shape = (B * H, layout.num_blocks, layout.block, plan.width * layout.block)
-        keep = (any(ctx.needs_input_grad[:3]) and math.prod(shape) * 4 <= PROBS_KEEP_BYTES
-                and plan.fill >= PROBS_MIN_FILL)
-        probs = _probs_buffer(shape) if keep else None
-        cpu_kernels.check(cpu_kernels.library().band_forward(
-            *(x.data_ptr() for x in xs), plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(),
-            B * H, layout.num_blocks, layout.block, D, plan.width, *grid, scale, o.data_ptr(), lse.data_ptr(),
-            None if probs is None else probs.data_ptr(), torch.get_num_threads()))
+        o, lse, probs = _band_forward_compiled(xs, layout, scale, grid, any(ctx.needs_input_grad[:3]))
         ctx.save_for_backward(*xs, o, lse, probs)
         ctx.layout, ctx.scale, ctx.shape, ctx.dtype, ctx.grid = layout, scale, q.shape, q.dtype, grid
         return CompiledBand._back(o, ctx)
@@ -550,21 +580,73 @@ class CompiledBand(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, probs = ctx.saved_tensors
-        layout, plan = ctx.layout, _plan(ctx.layout)
-        if _in_place(layout):
+        saved = ctx.saved_tensors  # once: under checkpointing each read unpacks them again
+        o = saved[3]
+        if _in_place(ctx.layout):
             dout = _contiguous_float(do).view(o.shape)
         else:
-            dout = to_physical(do.contiguous(), layout).contiguous().view(o.shape)
-        dq, dk, dv = (torch.empty(o.shape) for _ in range(3))
-        cpu_kernels.check(cpu_kernels.library().band_backward(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), dout.data_ptr(), lse.data_ptr(), o.data_ptr(),
-            plan.kinds.data_ptr(), plan.mask_id.data_ptr(), plan.masks.data_ptr(), o.shape[0], layout.num_blocks,
-            layout.block, o.shape[-1], plan.width, *ctx.grid, ctx.scale, None if probs is None else probs.data_ptr(),
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), torch.get_num_threads()))
-        if probs is not None and sum(t.numel() for t in _probs_pool) + probs.numel() <= PROBS_POOL_BYTES // 4:
-            _probs_pool.append(probs)
-        return (*(CompiledBand._back(g, ctx) for g in (dq, dk, dv)), None, None)
+            dout = to_physical(do.contiguous(), ctx.layout).contiguous().view(o.shape)
+        grads = _band_backward_compiled(saved, dout, ctx.layout, ctx.scale, ctx.grid)
+        return (*(CompiledBand._back(g, ctx) for g in grads), None, None)
+
+
+class PackedBand(torch.autograd.Function):
+    """A whole band layout (:func:`_in_place`) in the compiled kernels, straight from the qkv projection's output
+    [B, N, 3 H D] to the attention's output [B, N, H D] (float32 or bfloat16, the input's dtype): one compiled
+    copy (kernels/cpu_kernels.c heads_copy) into the kernels' float32 q, k, v [B H, N, D] and one out of their
+    output, the same for the gradients, in place of a permuted copy and a cast per tensor, a stack and a clone."""
+
+    @staticmethod
+    def forward(ctx, qkv, layout: Layout, scale: float, heads: int):
+        B, N, width = qkv.shape
+        D = width // (3 * heads)
+        qkv = qkv.contiguous()
+        xs = [torch.empty(B * heads, N, D) for _ in range(3)]
+        _heads_copy(qkv, xs, heads, to_heads=True)
+        grid = _grid(layout)
+        o, lse, probs = _band_forward_compiled(xs, layout, scale, grid, ctx.needs_input_grad[0])
+        ctx.save_for_backward(*xs, o, lse, probs)
+        ctx.layout, ctx.scale, ctx.grid, ctx.heads, ctx.dtype = layout, scale, grid, heads, qkv.dtype
+        y = torch.empty(B, N, heads * D, dtype=qkv.dtype)
+        _heads_copy(y, [o], heads, to_heads=False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors  # once: under checkpointing each read unpacks them again
+        o = saved[3]
+        dout = torch.empty(o.shape)
+        dy = dy.contiguous() if dy.dtype in PACKED_DTYPES else dy.float().contiguous()
+        _heads_copy(dy, [dout], ctx.heads, to_heads=True)
+        grads = _band_backward_compiled(saved, dout, ctx.layout, ctx.scale, ctx.grid)
+        dqkv = torch.empty(dy.shape[0], dy.shape[1], 3 * dy.shape[2], dtype=ctx.dtype)
+        _heads_copy(dqkv, grads, ctx.heads, to_heads=False)
+        return dqkv, None, None, None
+
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what heads_copy reads and writes
+
+
+def _heads_copy(rows: torch.Tensor, heads: list[torch.Tensor], n_heads: int, to_heads: bool) -> None:
+    """rows [B, N, P H D] (float32 or bfloat16, contiguous) <-> P heads [B H, N, D] (float32, contiguous), in the
+    direction ``to_heads`` says."""
+    B, N, _ = rows.shape
+    pointers = (ctypes.c_void_p * len(heads))(*(h.data_ptr() for h in heads))
+    cpu_kernels.check(cpu_kernels.library().heads_copy(
+        rows.data_ptr(), pointers, B, N, len(heads), n_heads, heads[0].shape[-1], int(to_heads),
+        int(rows.dtype == torch.bfloat16), torch.get_num_threads()))
+
+
+def runs_packed(qkv: torch.Tensor, layout: Layout, heads: int) -> bool:
+    """Whether :func:`packed_attention` takes ``qkv`` [B, N, 3 H D] with ``layout`` (else unpack it into q, k, v
+    for :func:`cpu_attention`)."""
+    D = qkv.shape[-1] // (3 * heads)
+    return qkv.device.type == "cpu" and qkv.dtype in PACKED_DTYPES and _runs_compiled(layout, D) and _in_place(layout)
+
+
+def packed_attention(qkv: torch.Tensor, layout: Layout, scale: float, heads: int) -> torch.Tensor:
+    """[B, N, 3 H D] -> [B, N, H D] where :func:`runs_packed`; inputs already validated by ``kernels.attention``."""
+    return PackedBand.apply(qkv, layout, scale, heads)
 
 
 def _probs_buffer(shape: tuple[int, ...]) -> torch.Tensor:

@@ -1,8 +1,9 @@
 /* Compiled CPU kernels, float32 (loaded by kernels/cpu_kernels.py): block-sparse weight matmul (for
    kernels/blocksparse_cpu.py) and band attention (for kernels/cpu_attention.py). Both are built on one
    register-tiled product (rank_updates) and one thread pool per call (parallel), which also runs the tanh
-   GELU of training's feed-forward layers (float32 or bfloat16, for kernels/activations.py) and its layer
-   norms (float32 in, float32 or bfloat16 out, for kernels/layer_norm.py).
+   GELU of training's feed-forward layers (float32 or bfloat16, for kernels/activations.py), its layer
+   norms (float32 in, float32 or bfloat16 out, for kernels/layer_norm.py), and the copies between the qkv
+   projection's layout and the attention's (heads_copy).
 
    Block-sparse matmul, blocks of 16, 32 or 64: y = x @ W, W sparse in b x b blocks stored compactly as
    w [nnz][b][b]. bs_mm reads x, dy and w in place: no gathered copies.
@@ -861,6 +862,43 @@ int gelu_forward(const void *x, void *out, int64_t n, int bf16, int threads) {
 int gelu_backward(const void *dy, const void *x, void *dx, int64_t n, int bf16, int threads) {
     Gelu G = {x, dy, dx, n, bf16};
     parallel(gelu_bwd_part, &G, (n + GELU_CHUNK - 1) / GELU_CHUNK, NULL, threads);
+    return 0;
+}
+
+/* ---- attention heads <-> rows ------------------------------------------------------------------------------ */
+
+/* Between the qkv projection's layout and the band kernels' (kernels/cpu_attention.py, PackedBand): rows
+   [B, N, P, H, D] in float32 or bfloat16 (bf16 = 1), and P float32 tensors [B, H, N, D] (heads[p]). to_heads = 1
+   copies the rows into the heads (widening), 0 the heads into the rows (bfloat16 rounded as store_any does):
+   one pass in place of a permuted copy per tensor, a cast and a stack. D is a multiple of VL. */
+#define HEADS_CHUNK 64 /* positions per thread item */
+typedef struct { void *rows; void *const *heads; int64_t B, N; int P, H, D, to_heads, bf16; } Heads;
+
+static void heads_part(void *arg, int index, int64_t first, int64_t end) {
+    (void)index;
+    const Heads *A = arg;
+    int64_t chunks = (A->N + HEADS_CHUNK - 1) / HEADS_CHUNK;
+    for (int64_t item = first; item < end; item++) { /* item: (p, b, h), then a chunk of positions */
+        int64_t phb = item / chunks, bh = phb % (A->B * A->H), n0 = item % chunks * HEADS_CHUNK;
+        int64_t n1 = n0 + HEADS_CHUNK < A->N ? n0 + HEADS_CHUNK : A->N, p = phb / (A->B * A->H);
+        int64_t b = bh / A->H, h = bh % A->H;
+        float *heads = (float *)A->heads[p] + bh * A->N * A->D;
+        for (int64_t n = n0; n < n1; n++) {
+            int64_t r = (((b * A->N + n) * A->P + p) * A->H + h) * A->D, c = n * A->D;
+            for (int j = 0; j < A->D; j += VL) {
+                if (A->to_heads) vst(heads + c + j, load_any(A->rows, r + j, A->bf16));
+                else store_any(A->rows, r + j, A->bf16, vld(heads + c + j));
+            }
+        }
+    }
+}
+
+/* See Heads. Returns 0, or -1 for a D that is not a multiple of the vector width. */
+int heads_copy(void *rows, void *const *heads, int64_t B, int64_t N, int P, int H, int D, int to_heads, int bf16,
+               int threads) {
+    if (D % VL) return -1;
+    Heads A = {rows, heads, B, N, P, H, D, to_heads, bf16};
+    parallel(heads_part, &A, P * B * H * ((N + HEADS_CHUNK - 1) / HEADS_CHUNK), NULL, threads);
     return 0;
 }
 

@@ -32,6 +32,7 @@ _SIGNATURES = {
     "gelu_backward": [_P, _P, _P, _I64, _I32, _I32],
     "norm_forward": [_P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _F32, _I32, _I32],
     "norm_backward": [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I32, _I32, _I32],
+    "heads_copy": [_P, _P, _I64, _I64, _I32, _I32, _I32, _I32, _I32, _I32],
 }
 OPENMP = True  # build with OpenMP where the compiler has it: the kernels then run on PyTorch's threads
 _status = {"error": "", "path": None}  # what the last library() did

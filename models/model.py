@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import BLOCK_SIZES, KINDS, PATTERNS, BlockSparseLinear, Layout, Pattern, attention, gelu, layout_of
+from kernels import BLOCK_SIZES, KINDS, PATTERNS, BlockSparseLinear, Layout, Pattern, gelu, layout_of
+from kernels.attention import attention_from_qkv
 from kernels.layer_norm import LayerNorm
 
 from .sparse_ff import FF_BLOCKS, FF_LAYOUTS, SparseLinear, decode_layout, layer_seed, recipe_layout
@@ -253,11 +254,12 @@ class Attention(nn.Module):
         """x [B, N, d] -> [B, N, d]; keys/values also go into ``cache`` (a sampling.kv_cache.LayerCache) if given."""
         B, N, d = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
-        q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
+        qkv = self.qkv(x)  # [B, N, 3d]: q, k, v of each position, each [H, D]
         if cache is not None:
+            _, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
             cache.fill(k, v)
-        y = attention(q, k, v, self.cfg.layout(self.layer, N), backend=backend)
-        return self.proj(y.transpose(1, 2).reshape(B, N, d))
+        y = attention_from_qkv(qkv, H, self.cfg.layout(self.layer, N), backend=backend)  # [B, N, d]
+        return self.proj(y)
 
 
 class FeedForward(nn.Module):
