@@ -10,8 +10,10 @@ layout:
 * band: every query block r reads the key blocks [r - M + 1, r] (local, strided). In
   compiled C where kernels/cpu_kernels.py runs (:class:`CompiledBand`: float32 register
   tiles, one thread per (batch, head), in place when the layout is whole, strided ones
-  included); else slot m of every row is the contiguous key slice shifted by m, one bmm
-  on views: no gather, no scatter. Per (batch, head), in the layout's physical (block) order.
+  included; :class:`PackedBand` takes a whole layout straight from the qkv projection's
+  output, for ``kernels.attention_from_qkv``); else slot m of every row is the contiguous
+  key slice shifted by m, one bmm on views: no gather, no scatter. Per (batch, head), in the
+  layout's physical (block) order.
 * gather: anything else (fixed, all). The listed key blocks of a chunk of rows are
   gathered into [rows, M * block] and the gradients scattered back with index_add.
 
@@ -590,6 +592,9 @@ class CompiledBand(torch.autograd.Function):
         return (*(CompiledBand._back(g, ctx) for g in grads), None, None)
 
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what heads_copy reads and writes
+
+
 class PackedBand(torch.autograd.Function):
     """A whole band layout (:func:`_in_place`) in the compiled kernels, straight from the qkv projection's output
     [B, N, 3 H D] to the attention's output [B, N, H D] (float32 or bfloat16, the input's dtype): one compiled
@@ -623,8 +628,6 @@ class PackedBand(torch.autograd.Function):
         _heads_copy(dqkv, grads, ctx.heads, to_heads=False)
         return dqkv, None, None, None
 
-
-PACKED_DTYPES = (torch.float32, torch.bfloat16)  # what heads_copy reads and writes
 
 
 def _heads_copy(rows: torch.Tensor, heads: list[torch.Tensor], n_heads: int, to_heads: bool) -> None:
