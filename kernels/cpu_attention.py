@@ -629,7 +629,6 @@ class PackedBand(torch.autograd.Function):
         return dqkv, None, None, None
 
 
-
 def _heads_copy(rows: torch.Tensor, heads: list[torch.Tensor], n_heads: int, to_heads: bool) -> None:
     """rows [B, N, P H D] (float32 or bfloat16, contiguous) <-> P heads [B H, N, D] (float32, contiguous), in the
     direction ``to_heads`` says."""
