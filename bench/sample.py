@@ -19,7 +19,8 @@ Rows (fp32 on the CPU, temperature 1, all of torch's threads):
     thread), as it runs where no C compiler is found.
   * dense cache: the decoder with every layer caching and reading every past token.
   * naive: the full forward over the whole prefix for every new token (batch 1, 8 steps).
-  * limit: per step, weight bytes (read once for the batch) + cache bytes read, and model FLOPs,
+  * limit: per step, weight bytes (read once for the batch, as the compiled step reads them: bfloat16
+    for a model stored in bfloat16) + cache bytes read, and model FLOPs,
     against the speed of reading a buffer of that many bytes (from the CPU's caches when it fits:
     the weights of the shipped models do) and the fp32 matmul peak;
     tokens/s = batch / max(bytes/bw, flops/peak), at batch 1 and 8. Their ratio is the most that
@@ -85,7 +86,7 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = Fals
         decoder.sample(tokens, uniforms, options, start, start + STEPS)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
     return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes,
-            "step": decoder.step.description}
+            "step": decoder.step.description, "weight_bytes": getattr(decoder.step, "weight_bytes", None)}
 
 
 def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) -> float:
@@ -107,10 +108,14 @@ def timed_generate(model: SparseTransformer, prompt_len: int, length: int) -> fl
     return time.perf_counter() - t0
 
 
-def step_cost(model: SparseTransformer, cache_read_per_token: float, batch: int = 1) -> tuple[float, float]:
-    """(bytes moved, FLOPs) of one step: every weight once plus each sequence's cache entries read."""
+def step_cost(model: SparseTransformer, cache_read_per_token: float, batch: int = 1,
+              weight_bytes: int | None = None) -> tuple[float, float]:
+    """(bytes moved, FLOPs) of one step: every weight once plus each sequence's cache entries read.
+    weight_bytes: the weight bytes the step reads (the compiled step's, bfloat16 where it reads bfloat16);
+    default every matrix of the model as stored."""
     cfg = model.cfg
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2)
+    if weight_bytes is None:
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2)
     kv_bytes = cache_read_per_token * 2 * cfg.d_model * 4
     flops = 2 * matmul_parameters(cfg) + 4 * cfg.d_model * cache_read_per_token
     return weight_bytes + batch * kv_bytes, batch * flops
@@ -184,8 +189,8 @@ def main() -> None:
             else:
                 r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, clip), False
         keys = keys_read_per_step(model, n // 2)
-        bytes_step, flops_step = step_cost(model, keys)
-        bytes_b8, flops_b8 = step_cost(model, keys, 8)
+        bytes_step, flops_step = step_cost(model, keys, 1, b1["weight_bytes"])
+        bytes_b8, flops_b8 = step_cost(model, keys, 8, b8["weight_bytes"])
         bw1, bw8 = read_bandwidth(bytes_step), read_bandwidth(bytes_b8)
         r.update(step_bytes=bytes_step, step_flops=flops_step, step_bytes_b8=bytes_b8,
                  read_bandwidth_gbs_b1=bw1 / 1e9, read_bandwidth_gbs_b8=bw8 / 1e9,

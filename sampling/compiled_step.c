@@ -10,7 +10,9 @@
    (see Mat), and the same loops skip the blocks that are not there.
    Each output is summed in the same order whatever the batch size, so a sample does not depend on
    the batch it runs in.
-   Entry points: st_new / st_layer / st_start (set up, on the caller's tensors), st_step (one position of
+   The matrices are float32, or bfloat16 where every weight of the matrix is a bfloat16 number (st_half): the same
+   values from half the bytes.
+   Entry points: st_new / st_layer / st_sparse / st_half / st_start (set up, on the caller's tensors), st_step (one position of
    the whole batch: logits), st_sample (positions [start, stop) of a range of rows, sampling each token
    in C), st_free. */
 
@@ -71,9 +73,13 @@ static inline v8 vgelu(v8 x) {
 /* A weight matrix as matmul reads it: output blocks of out_bs outputs (a multiple of TILE), output block j
    reading the input blocks col_ptr[j] .. col_ptr[j + 1] - 1 of the list, each in_bs inputs from input
    starts[k]. Packed per output block, then [out_bs / 16][listed blocks * in_bs][16]. A dense matrix is one
-   output block (all outputs) reading one input block (all inputs): the packing [out / 16][in][16]. */
+   output block (all outputs) reading one input block (all inputs): the packing [out / 16][in][16].
+   half: the weights are bfloat16 (st_half), widened to float32 as they are read: the same values and sums
+   as float32 weights holding the same numbers, from half the bytes. */
 typedef struct {
-    const float *w, *b;
+    const void *w;
+    const float *b;
+    int half;
     int in_bs, out_bs;
     const int *col_ptr, *starts;
 } Mat;
@@ -176,26 +182,35 @@ typedef float vt __attribute__((vector_size(32)));
 #define COLS(R) (ACC_REGS / ((R) * PARTS) < MAX_COLS ? ACC_REGS / ((R) * PARTS) : MAX_COLS)
 static inline vt ldt(const float *p) { vt v; memcpy(&v, p, sizeof v); return v; }
 static inline void stt(float *p, vt v) { memcpy(p, &v, sizeof v); }
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+/* VW bfloat16 weights as float32: each is the high half of its float32 */
+static inline vt ldh(const uint16_t *p) { vh h; memcpy(&h, p, sizeof h); return (vt)(__builtin_convertvector(h, vu) << 16); }
+/* the weight vector at element offset k of M (HALF: M's weights are bfloat16) */
+#define LDW(k) (HALF ? ldh((const uint16_t *)M->w + (k)) : ldt((const float *)M->w + (k)))
 
 /* R rows of x (row stride ldx) times C tiles of M from tile t (all in one output block of M):
    acc = bias + sum_i x[i] w[i] over the inputs the block reads, in increasing order for every output;
-   then out = acc, gelu(acc) or out + acc. */
+   then out = acc, gelu(acc) or out + acc. HALF: M's weights are bfloat16 (M->half). */
 static inline __attribute__((always_inline)) void tiles(const float *x, int ldx, const Mat *M, int t, float *out,
-                                                         int ldo, int mode, const int R, const int C) {
+                                                         int ldo, int mode, const int R, const int C, const int HALF) {
     int per_block = M->out_bs / TILE, j = t / per_block, first = M->col_ptr[j], bs = M->in_bs;
     int blocks = M->col_ptr[j + 1] - first, len = blocks * bs;  /* len: the inputs of each packed tile */
+    const char *bytes = M->w;
+    const size_t elem = HALF ? 2 : 4;
     vt acc[MAX_ROWS][MAX_COLS][PARTS];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
             for (int h = 0; h < PARTS; h++) acc[r][c][h] = ldt(M->b + (t + c) * TILE + VW * h);
-    const float *wt = M->w + (size_t)first * bs * M->out_bs + (size_t)(t % per_block) * len * TILE;
+    size_t wt = (size_t)first * bs * M->out_bs + (size_t)(t % per_block) * len * TILE;  /* element offsets */
     for (int q = 0; q < blocks; q++) {
-        const float *xq = x + M->starts[first + q], *wq = wt + (size_t)q * bs * TILE;
+        const float *xq = x + M->starts[first + q];
+        size_t wq = wt + (size_t)q * bs * TILE;
         for (int i = 0; i < bs; i++) {
             vt wv[MAX_COLS][PARTS];
             for (int c = 0; c < C; c++) {
-                for (int h = 0; h < PARTS; h++) wv[c][h] = ldt(wq + ((size_t)c * len + i) * TILE + VW * h);
-                __builtin_prefetch(wq + ((size_t)c * len + i + PREFETCH) * TILE);
+                for (int h = 0; h < PARTS; h++) wv[c][h] = LDW(wq + ((size_t)c * len + i) * TILE + VW * h);
+                __builtin_prefetch(bytes + (wq + ((size_t)c * len + i + PREFETCH) * TILE) * elem);
             }
             for (int r = 0; r < R; r++) {
                 vt xv = xq[r * ldx + i] - (vt){0};
@@ -215,9 +230,10 @@ static inline __attribute__((always_inline)) void tiles(const float *x, int ldx,
 
 /* Tiles [t, t_end) for R rows, as many tiles at a time as the accumulators allow. */
 #define RUN(R, C) \
-    for (; (C) <= COLS(R) && t + (C) <= t_end; t += (C)) tiles(x, ldx, M, t, out, ldo, mode, R, C)
+    for (; (C) <= COLS(R) && t + (C) <= t_end; t += (C)) tiles(x, ldx, M, t, out, ldo, mode, R, C, HALF)
 static inline __attribute__((always_inline)) void row_tiles(const float *x, int ldx, const Mat *M, int t,
-                                                             int t_end, float *out, int ldo, int mode, const int R) {
+                                                             int t_end, float *out, int ldo, int mode, const int R,
+                                                             const int HALF) {
     RUN(R, 8);
     RUN(R, 4);
     RUN(R, 2);
@@ -229,7 +245,8 @@ static inline __attribute__((always_inline)) void row_tiles(const float *x, int 
    groups of 8 rows (AVX-512 only), 4, 2 and 1 in turn through as many tiles as the first group takes at a
    time (never past the end of an output block of M), so that each tile is read from memory once for the
    whole batch and reused from L1 by the next. */
-static void matmul(const float *x, int ldx, const Mat *M, int t0, int t1, float *out, int ldo, int mode, int B) {
+static inline __attribute__((always_inline)) void matmul_as(const float *x, int ldx, const Mat *M, int t0, int t1,
+                                                             float *out, int ldo, int mode, int B, const int HALF) {
     int first = COLS(8) >= 1 && B >= 8 ? 8 : B >= 4 ? 4 : B >= 2 ? 2 : 1, chunk = COLS(first);
     int per_block = M->out_bs / TILE;
     for (int t = t0, te; t < t1; t = te) {
@@ -237,13 +254,20 @@ static void matmul(const float *x, int ldx, const Mat *M, int t0, int t1, float 
         te = t + chunk < t1 ? t + chunk : t1;
         te = te < block_end ? te : block_end;
 #define GROUP(R) for (; COLS(R) >= 1 && r + (R) <= B; r += (R)) \
-    row_tiles(x + r * ldx, ldx, M, t, te, out + r * ldo, ldo, mode, R)
+    row_tiles(x + r * ldx, ldx, M, t, te, out + r * ldo, ldo, mode, R, HALF)
         GROUP(8);
         GROUP(4);
         GROUP(2);
         GROUP(1);
 #undef GROUP
     }
+}
+
+static void matmul(const float *x, int ldx, const Mat *M, int t0, int t1, float *out, int ldo, int mode, int B) {
+    if (M->half)
+        matmul_as(x, ldx, M, t0, t1, out, ldo, mode, B, 1);
+    else
+        matmul_as(x, ldx, M, t0, t1, out, ldo, mode, B, 0);
 }
 
 static void my_tiles(int n_out, int T, int tid, int *t0, int *t1) {
@@ -505,7 +529,15 @@ void st_layer(Step *s, int l, int kind, float *kv, float *summaries, int slots, 
    packed weights w, col_ptr [outputs / bs + 1] and starts [listed blocks] as in Mat; its bias stays. */
 void st_sparse(Step *s, int l, int which, const float *w, int bs, const int *col_ptr, const int *starts) {
     Mat *M = which ? &s->layers[l].fc2 : &s->layers[l].fc;
-    M->w = w, M->in_bs = bs, M->out_bs = bs, M->col_ptr = col_ptr, M->starts = starts;
+    M->w = w, M->half = 0, M->in_bs = bs, M->out_bs = bs, M->col_ptr = col_ptr, M->starts = starts;
+}
+
+/* Read matrix which (0 qkv, 1 proj, 2 fc, 3 fc2) of layer l (l = -1: the head) from w: the same packing as the
+   float32 weights it replaces, in bfloat16. */
+void st_half(Step *s, int l, int which, const uint16_t *w) {
+    Layer *L = l >= 0 ? &s->layers[l] : NULL;
+    Mat *M = !L ? &s->head : which == 0 ? &L->qkv : which == 1 ? &L->proj : which == 2 ? &L->fc : &L->fc2;
+    M->w = w, M->half = 1;
 }
 
 /* Start the T - 1 workers; returns the threads that will run the steps (fewer if a worker could not start). */

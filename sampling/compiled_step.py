@@ -5,7 +5,8 @@ each costs microseconds of dispatch, and together they cost as much as reading t
 The compiled step does the same maths (embedding, every layer's norm, qkv, cache write, attention
 over the pattern's cache rows, projection, feed-forward, final norm and head) in one call, on all
 threads in lockstep, with each weight matrix packed so that a tile of 16 outputs streams
-contiguously. It reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a
+contiguously, in bfloat16 where every weight of the matrix is a bfloat16 number (a model stored in bfloat16,
+like the shipped image64): the same values, widened in registers, from half the bytes. It reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a
 prompt prefilled by the parallel forward pass continues in C.
 
 Building and loading (:func:`library`): kernels/native.py builds the library once per machine into this
@@ -72,6 +73,8 @@ def library() -> ctypes.CDLL | None:
     lib.st_layer.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P]
     lib.st_sparse.restype = None
     lib.st_sparse.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P, _P]
+    lib.st_half.restype = None
+    lib.st_half.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P]
     lib.st_start.restype = ctypes.c_int
     lib.st_start.argtypes = [_P]
     lib.st_step.restype = ctypes.c_int
@@ -135,6 +138,13 @@ def _pack_sparse(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, t
     return torch.cat([p.flatten() for p in parts]).contiguous(), col_ptr.contiguous(), starts.contiguous()
 
 
+def _as_bf16(packed: torch.Tensor) -> torch.Tensor | None:
+    """The packed float32 weights in bfloat16 when every value is a bfloat16 number (the same numbers in half the
+    bytes: a model stored in bfloat16 holds such weights), else None."""
+    half = packed.to(torch.bfloat16)
+    return half if torch.equal(half.float(), packed) else None
+
+
 class CompiledStep(DecodeStep):
     """The decoding step in C for one model, one batch and its caches (see the module notes).
 
@@ -142,10 +152,13 @@ class CompiledStep(DecodeStep):
     rows_per_pass: how many sequences :meth:`sample` steps together, or "auto" (the default: measured
     on the sampling itself, see TUNE_STEPS); the weights are read once a step for all of them, but each
     brings its own cache into the CPU's caches.
+    bf16_weights: read each weight matrix whose every value is a bfloat16 number (all of them, for a model
+    stored in bfloat16) from a bfloat16 copy, widened to float32 in registers: the same logits, bit for bit,
+    from half the weight bytes. False: float32 copies. ``weight_bytes``: the matrix bytes one step reads.
     """
 
     def __init__(self, model: SparseTransformer, caches: list[LayerCache], pos_emb: torch.Tensor,
-                 threads: int | None = None, rows_per_pass: int | str = "auto"):
+                 threads: int | None = None, rows_per_pass: int | str = "auto", bf16_weights: bool = True):
         reason = unavailable(model, caches)
         if reason:
             raise ValueError(f"the compiled decoding step is not available: {reason}")
@@ -170,6 +183,8 @@ class CompiledStep(DecodeStep):
         if not handle:
             raise MemoryError("the compiled decoding step could not allocate its buffers")
         self._finalizer = weakref.finalize(self, lib.st_free, handle)
+        self.weight_bytes = 0
+        matrices = [(-1, 0, head_w)]  # (layer, which, packed float32 weights) of every matrix, -1: the head
         for i, (block, cache) in enumerate(zip(model.blocks, caches, strict=True)):
             sparse = i in cfg.sparse_ff_layers
             ff = [(d(m.weight), d(m.bias)) if sparse else _pack(m) for m in (block.ff.fc, block.ff.proj)]
@@ -183,18 +198,30 @@ class CompiledStep(DecodeStep):
             lib.st_layer(handle, i, cache.pattern.code, cache.kv.data_ptr(),
                          cache.summaries.data_ptr() if fixed else None, slots.slots, slots.rows, slots.summary, lo,
                          pointers)
+            matrices += [(i, 0, weights[2]), (i, 1, weights[4]), (i, 2, weights[8]), (i, 3, weights[10])]
             for which, m in enumerate((block.ff.fc, block.ff.proj) if sparse else ()):
                 packed = _pack_sparse(m)  # the dense-layout pointers given above are replaced
                 keep += packed
+                matrices[-2 + which] = (i, 2 + which, packed[0])
                 lib.st_sparse(handle, i, which, *(t.data_ptr() for t in packed[:1]), cfg.ff_block,
                               *(t.data_ptr() for t in packed[1:]))
+        replaced = set()
+        for layer, which, packed in matrices:
+            half = _as_bf16(packed) if bf16_weights else None
+            if half is not None:
+                keep.append(half)
+                replaced.add(id(packed))
+                lib.st_half(handle, layer, which, half.data_ptr())
+            self.weight_bytes += (packed if half is None else half).nbytes
+        keep = [t for t in keep if id(t) not in replaced]  # the float32 copies the step no longer reads
         keep += [t for c in caches for t in c.tensors()]
         self._keep, self._lib, self._handle = keep, lib, handle
         self.threads = lib.st_start(handle)  # fewer than asked if a worker could not start
 
     @property
     def description(self) -> str:
-        return f"compiled C step (sampling/compiled_step.c), {self.threads} threads, rows per pass {self.tuned_rows}"
+        return (f"compiled C step (sampling/compiled_step.c), {self.threads} threads, rows per pass "
+                f"{self.tuned_rows}, {self.weight_bytes / 1e6:.1f} MB of weights")
 
     def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
         """Logits [B, V] (float32) of position ``pos``; prev [B] int64 are the tokens at pos - 1 (None at 0)."""

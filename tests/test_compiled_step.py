@@ -180,6 +180,42 @@ def test_library_is_built_once_into_a_private_folder_and_a_missing_or_failing_co
         assert "unavailable" in prepare() and "PyTorch step" in prepare()
 
 
+def _bf16_valued(model):
+    """The model with every weight rounded to a bfloat16 number, kept in float32 (as a model stored in bfloat16
+    loads)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    return model
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["native", "plain-build"])
+@pytest.mark.parametrize("kw", [dict(), dict(ff_layout="random", ff_density=0.5, ff_block=16, ff_layers=(1,))],
+                         ids=["dense", "block-sparse-ff"])
+def test_bf16_valued_weights_are_read_as_bf16_with_the_same_logits_bit_for_bit(env, tmp_path, kw, plain):
+    """A model whose weights are all bfloat16 numbers: the step reads its matrices from half the bytes (the AVX-512
+    tiles, and the 8-wide halves of a plain build) and its logits equal, bit for bit, those of the float32 copies
+    at batches 1 to 9; a model with float32 weights keeps reading float32."""
+    if plain:
+        wrapped_compiler(tmp_path, env, "refuse")
+    model = _bf16_valued(small_model(pattern="strided", **kw))
+    tokens = torch.randint(0, 256, (9, 40), generator=torch.Generator().manual_seed(8))
+    for batch in (1, 2, 5, 9):
+        half, full = Decoder(model, batch, 40, step="pytorch"), Decoder(model, batch, 40, step="pytorch")
+        half.step = CompiledStep(model, half.caches, half.pos_emb, threads=2)
+        full.step = CompiledStep(model, full.caches, full.pos_emb, threads=2, bf16_weights=False)
+        assert half.step.weight_bytes * 2 == full.step.weight_bytes
+        for pos in range(40):
+            prev = tokens[:batch, pos - 1] if pos else None
+            assert torch.equal(half.step(prev, pos), full.step(prev, pos))
+    model = small_model(pattern="strided", **kw)  # float32 weights
+    mixed = Decoder(model, 1, 40, step="pytorch")
+    mixed.step = CompiledStep(model, mixed.caches, mixed.pos_emb)
+    matrices = sum(p.numel() for n, p in model.named_parameters()  # a block-sparse one holds its blocks only
+                   if p.dim() >= 2 and n.startswith(("blocks.", "head.")))
+    assert mixed.step.weight_bytes == 4 * matrices
+
+
 def test_library_built_without_march_native_gives_the_same_logits(env, tmp_path):
     """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code, with the
     8-wide matmul tiles of CPUs without AVX-512 (blocks of 4 and 1 rows for a batch of 5)."""
