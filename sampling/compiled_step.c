@@ -12,9 +12,9 @@
    the batch it runs in.
    The matrices are float32, or bfloat16 where every weight of the matrix is a bfloat16 number (st_half): the same
    values from half the bytes.
-   Entry points: st_new / st_layer / st_sparse / st_half / st_start (set up, on the caller's tensors), st_step (one position of
-   the whole batch: logits), st_sample (positions [start, stop) of a range of rows, sampling each token
-   in C), st_free. */
+   Entry points: st_new / st_layer / st_sparse / st_half / st_start (set up, on the caller's tensors), st_step
+   (one position of the whole batch: logits), st_sample (positions [start, stop) of a range of rows, sampling
+   each token in C), st_free. */
 
 #include <math.h>
 #include <pthread.h>
@@ -182,12 +182,14 @@ typedef float vt __attribute__((vector_size(32)));
 #define COLS(R) (ACC_REGS / ((R) * PARTS) < MAX_COLS ? ACC_REGS / ((R) * PARTS) : MAX_COLS)
 static inline vt ldt(const float *p) { vt v; memcpy(&v, p, sizeof v); return v; }
 static inline void stt(float *p, vt v) { memcpy(p, &v, sizeof v); }
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
-/* VW bfloat16 weights as float32: each is the high half of its float32 */
-static inline vt ldh(const uint16_t *p) { vh h; memcpy(&h, p, sizeof h); return (vt)(__builtin_convertvector(h, vu) << 16); }
-/* the weight vector at element offset k of M (HALF: M's weights are bfloat16) */
-#define LDW(k) (HALF ? ldh((const uint16_t *)M->w + (k)) : ldt((const float *)M->w + (k)))
+/* bfloat16 matrices hold rows i and i + 1 of a tile (i even) interleaved: lane k of a 32-bit vector is w[i + 1][k]
+   in its high half and w[i][k] in its low half; each row, widened to float32, is that half alone */
+static inline void ldh2(const uint16_t *p, vt *w0, vt *w1) {
+    vu v;
+    memcpy(&v, p, sizeof v);
+    *w0 = (vt)(v << 16), *w1 = (vt)(v & 0xffff0000u);
+}
 
 /* R rows of x (row stride ldx) times C tiles of M from tile t (all in one output block of M):
    acc = bias + sum_i x[i] w[i] over the inputs the block reads, in increasing order for every output;
@@ -206,17 +208,24 @@ static inline __attribute__((always_inline)) void tiles(const float *x, int ldx,
     for (int q = 0; q < blocks; q++) {
         const float *xq = x + M->starts[first + q];
         size_t wq = wt + (size_t)q * bs * TILE;
-        for (int i = 0; i < bs; i++) {
-            vt wv[MAX_COLS][PARTS];
+        for (int i = 0; i < bs; i += 1 + HALF) {  /* HALF: inputs i and i + 1 from one load */
+            vt wv[2][MAX_COLS][PARTS];
             for (int c = 0; c < C; c++) {
-                for (int h = 0; h < PARTS; h++) wv[c][h] = LDW(wq + ((size_t)c * len + i) * TILE + VW * h);
-                __builtin_prefetch(bytes + (wq + ((size_t)c * len + i + PREFETCH) * TILE) * elem);
+                size_t k = wq + ((size_t)c * len + i) * TILE;
+                for (int h = 0; h < PARTS; h++) {
+                    if (HALF)
+                        ldh2((const uint16_t *)M->w + k + 2 * VW * h, &wv[0][c][h], &wv[1][c][h]);
+                    else
+                        wv[0][c][h] = ldt((const float *)M->w + k + VW * h);
+                }
+                __builtin_prefetch(bytes + (k + PREFETCH * TILE) * elem);
             }
-            for (int r = 0; r < R; r++) {
-                vt xv = xq[r * ldx + i] - (vt){0};
-                for (int c = 0; c < C; c++)
-                    for (int h = 0; h < PARTS; h++) acc[r][c][h] += xv * wv[c][h];
-            }
+            for (int e = 0; e <= HALF; e++)
+                for (int r = 0; r < R; r++) {
+                    vt xv = xq[r * ldx + i + e] - (vt){0};
+                    for (int c = 0; c < C; c++)
+                        for (int h = 0; h < PARTS; h++) acc[r][c][h] += xv * wv[e][c][h];
+                }
         }
     }
     for (int r = 0; r < R; r++)

@@ -5,9 +5,10 @@ each costs microseconds of dispatch, and together they cost as much as reading t
 The compiled step does the same maths (embedding, every layer's norm, qkv, cache write, attention
 over the pattern's cache rows, projection, feed-forward, final norm and head) in one call, on all
 threads in lockstep, with each weight matrix packed so that a tile of 16 outputs streams
-contiguously, in bfloat16 where every weight of the matrix is a bfloat16 number (a model stored in bfloat16,
-like the shipped image64): the same values, widened in registers, from half the bytes. It reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a
-prompt prefilled by the parallel forward pass continues in C.
+contiguously, in bfloat16 where every weight of the matrix is a bfloat16 number (a model stored in
+bfloat16, like the shipped image64): the same values, widened in registers, from half the bytes. It
+reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a prompt prefilled by
+the parallel forward pass continues in C.
 
 Building and loading (:func:`library`): kernels/native.py builds the library once per machine into this
 user's private cache folder (never loading anything from a shared folder). The app builds it at start-up
@@ -140,9 +141,13 @@ def _pack_sparse(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, t
 
 def _as_bf16(packed: torch.Tensor) -> torch.Tensor | None:
     """The packed float32 weights in bfloat16 when every value is a bfloat16 number (the same numbers in half the
-    bytes: a model stored in bfloat16 holds such weights), else None."""
+    bytes: a model stored in bfloat16 holds such weights), else None. Each tile's rows i and i + 1 (i even) are
+    interleaved, lane by lane, as compiled_step.c's ldh2 reads them (every tile has an even number of rows: d_model
+    is a multiple of the head dim, 32, 64 or 128, and the feed-forward width and sparse blocks of 16)."""
     half = packed.to(torch.bfloat16)
-    return half if torch.equal(half.float(), packed) else None
+    if not torch.equal(half.float(), packed):
+        return None
+    return half.view(-1, 2, TILE).transpose(1, 2).contiguous()
 
 
 class CompiledStep(DecodeStep):
