@@ -133,31 +133,21 @@ static void barrier(Step *s, int *sense) {
     }
 }
 
-#define NORM_ROWS 8
-/* Each row's mean and variance are sums in input order (one chain of adds per row, as at batch 1); up to
-   NORM_ROWS rows advance together so that their chains overlap instead of waiting on each add in turn.
-   The squares are rounded before they are added (no fused multiply-add) and the output is one fused
-   multiply-add, as GCC compiled the one-row loops before: the same bits. */
-#if defined(__clang__)
+/* Each row's mean and variance are sums of 16 lanes (input i in lane i % 16, inputs in increasing order), then of
+   the lanes in a fixed tree; the rows are independent, so a row's result does not depend on the batch.
+   d is a multiple of 32 (the head dims are 32, 64 and 128). */
 static void layer_norm(const float *x, const float *w, const float *b, float *out, int B, int d) {
-#pragma clang fp contract(off)
-#else
-__attribute__((optimize("fp-contract=off"))) static void layer_norm(const float *x, const float *w, const float *b,
-                                                                    float *out, int B, int d) {
-#endif
-    for (int r0 = 0; r0 < B; r0 += NORM_ROWS) {
-        int n = B - r0 < NORM_ROWS ? B - r0 : NORM_ROWS;
-        const float *xr = x + (size_t)r0 * d;
-        float mean[NORM_ROWS] = {0}, var[NORM_ROWS] = {0};
-        for (int i = 0; i < d; i++)
-            for (int r = 0; r < n; r++) mean[r] += xr[r * d + i];
-        for (int r = 0; r < n; r++) mean[r] /= d;
-        for (int i = 0; i < d; i++)
-            for (int r = 0; r < n; r++) var[r] += (xr[r * d + i] - mean[r]) * (xr[r * d + i] - mean[r]);
-        for (int r = 0; r < n; r++) {
-            float rstd = 1.0f / sqrtf(var[r] / d + 1e-5f), *o = out + (size_t)(r0 + r) * d;
-            for (int i = 0; i < d; i++) o[i] = fmaf((xr[r * d + i] - mean[r]) * rstd, w[i], b[i]);
+    for (int r = 0; r < B; r++, x += d, out += d) {
+        v8 s0 = splat(0), s1 = splat(0);
+        for (int i = 0; i < d; i += 16) s0 += ld(x + i), s1 += ld(x + i + 8);
+        v8 mean = splat(hsum(s0 + s1) / d);
+        s0 = s1 = splat(0);
+        for (int i = 0; i < d; i += 16) {
+            v8 a = ld(x + i) - mean, c = ld(x + i + 8) - mean;
+            s0 += a * a, s1 += c * c;
         }
+        v8 rstd = splat(1.0f / sqrtf(hsum(s0 + s1) / d + 1e-5f));
+        for (int i = 0; i < d; i += 8) st(out + i, (ld(x + i) - mean) * rstd * ld(w + i) + ld(b + i));
     }
 }
 
