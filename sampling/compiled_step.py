@@ -176,6 +176,8 @@ class CompiledStep(DecodeStep):
                                         or rows_per_pass < 1):
             raise ValueError(f'rows_per_pass must be "auto" or an integer >= 1, got {rows_per_pass!r}')
         self.rows_per_pass = rows_per_pass
+        if not isinstance(bf16_weights, bool):
+            raise ValueError(f"bf16_weights must be True or False, got {bf16_weights!r}")
         self.tuned_rows = B  # "auto": the rows per pass chosen by the last measurement
         self._tune_at = 0  # "auto": the position from which the candidates run again
         d = lambda t: t.detach().contiguous()  # noqa: E731

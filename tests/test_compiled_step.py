@@ -214,6 +214,8 @@ def test_bf16_valued_weights_are_read_as_bf16_with_the_same_logits_bit_for_bit(e
     matrices = sum(p.numel() for n, p in model.named_parameters()  # a block-sparse one holds its blocks only
                    if p.dim() >= 2 and n.startswith(("blocks.", "head.")))
     assert mixed.step.weight_bytes == 4 * matrices
+    with pytest.raises(ValueError, match="bf16_weights must be True or False"):
+        CompiledStep(model, mixed.caches, mixed.pos_emb, bf16_weights="yes")
 
 
 def test_library_built_without_march_native_gives_the_same_logits(env, tmp_path):
