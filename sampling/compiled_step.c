@@ -531,8 +531,8 @@ void st_sparse(Step *s, int l, int which, const float *w, int bs, const int *col
     M->w = w, M->half = 0, M->in_bs = bs, M->out_bs = bs, M->col_ptr = col_ptr, M->starts = starts;
 }
 
-/* Read matrix which (0 qkv, 1 proj, 2 fc, 3 fc2) of layer l (l = -1: the head) from w: the same packing as the
-   float32 weights it replaces, in bfloat16. */
+/* Read matrix which (0 qkv, 1 proj, 2 fc, 3 fc2) of layer l (l = -1: the head) from w: the float32 packing it
+   replaces, in bfloat16, with each tile's rows i and i + 1 interleaved as ldh2 reads them. */
 void st_half(Step *s, int l, int which, const uint16_t *w) {
     Layer *L = l >= 0 ? &s->layers[l] : NULL;
     Mat *M = !L ? &s->head : which == 0 ? &L->qkv : which == 1 ? &L->proj : which == 2 ? &L->fc : &L->fc2;
