@@ -5,6 +5,10 @@
      embed | per layer: norm + qkv | attention, the keys of each (row, head) split T ways, the new key and
      value written to the cache first | combine + proj + residual | norm + fc + gelu | proj + residual |
      norm + head
+   st_sample with at least ALONE_ROWS rows for every thread instead gives each thread its own rows, which it steps
+   through every position by itself, never waiting for another thread (rows_alone); each thread then reads every
+   matrix, but with no barrier. Its attention still splits the keys of each (row, head) T ways, in turn, so that
+   both ways give the same logits bit for bit.
    Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously; a block-sparse
    feed-forward matrix (models/sparse_ff.py) is packed per output block, over the input blocks it reads only
    (see Mat), and the same loops skip the blocks that are not there.
@@ -33,6 +37,7 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 #define MAX_HEADS 64
 #define SPIN 20000      /* pauses a worker spins for the next step before it sleeps */
 #define YIELD_AFTER 4000 /* pauses a thread spins at a barrier before it also yields its core */
+#define ALONE_ROWS 2     /* st_sample gives each thread its own rows when every thread gets at least this many */
 
 #if defined(__x86_64__) || defined(__i386__)
 #define PAUSE() __builtin_ia32_pause()
@@ -97,6 +102,24 @@ typedef struct {
     Mat qkv, proj, fc, fc2;               /* attention in and out, feed-forward in and out */
 } Layer;
 
+/* One step: position pos of rows row0 .. row0 + nrows - 1 of the batch, whose buffers (x, qkv, f and the
+   attention's partial results) are rows buf .. buf + nrows - 1 of the step's; prev [nrows] (element stride
+   prev_stride) the tokens at pos - 1, NULL at 0; logits [nrows, V]. */
+typedef struct {
+    int pos, row0, nrows, buf;
+    const int64_t *prev;
+    int64_t prev_stride;
+    float *logits;
+} Pass;
+
+/* st_sample's arguments, for rows_alone */
+typedef struct {
+    int64_t *tokens, ld_tokens, ld_u;
+    const float *u;
+    float temperature;
+    int start, stop, row0, nrows;
+} Job;
+
 typedef struct {
     int B, d, H, D, ff, V, n_layers, T, max_keys;
     const float *tok_emb, *start, *pos_emb, *nw, *nb;
@@ -105,12 +128,10 @@ typedef struct {
     float *x, *qkv, *f;                   /* [B, d], [B, 3d], [B, ff] */
     float *norm, *y, *scores;             /* per thread: [B, d], [B, d], [max_keys] */
     float *part_acc, *part_m, *part_l;    /* [B, H, T, D], [B, H, T], [B, H, T] */
-    /* the step being run: position pos of rows row0 .. row0 + nrows - 1 of the batch */
-    int pos, row0, nrows;
-    const int64_t *prev;
-    int64_t prev_stride;
-    float *logits;
-    float *own_logits, *cdf;              /* st_sample's logits [B, V] and CDF [V] */
+    Pass pass;                            /* the step all threads run together (st_step, st_sample's lockstep) */
+    Job job;                              /* st_sample's rows, each thread alone on its share (rows_alone) */
+    int alone;                            /* which of the two the workers run next */
+    float *own_logits, *cdf;              /* st_sample's logits [B, V] and a CDF [V] per thread */
     /* threads */
     pthread_t *threads;
     atomic_int gen, arrived, sense;
@@ -119,8 +140,9 @@ typedef struct {
     pthread_cond_t cv;
 } Step;
 
-static void barrier(Step *s, int *sense) {
-    if (s->T == 1) return;
+/* Wait for all s->T threads; T: the threads that share the work (1: this thread runs alone, nothing to wait for). */
+static void barrier(Step *s, int T, int *sense) {
+    if (T == 1) return;
     *sense = !*sense;
     if (atomic_fetch_add(&s->arrived, 1) == s->T - 1) {
         atomic_store(&s->arrived, 0);
@@ -369,87 +391,123 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
     for (int e = 0; e < D / 8; e++) st(acc_out + 8 * e, acc[e]);
 }
 
-/* The keys of every (row, head) are split T ways, whatever the batch: part p of (b, h) is item bh * T + p.
-   Each thread runs a contiguous range of the items, so that at batch 8 it reads whole segments of the
-   cache (longer streams from memory) while at batch 1 the threads still share the work evenly. The part
-   that holds position pos first writes its new key and value into the cache (no other part reads them). */
-static void attention(Step *s, const Layer *L, int tid) {
-    int H = s->H, D = s->D, d = s->d, T = s->T, items = s->nrows * H * T;
-    float *scores = s->scores + (size_t)tid * (s->max_keys + 8);
+/* The keys of every (row, head) are split P = s->T ways, whatever the batch and however many threads share the
+   pass (T, this one tid among them), so that a row's result is the same either way: part p of (b, h) is item
+   bh * P + p. Each thread runs a contiguous range of the items, so that at batch 8 it reads whole segments of
+   the cache (longer streams from memory) while at batch 1 the threads still share the work evenly. The part
+   that holds position pos first writes its new key and value into the cache (no other part reads them).
+   me: this thread's index among all (its scratch). */
+static void attention(Step *s, const Layer *L, const Pass *ps, int me, int tid, int T) {
+    int H = s->H, D = s->D, d = s->d, P = s->T, items = ps->nrows * H * P;
+    float *scores = s->scores + (size_t)me * (s->max_keys + 8);
     for (int it = items * tid / T; it < items * (tid + 1) / T; it++) {
-        int bh = it / T, p = it % T, b = bh / H, h = bh % H;
+        int bh = it / P, p = it % P, b = bh / H, h = bh % H, at = (ps->buf * H + bh) * P + p;
         float *kdst, *kdst2, *vdst, *vdst2;
         const float *k0, *k1, *v0, *v1;
         int n0, n1;
-        int now = cache_rows(s, L, s->pos, s->row0 + b, 0, h, &kdst, &kdst2, &k0, &n0, &k1, &n1);
-        cache_rows(s, L, s->pos, s->row0 + b, 1, h, &vdst, &vdst2, &v0, &n0, &v1, &n1);
-        int n = n0 + n1, lo = (int)((int64_t)n * p / T), hi = (int)((int64_t)n * (p + 1) / T);
-        const float *q = s->qkv + (size_t)b * 3 * d + h * D, *k = q + d, *v = q + 2 * d;
+        int now = cache_rows(s, L, ps->pos, ps->row0 + b, 0, h, &kdst, &kdst2, &k0, &n0, &k1, &n1);
+        cache_rows(s, L, ps->pos, ps->row0 + b, 1, h, &vdst, &vdst2, &v0, &n0, &v1, &n1);
+        int n = n0 + n1, lo = (int)((int64_t)n * p / P), hi = (int)((int64_t)n * (p + 1) / P);
+        const float *q = s->qkv + (size_t)(ps->buf + b) * 3 * d + h * D, *k = q + d, *v = q + 2 * d;
         if (lo <= now && now < hi) {
             memcpy(kdst, k, D * sizeof(float)), memcpy(vdst, v, D * sizeof(float));
             if (kdst2) memcpy(kdst2, k, D * sizeof(float)), memcpy(vdst2, v, D * sizeof(float));
         }
-        if (D == 32) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + it, s->part_l + it,
-                                 s->part_acc + (size_t)it * D, 32);
-        else if (D == 64) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + it, s->part_l + it,
-                                      s->part_acc + (size_t)it * D, 64);
-        else attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + it, s->part_l + it,
-                         s->part_acc + (size_t)it * D, 128);
+        if (D == 32) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
+                                 s->part_acc + (size_t)at * D, 32);
+        else if (D == 64) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
+                                      s->part_acc + (size_t)at * D, 64);
+        else attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
+                         s->part_acc + (size_t)at * D, 128);
     }
 }
 
-/* y [B, d] from the T partial results of every (b, h). */
-static void combine(const Step *s, float *y) {
-    int B = s->nrows, H = s->H, D = s->D, T = s->T;
+/* y [nrows, d] from the P = s->T partial results of every (b, h) of the pass. */
+static void combine(const Step *s, const Pass *ps, float *y) {
+    int B = ps->nrows, H = s->H, D = s->D, T = s->T;
     for (int bh = 0; bh < B * H; bh++) {
-        const float *m = s->part_m + (size_t)bh * T, *l = s->part_l + (size_t)bh * T;
+        size_t at = (size_t)(ps->buf * H + bh) * T;
+        const float *m = s->part_m + at, *l = s->part_l + at;
         float mx = -INFINITY, total = 0, w[64];
         for (int p = 0; p < T; p++) mx = m[p] > mx ? m[p] : mx;
         for (int p = 0; p < T; p++) w[p] = l[p] > 0 ? expf(m[p] - mx) : 0, total += w[p] * l[p];
         float *out = y + (size_t)bh * D;  /* (b, h) -> columns h * D of row b: [B, H, D] is [B, d] */
         for (int e = 0; e < D; e += 8) {  /* D is 32, 64 or 128 */
             v8 a = splat(0);
-            for (int p = 0; p < T; p++) a += w[p] * ld(s->part_acc + ((size_t)bh * T + p) * D + e);
+            for (int p = 0; p < T; p++) a += w[p] * ld(s->part_acc + (at + p) * D + e);
             st(out + e, a / total);
         }
     }
 }
 
-static void run_step(Step *s, int tid, int *sense) {
-    int B = s->nrows, d = s->d, T = s->T, t0, t1;
-    float *norm = s->norm + (size_t)tid * B * d, *y = s->y + (size_t)tid * B * d;
+/* Pass ps on T threads (tid: this one among them; me: its index among all, for its scratch). */
+static void run_step(Step *s, const Pass *ps, int me, int tid, int T, int *sense) {
+    int B = ps->nrows, d = s->d, t0, t1;
+    float *norm = s->norm + (size_t)me * s->B * d, *y = s->y + (size_t)me * s->B * d;
+    float *x = s->x + (size_t)ps->buf * d, *qkv = s->qkv + (size_t)ps->buf * 3 * d, *f = s->f + (size_t)ps->buf * s->ff;
     if (tid == 0) {
         for (int b = 0; b < B; b++) {
-            const float *e = s->prev ? s->tok_emb + (size_t)s->prev[b * s->prev_stride] * d : s->start;
-            const float *p = s->pos_emb + (size_t)s->pos * d;
-            for (int i = 0; i < d; i++) s->x[b * d + i] = e[i] + p[i];
+            const float *e = ps->prev ? s->tok_emb + (size_t)ps->prev[b * ps->prev_stride] * d : s->start;
+            const float *p = s->pos_emb + (size_t)ps->pos * d;
+            for (int i = 0; i < d; i++) x[b * d + i] = e[i] + p[i];
         }
     }
-    barrier(s, sense);
+    barrier(s, T, sense);
     for (int l = 0; l < s->n_layers; l++) {
         const Layer *L = &s->layers[l];
-        layer_norm(s->x, L->n1w, L->n1b, norm, B, d);
+        layer_norm(x, L->n1w, L->n1b, norm, B, d);
         my_tiles(3 * d, T, tid, &t0, &t1);
-        matmul(norm, d, &L->qkv, t0, t1, s->qkv, 3 * d, STORE, B);
-        barrier(s, sense);
-        attention(s, L, tid);
-        barrier(s, sense);
-        combine(s, y);
+        matmul(norm, d, &L->qkv, t0, t1, qkv, 3 * d, STORE, B);
+        barrier(s, T, sense);
+        attention(s, L, ps, me, tid, T);
+        barrier(s, T, sense);
+        combine(s, ps, y);
         my_tiles(d, T, tid, &t0, &t1);
-        matmul(y, d, &L->proj, t0, t1, s->x, d, ADD, B);
-        barrier(s, sense);
-        layer_norm(s->x, L->n2w, L->n2b, norm, B, d);
+        matmul(y, d, &L->proj, t0, t1, x, d, ADD, B);
+        barrier(s, T, sense);
+        layer_norm(x, L->n2w, L->n2b, norm, B, d);
         my_tiles(s->ff, T, tid, &t0, &t1);
-        matmul(norm, d, &L->fc, t0, t1, s->f, s->ff, GELU, B);
-        barrier(s, sense);
+        matmul(norm, d, &L->fc, t0, t1, f, s->ff, GELU, B);
+        barrier(s, T, sense);
         my_tiles(d, T, tid, &t0, &t1);
-        matmul(s->f, s->ff, &L->fc2, t0, t1, s->x, d, ADD, B);
-        barrier(s, sense);
+        matmul(f, s->ff, &L->fc2, t0, t1, x, d, ADD, B);
+        barrier(s, T, sense);
     }
-    layer_norm(s->x, s->nw, s->nb, norm, B, d);
+    layer_norm(x, s->nw, s->nb, norm, B, d);
     my_tiles(s->V, T, tid, &t0, &t1);
-    matmul(norm, d, &s->head, t0, t1, s->logits, s->V, STORE, B);
-    barrier(s, sense);
+    matmul(norm, d, &s->head, t0, t1, ps->logits, s->V, STORE, B);
+    barrier(s, T, sense);
+}
+
+static int64_t sample_row(const float *logits, int V, float temperature, float u, float *cdf);
+
+/* Thread me's share of st_sample's rows (rows_alone), every position of them by itself, without waiting for the
+   other threads (the rows are independent); the same logits as the threads running each step together. */
+static void rows_alone(Step *s, int me) {
+    const Job *j = &s->job;
+    int a = j->nrows * me / s->T, n = j->nrows * (me + 1) / s->T - a;
+    int64_t *tokens = j->tokens + (int64_t)(j->row0 + a) * j->ld_tokens;
+    const float *u = j->u + (int64_t)(j->row0 + a) * j->ld_u;
+    float *logits = s->own_logits + (size_t)a * s->V, *cdf = s->cdf + (size_t)me * s->V;
+    for (int pos = j->start; pos < j->stop; pos++) {
+        Pass ps = {.pos = pos, .row0 = j->row0 + a, .nrows = n, .buf = a, .prev = pos ? tokens + pos - 1 : NULL,
+                   .prev_stride = j->ld_tokens, .logits = logits};
+        run_step(s, &ps, me, 0, 1, NULL);
+        for (int b = 0; b < n; b++)
+            tokens[b * j->ld_tokens + pos] = sample_row(logits + (size_t)b * s->V, s->V, j->temperature,
+                                                        u[b * j->ld_u + pos], cdf);
+    }
+}
+
+/* One job for every thread: the step in s->pass together, or (alone) each its share of s->job; then all wait for
+   the last. */
+static void run_job(Step *s, int me, int *sense) {
+    if (s->alone) {
+        rows_alone(s, me);
+        barrier(s, s->T, sense);
+    } else {
+        run_step(s, &s->pass, me, me, s->T, sense);
+    }
 }
 
 static void *worker(void *arg) {
@@ -469,7 +527,7 @@ static void *worker(void *arg) {
         }
         seen = atomic_load(&s->gen);
         if (s->quit) return NULL;
-        run_step(s, tid, &sense);
+        run_job(s, tid, &sense);
     }
 }
 
@@ -487,7 +545,7 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
              const float *hb) {
     Step *s = calloc(1, sizeof(Step));
     if (!s) return NULL;
-    *s = (Step){.B = B, .nrows = B, .d = d, .H = H, .D = d / H, .ff = ff, .V = V, .n_layers = n_layers, .T = T,
+    *s = (Step){.B = B, .d = d, .H = H, .D = d / H, .ff = ff, .V = V, .n_layers = n_layers, .T = T,
                 .max_keys = max_keys, .tok_emb = tok_emb, .start = start, .pos_emb = pos_emb, .nw = nw, .nb = nb,
                 .head = dense_mat(hw, hb, d, V)};
     pthread_mutex_init(&s->mu, NULL);
@@ -503,7 +561,7 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
     s->part_m = aligned((size_t)B * H * T);
     s->part_l = aligned((size_t)B * H * T);
     s->own_logits = aligned((size_t)B * V);
-    s->cdf = aligned(V);
+    s->cdf = aligned((size_t)T * V);
     s->threads = calloc(T, sizeof(pthread_t));
     if (!s->layers || !s->x || !s->qkv || !s->f || !s->norm || !s->y || !s->scores || !s->part_acc || !s->part_m ||
         !s->part_l || !s->own_logits || !s->cdf || !s->threads) {
@@ -553,21 +611,27 @@ int st_start(Step *s) {
     return s->T;
 }
 
-/* Position pos of rows row0 .. row0 + nrows - 1: logits [nrows, V]; prev [nrows] (element stride prev_stride) the
-   tokens at pos - 1 of those rows, NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
-static int step_rows(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits, int row0,
-                     int nrows) {
-    for (int b = 0; prev && b < nrows; b++)
-        if (prev[b * prev_stride] < 0 || prev[b * prev_stride] >= s->V) return -1;
-    s->pos = pos, s->prev = prev, s->prev_stride = prev_stride, s->logits = logits;
-    s->row0 = row0, s->nrows = nrows;
+/* Wake the workers for the job set in s, and run the calling thread's part of it. */
+static void start_job(Step *s) {
     if (s->T > 1) {
         pthread_mutex_lock(&s->mu);
         atomic_fetch_add(&s->gen, 1);
         pthread_cond_broadcast(&s->cv);
         pthread_mutex_unlock(&s->mu);
     }
-    run_step(s, 0, &s->sense0);
+    run_job(s, 0, &s->sense0);
+}
+
+/* Position pos of rows row0 .. row0 + nrows - 1: logits [nrows, V]; prev [nrows] (element stride prev_stride) the
+   tokens at pos - 1 of those rows, NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
+static int step_rows(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits, int row0,
+                     int nrows) {
+    for (int b = 0; prev && b < nrows; b++)
+        if (prev[b * prev_stride] < 0 || prev[b * prev_stride] >= s->V) return -1;
+    s->pass = (Pass){.pos = pos, .row0 = row0, .nrows = nrows, .buf = 0, .prev = prev, .prev_stride = prev_stride,
+                     .logits = logits};
+    s->alone = 0;
+    start_job(s);
     return 0;
 }
 
@@ -607,6 +671,17 @@ static int64_t sample_row(const float *logits, int V, float temperature, float u
    (nothing more done) when a token before start is outside [0, V). */
 int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64_t ld_u, float temperature,
               int start, int stop, int row0, int nrows) {
+    if (s->T > 1 && nrows >= ALONE_ROWS * s->T) {  /* each thread its own rows: no step waits for another thread */
+        for (int b = 0; start > 0 && b < nrows; b++) {
+            int64_t t = tokens[(int64_t)(row0 + b) * ld_tokens + start - 1];
+            if (t < 0 || t >= s->V) return -1;
+        }
+        s->job = (Job){.tokens = tokens, .ld_tokens = ld_tokens, .ld_u = ld_u, .u = u, .temperature = temperature,
+                       .start = start, .stop = stop, .row0 = row0, .nrows = nrows};
+        s->alone = 1;
+        start_job(s);
+        return 0;
+    }
     tokens += row0 * ld_tokens, u += row0 * ld_u;
     for (int pos = start; pos < stop; pos++) {
         if (step_rows(s, pos, pos ? tokens + pos - 1 : NULL, ld_tokens, s->own_logits, row0, nrows)) return -1;

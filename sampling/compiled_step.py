@@ -4,7 +4,8 @@ At batch 1 on a CPU a step of the shipped models is about 80 small operations; t
 each costs microseconds of dispatch, and together they cost as much as reading the weights.
 The compiled step does the same maths (embedding, every layer's norm, qkv, cache write, attention
 over the pattern's cache rows, projection, feed-forward, final norm and head) in one call, on all
-threads in lockstep, with each weight matrix packed so that a tile of 16 outputs streams
+threads in lockstep (or, when sampling at least two rows a thread, each thread alone on its own rows,
+with the same logits), with each weight matrix packed so that a tile of 16 outputs streams
 contiguously, in bfloat16 where every weight of the matrix is a bfloat16 number (a model stored in
 bfloat16, like the shipped image64): the same values, widened in registers, from half the bytes. It
 reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a prompt prefilled by
@@ -156,7 +157,8 @@ class CompiledStep(DecodeStep):
     threads: default torch's thread count, at most d_model / 16 (the tiles of the smallest matrix).
     rows_per_pass: how many sequences :meth:`sample` steps together, or "auto" (the default: measured
     on the sampling itself, see TUNE_STEPS); the weights are read once a step for all of them, but each
-    brings its own cache into the CPU's caches.
+    brings its own cache into the CPU's caches. A pass of at least two rows a thread is split between the
+    threads, each stepping its own rows (and reading every weight) without waiting for the others.
     bf16_weights: read each weight matrix whose every value is a bfloat16 number (all of them, for a model
     stored in bfloat16) from a bfloat16 copy, widened to float32 in registers: the same logits, bit for bit,
     from half the weight bytes. False: float32 copies. ``weight_bytes``: the matrix bytes one step reads.

@@ -108,6 +108,39 @@ def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temperat
     assert len(in_c.unique()) > (1 if temperature == 0 else 50)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together_pick(threads):
+    """With at least two rows a thread, st_sample gives each thread its own rows for every position (no thread
+    waits for another); the tokens equal those of the threads running each step together (one row a pass, or
+    the logits of st_step), also when a call starts after earlier tokens, whose bad values are refused."""
+    model = small_model(pattern="strided")
+    B, N, start = 7, 120, 30
+    options = SamplingOptions(0.9)
+    uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(9)).clamp_(max=1 - 2**-24)
+    results = {}
+    for rows_per_pass in (B, 1):
+        decoder = Decoder(model, B, N, step="pytorch")
+        decoder.step = CompiledStep(model, decoder.caches, decoder.pos_emb, threads=threads,
+                                    rows_per_pass=rows_per_pass)
+        tokens = torch.zeros(B, N, dtype=torch.long)
+        decoder.step.sample(tokens, uniforms, options, 0, start)
+        decoder.step.sample(tokens, uniforms, options, start, N)
+        results[rows_per_pass] = (decoder, tokens)
+    assert torch.equal(results[B][1], results[1][1])
+    assert len(results[B][1].unique()) > 50
+    replay = Decoder(model, B, N, step="pytorch")
+    replay.step = CompiledStep(model, replay.caches, replay.pos_emb, threads=threads)
+    in_python = torch.zeros(B, N, dtype=torch.long)
+    for pos in range(N):
+        logits = replay.step(in_python[:, pos - 1] if pos else None, pos)
+        in_python[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
+    assert torch.equal(results[B][1], in_python)
+    decoder, tokens = results[B]
+    tokens[6, start - 1] = -1
+    with pytest.raises(ValueError, match=f"before position {start}"):
+        decoder.step.sample(tokens, uniforms, options, start, start + 1)
+
+
 def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again_later(monkeypatch):
     """"auto" runs 2, 4 and all 5 rows a pass on TUNE_STEPS positions each, keeps the fastest, and measures
     again RETUNE_EVERY positions later; every position of every row is sampled once, as by a fixed grouping."""
