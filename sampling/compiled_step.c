@@ -444,7 +444,8 @@ static void combine(const Step *s, const Pass *ps, float *y) {
 static void run_step(Step *s, const Pass *ps, int me, int tid, int T, int *sense) {
     int B = ps->nrows, d = s->d, t0, t1;
     float *norm = s->norm + (size_t)me * s->B * d, *y = s->y + (size_t)me * s->B * d;
-    float *x = s->x + (size_t)ps->buf * d, *qkv = s->qkv + (size_t)ps->buf * 3 * d, *f = s->f + (size_t)ps->buf * s->ff;
+    float *x = s->x + (size_t)ps->buf * d, *qkv = s->qkv + (size_t)ps->buf * 3 * d;
+    float *f = s->f + (size_t)ps->buf * s->ff;
     if (tid == 0) {
         for (int b = 0; b < B; b++) {
             const float *e = ps->prev ? s->tok_emb + (size_t)ps->prev[b * ps->prev_stride] * d : s->start;
