@@ -623,12 +623,18 @@ static void start_job(Step *s) {
     run_job(s, 0, &s->sense0);
 }
 
+/* Whether the n tokens t[0], t[stride], ... all lie in [0, V). */
+static int tokens_in_vocab(const Step *s, const int64_t *t, int64_t stride, int n) {
+    for (int b = 0; b < n; b++)
+        if (t[b * stride] < 0 || t[b * stride] >= s->V) return 0;
+    return 1;
+}
+
 /* Position pos of rows row0 .. row0 + nrows - 1: logits [nrows, V]; prev [nrows] (element stride prev_stride) the
    tokens at pos - 1 of those rows, NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
 static int step_rows(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits, int row0,
                      int nrows) {
-    for (int b = 0; prev && b < nrows; b++)
-        if (prev[b * prev_stride] < 0 || prev[b * prev_stride] >= s->V) return -1;
+    if (prev && !tokens_in_vocab(s, prev, prev_stride, nrows)) return -1;
     s->pass = (Pass){.pos = pos, .row0 = row0, .nrows = nrows, .buf = 0, .prev = prev, .prev_stride = prev_stride,
                      .logits = logits};
     s->alone = 0;
@@ -673,10 +679,8 @@ static int64_t sample_row(const float *logits, int V, float temperature, float u
 int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64_t ld_u, float temperature,
               int start, int stop, int row0, int nrows) {
     if (s->T > 1 && nrows >= ALONE_ROWS * s->T) {  /* each thread its own rows: no step waits for another thread */
-        for (int b = 0; start > 0 && b < nrows; b++) {
-            int64_t t = tokens[(int64_t)(row0 + b) * ld_tokens + start - 1];
-            if (t < 0 || t >= s->V) return -1;
-        }
+        if (start > 0 && !tokens_in_vocab(s, tokens + (int64_t)row0 * ld_tokens + start - 1, ld_tokens, nrows))
+            return -1;
         s->job = (Job){.tokens = tokens, .ld_tokens = ld_tokens, .ld_u = ld_u, .u = u, .temperature = temperature,
                        .start = start, .stop = stop, .row0 = row0, .nrows = nrows};
         s->alone = 1;
