@@ -9,7 +9,8 @@ shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, 
 for each dense model, a row per density: the model pruned by block magnitude (models.prune.prune_model; feed-
 forward layers, blocks of --prune-block), labelled "NAME pruned D". --steady-only times only the tokens/s of
 the two steps (no dense cache, naive, half image or clip rows).
-Rows (fp32 on the CPU, temperature 1, all of torch's threads):
+Rows (fp32 on the CPU, all of torch's threads, sampling by the model card's defaults (temperature, top-k, top-p:
+what a user gets; an untrained model at temperature 1, a pruned one by its source's card):
   * ours: KV-cached decoding (sampling.generate) with the compiled C step (sampling/compiled_step.py):
     steady tokens/s (the median of 3 runs of 256 steps) at a position past the first half, batch 1
     and 8 (per-sample seeds), and the wall time of a half-image completion (6,144 tokens after a
@@ -41,7 +42,7 @@ from bench.common import CpuContention, cpu_name, fmt, print_table, sig
 from models import SparseTransformer, config_for, load_card, load_model, model_kind
 from models.flops import device_peak_flops, matmul_parameters
 from models.prune import prune_model
-from sampling import Decoder, SamplingOptions, generate
+from sampling import Decoder, SamplingOptions, card_defaults, generate
 
 STEPS, RUNS = 256, 3
 
@@ -69,16 +70,15 @@ def read_bandwidth(nbytes: int) -> float:
     return a.numel() * 4 / best
 
 
-def steady_tokens_per_s(model: SparseTransformer, batch: int, dense: bool = False, start: int | None = None,
-                        step: str = "auto") -> dict:
-    """Decode STEPS tokens from position ``start`` (caches pre-filled with zeros there) with sampling;
-    the median rate of RUNS such runs (this VM's speed drifts from second to second)."""
+def steady_tokens_per_s(model: SparseTransformer, batch: int, options: SamplingOptions, dense: bool = False,
+                        start: int | None = None, step: str = "auto") -> dict:
+    """Decode STEPS tokens from position ``start`` (caches pre-filled with zeros there), sampling by
+    ``options``; the median rate of RUNS such runs (this VM's speed drifts from second to second)."""
     n = model.cfg.seq_len
     start = n // 2 if start is None else start
     decoder = Decoder(model, batch, dense=dense, step=step)
     tokens = torch.zeros(batch, n, dtype=torch.long)
     uniforms = torch.rand(batch, n)
-    options = SamplingOptions()
     decoder.sample(tokens, uniforms, options, start - 64, start)  # warm, and the rows per pass measured
     rates = []
     for _ in range(RUNS):
@@ -100,10 +100,10 @@ def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) ->
     return steps / (time.perf_counter() - t0)
 
 
-def timed_generate(model: SparseTransformer, prompt_len: int, length: int) -> float:
+def timed_generate(model: SparseTransformer, prompt_len: int, length: int, options: SamplingOptions) -> float:
     prompt = torch.zeros(1, prompt_len, dtype=torch.long)
     t0 = time.perf_counter()
-    for _ in generate(model, prompt, length, [0], report_every=length):
+    for _ in generate(model, prompt, length, [0], options, report_every=length):
         pass
     return time.perf_counter() - t0
 
@@ -128,26 +128,27 @@ def keys_read_per_step(model: SparseTransformer, pos: int) -> float:
 
 
 def models_to_time(folder: Path, names: list[str] | None = None, densities: list[float] = (),
-                   block: int = 32) -> list[tuple[str, SparseTransformer]]:
-    """(label, model) for each checkpoint in ``folder`` (only ``names`` if given), or an untrained model of a
-    kind none is of; then each dense one pruned to each of ``densities``."""
+                   block: int = 32) -> list[tuple[str, SparseTransformer, SamplingOptions]]:
+    """(label, model, the card's sampling defaults) for each checkpoint in ``folder`` (only ``names`` if given),
+    or an untrained model (temperature 1) of a kind none is of; then each dense one pruned to each of
+    ``densities``."""
     found = []
     for card in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            load_card(card)
+            fields = load_card(card)
         except ValueError:
             continue
         if names is None or card.stem in names:
             model = load_model(card.with_suffix(""))
             if isinstance(model, SparseTransformer):  # the LSTM baseline has no KV cache or compiled step to time
-                found.append((card.stem, model))
-    kinds = {model_kind(m) for _, m in found}
+                found.append((card.stem, model, card_defaults(fields)))
+    kinds = {model_kind(m) for _, m, _ in found}
     for kind in ("image", "audio") if names is None else ():
         if kind not in kinds:
             model = SparseTransformer(config_for(kind, f"{kind}-cpu")).eval()
-            found.append((f"{kind}-cpu (untrained)", model))
-    pruned = [(f"{name} pruned {density:g}", prune_model(model, density, block))
-              for name, model in found if model.cfg.ff_layout == "dense" for density in densities]
+            found.append((f"{kind}-cpu (untrained)", model, SamplingOptions()))
+    pruned = [(f"{name} pruned {density:g}", prune_model(model, density, block), options)
+              for name, model, options in found if model.cfg.ff_layout == "dense" for density in densities]
     return found + pruned
 
 
@@ -167,27 +168,28 @@ def main() -> None:
           f"{bandwidth / 1e9:.1f} GB/s (copy), fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     contention = CpuContention()
     results = []
-    for name, model in models_to_time(Path(args.checkpoints), args.models, args.prune, args.prune_block):
+    for name, model, options in models_to_time(Path(args.checkpoints), args.models, args.prune, args.prune_block):
         kind, n = model_kind(model), model.cfg.seq_len
         torch.manual_seed(0)
-        r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6}
-        b1, b8 = steady_tokens_per_s(model, 1), steady_tokens_per_s(model, 8)
+        r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6,
+             "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p}}
+        b1, b8 = steady_tokens_per_s(model, 1, options), steady_tokens_per_s(model, 8, options)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
                  cache_bytes_b1=b1["cache_bytes"], step=b1["step"], step_b8=b8["step"])
-        torch_b1, torch_b8 = (steady_tokens_per_s(model, b, step="pytorch") for b in (1, 8))
+        torch_b1, torch_b8 = (steady_tokens_per_s(model, b, options, step="pytorch") for b in (1, 8))
         r.update(torch_tokens_per_s_b1=torch_b1["tokens_per_s"], torch_tokens_per_s_b8=torch_b8["tokens_per_s"],
                  torch_step=torch_b1["step"])
         if not args.steady_only:
-            r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, dense=True)["tokens_per_s"]
+            r["dense_tokens_per_s_b1"] = steady_tokens_per_s(model, 1, options, dense=True)["tokens_per_s"]
             r["naive_tokens_per_s_b1"] = naive_tokens_per_s(model, n // 2)
         if kind == "image" and not args.steady_only:
-            r["half_image_s"] = timed_generate(model, n // 2, n)
+            r["half_image_s"] = timed_generate(model, n // 2, n, options)
         if kind == "audio" and not args.steady_only:
             clip = min(n, 65536)
             if args.quick:
-                r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, 4096) * clip / 4096, True
+                r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, 4096, options) * clip / 4096, True
             else:
-                r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, clip), False
+                r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, clip, options), False
         keys = keys_read_per_step(model, n // 2)
         bytes_step, flops_step = step_cost(model, keys, 1, b1["weight_bytes"])
         bytes_b8, flops_b8 = step_cost(model, keys, 8, b8["weight_bytes"])
@@ -211,7 +213,8 @@ def main() -> None:
                   f"{r['cache_bytes_b1'] / 1e6:.1f} MB", fmt(r["limit_tokens_per_s"], ",.0f"),
                   fmt(r["limit_tokens_per_s_b8"], ",.0f")] for r in results])
     for r in results:
-        print(f"{r['model']}: per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1 (read at "
+        rule = ", ".join(f"{k} {v:g}" for k, v in r["sampling"].items() if v is not None)
+        print(f"{r['model']} (sampling: {rule}): per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1 (read at "
               f"{r['read_bandwidth_gbs_b1']:.0f} GB/s), {r['step_bytes_b8'] / 1e6:.1f} MB at batch 8 (at "
               f"{r['read_bandwidth_gbs_b8']:.0f} GB/s); {r['step_flops'] / 1e6:.1f} MFLOP per token; "
               f"{r['step']} (batch 8: {r['step_b8']}); PyTorch rows: {r['torch_step']}")

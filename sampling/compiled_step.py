@@ -82,7 +82,8 @@ def library() -> ctypes.CDLL | None:
     lib.st_step.restype = ctypes.c_int
     lib.st_step.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int64, _P]
     lib.st_sample.restype = ctypes.c_int
-    lib.st_sample.argtypes = [_P, _P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_float] + [ctypes.c_int] * 4
+    lib.st_sample.argtypes = ([_P, _P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+                              ctypes.c_float] + [ctypes.c_int] * 4)
     lib.st_free.restype = None
     lib.st_free.argtypes = [_P]
     return lib
@@ -249,16 +250,14 @@ class CompiledStep(DecodeStep):
 
     def sample(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,
                stop: int) -> None:
-        """Sample tokens[:, start:stop] in place (see DecodeStep.sample). Without top-k / top-p every step
-        and draw runs in C without returning to Python: the inverse CDF of softmax(logits / temperature)
-        at uniforms[:, pos] (temperature 0: argmax), the rule of sampling.options.choose_tokens.
+        """Sample tokens[:, start:stop] in place (see DecodeStep.sample). Every step and draw runs in C without
+        returning to Python: the inverse CDF at uniforms[:, pos] of softmax(logits / temperature) filtered by
+        top-k and top-p (temperature 0: argmax), the rule of sampling.options.choose_tokens (a top-p cut can
+        differ where tokens are exactly as likely, or a sum lands within rounding of the cut).
         tokens [B, N] int64 and uniforms [B, N] float32 on the CPU, rows contiguous; tokens[:, :start]
         are the tokens before start. The rows run ``rows_per_pass`` at a time, each group through all the
         positions before the next ("auto": see TUNE_STEPS). The tokens do not depend on the grouping."""
-        if options.filters(self.vocab):
-            super().sample(tokens, uniforms, options, start, stop)
-            return
-        B, temperature = self.batch, options.temperature
+        B = self.batch
         for name, t, dtype in (("tokens", tokens, torch.int64), ("uniforms", uniforms, torch.float32)):
             if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != B or t.stride(1) != 1:
                 raise ValueError(f"{name} must be a CPU {dtype} tensor [{B}, N] with contiguous rows, got "
@@ -266,7 +265,7 @@ class CompiledStep(DecodeStep):
         if not 0 <= start <= stop <= min(self.seq_len, tokens.shape[1], uniforms.shape[1]):
             raise ValueError(f"positions [{start}, {stop}) must lie in the cache ({self.seq_len}) and the tensors")
         if self.rows_per_pass != "auto":
-            self._sample_rows(tokens, uniforms, temperature, start, stop, self.rows_per_pass)
+            self._sample_rows(tokens, uniforms, options, start, stop, self.rows_per_pass)
             return
         candidates = sorted({min(2**k, B) for k in range(1, B.bit_length() + 1)})
         pos = start
@@ -275,22 +274,23 @@ class CompiledStep(DecodeStep):
                 seconds = {}
                 for rows in candidates:
                     t0 = time.perf_counter()
-                    self._sample_rows(tokens, uniforms, temperature, pos, pos + TUNE_STEPS, rows)
+                    self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, rows)
                     seconds[rows] = time.perf_counter() - t0
                     pos += TUNE_STEPS
                 self.tuned_rows = min(candidates, key=seconds.__getitem__)
                 self._tune_at = pos + RETUNE_EVERY
             end = min(stop, self._tune_at) if self._tune_at > pos else stop
-            self._sample_rows(tokens, uniforms, temperature, pos, end, self.tuned_rows)
+            self._sample_rows(tokens, uniforms, options, pos, end, self.tuned_rows)
             pos = end
 
-    def _sample_rows(self, tokens: torch.Tensor, uniforms: torch.Tensor, temperature: float, start: int,
+    def _sample_rows(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,
                      stop: int, rows: int) -> None:
         """Positions [start, stop) of every row, ``rows`` rows at a time (arguments checked by sample)."""
+        top_k = min(options.top_k or 0, self.vocab)  # vocab or more: off, as 0
+        rule = (float(options.temperature), top_k, 1.0 if options.top_p is None else float(options.top_p))
         for row0 in range(0, self.batch, rows):
             bad = self._lib.st_sample(self._handle, tokens.data_ptr(), tokens.stride(0), uniforms.data_ptr(),
-                                      uniforms.stride(0), float(temperature), start, stop, row0,
-                                      min(rows, self.batch - row0))
+                                      uniforms.stride(0), *rule, start, stop, row0, min(rows, self.batch - row0))
             if bad:
                 raise ValueError(f"tokens before position {start} must be in [0, {self.vocab})")
 

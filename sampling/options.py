@@ -1,7 +1,7 @@
 """The sampling rule: temperature, top-k and top-p, and the token each uniform draw picks.
 
-sampling/compiled_step.c applies the same rule in C when no filter is on (inverse CDF of
-softmax(logits / temperature)); tests/test_sampler.py checks that both pick the same tokens.
+sampling/compiled_step.c applies the same rule in C (sample_row); tests/test_compiled_step.py and
+tests/test_sampler.py check that both pick the same tokens.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ class SamplingOptions:
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
             raise ValueError(f"top_p must be in (0, 1] or None (off), got {p!r}")
-
-    def filters(self, vocab: int) -> bool:
-        """Whether top-k or top-p removes any of ``vocab`` tokens."""
-        return (self.top_k is not None and self.top_k < vocab) or (self.top_p is not None and self.top_p < 1)
 
 
 def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions) -> torch.Tensor:

@@ -86,11 +86,16 @@ def test_compiled_step_refuses_what_it_cannot_run(env):
         Decoder(model, 1, 40, step="compiled")
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
-def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temperature):
+RULES = {"t1": dict(temperature=1.0), "t0.7": dict(temperature=0.7), "greedy": dict(temperature=0.0),
+         "top-k": dict(temperature=1.0, top_k=40), "top-p": dict(temperature=0.8, top_p=0.9),
+         "both": dict(temperature=1.2, top_k=60, top_p=0.7), "greedy-top-p": dict(temperature=0.0, top_p=0.5)}
+
+
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES.keys())
+def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(rule):
     model = small_model(pattern="strided")
     B, N = 3, 150
-    options = SamplingOptions(temperature)
+    options = SamplingOptions(**rule)
     uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(5)).clamp_(max=1 - 2**-24)
     in_c = torch.zeros(B, N, dtype=torch.long)
     Decoder(model, B, N, step="compiled").step.sample(in_c, uniforms, options, 0, N)  # "auto": 2 or 3 rows a pass
@@ -105,17 +110,23 @@ def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(temperat
         logits = replay.step(in_python[:, pos - 1] if pos else None, pos)
         in_python[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
     assert torch.equal(in_c, in_python)
-    assert len(in_c.unique()) > (1 if temperature == 0 else 50)
+    assert len(in_c.unique()) > (1 if options.temperature == 0 else 20)
+    if options.temperature and (options.top_k or options.top_p):  # the filters change the draws
+        unfiltered = torch.zeros(B, N, dtype=torch.long)
+        Decoder(model, B, N, step="compiled").step.sample(unfiltered, uniforms, SamplingOptions(options.temperature),
+                                                          0, N)
+        assert (unfiltered != in_c).float().mean() > 0.05
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together_pick(threads):
+@pytest.mark.parametrize("threads, options", [(2, SamplingOptions(0.9)),
+                                              (3, SamplingOptions(0.9, top_k=80, top_p=0.95))],
+                         ids=["2-plain", "3-filtered"])
+def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together_pick(threads, options):
     """With at least two rows a thread, st_sample gives each thread its own rows for every position (no thread
     waits for another); the tokens equal those of the threads running each step together (one row a pass, or
     the logits of st_step), also when a call starts after earlier tokens, whose bad values are refused."""
     model = small_model(pattern="strided")
     B, N, start = 7, 120, 30
-    options = SamplingOptions(0.9)
     uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(9)).clamp_(max=1 - 2**-24)
     results = {}
     for rows_per_pass in (B, 1):

@@ -63,8 +63,7 @@ def test_weight_shards_split_the_step_and_must_divide_the_layers():
 @pytest.mark.parametrize("options", [dict(), dict(top_k=40), dict(top_p=0.9)], ids=["plain", "top-k", "top-p"])
 @needs_compiler
 def test_both_steps_sample_the_same_tokens(temperature, options):
-    """The compiled step's C sampling (no filter) or its logits + choose_tokens (filters), and the PyTorch
-    step + choose_tokens, give the same samples."""
+    """The compiled step's C sampling and the PyTorch step + choose_tokens give the same samples."""
     model = small_model(pattern="strided")
     prompt = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(6))
     opts = SamplingOptions(temperature, **options)
