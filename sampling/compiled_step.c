@@ -5,10 +5,11 @@
      embed | per layer: norm + qkv | attention, the keys of each (row, head) split T ways, the new key and
      value written to the cache first | combine + proj + residual | norm + fc + gelu | proj + residual |
      norm + head
-   st_sample with at least ALONE_ROWS rows for every thread instead gives each thread its own rows, which it steps
-   through every position by itself, never waiting for another thread (rows_alone); each thread then reads every
-   matrix, but with no barrier. Its attention still splits the keys of each (row, head) T ways, in turn, so that
-   both ways give the same logits bit for bit.
+   st_sample steps its rows through every position in one call (sample_rows): all threads on every step together,
+   thread 0 drawing the tokens between steps, or, with at least ALONE_ROWS rows for every thread, each thread its
+   own rows by itself, never waiting for another thread; each thread then reads every matrix, but with no barrier.
+   Alone, the attention still splits the keys of each (row, head) T ways, in turn, so that both ways give the same
+   logits bit for bit.
    Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously; a block-sparse
    feed-forward matrix (models/sparse_ff.py) is packed per output block, over the input blocks it reads only
    (see Mat), and the same loops skip the blocks that are not there.
@@ -48,6 +49,7 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 #endif
 
 enum { ALL = 0, LOCAL = 1, STRIDED = 2, FIXED = 3 }; /* the patterns' kind codes (kernels/patterns.py) */
+enum { PASS, ALONE, TOGETHER };                       /* Step.mode */
 
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
@@ -119,7 +121,7 @@ typedef struct {
     int top_k;
 } Rule;
 
-/* st_sample's arguments, for rows_alone */
+/* st_sample's arguments, for sample_rows */
 typedef struct {
     int64_t *tokens, ld_tokens, ld_u;
     const float *u;
@@ -135,9 +137,9 @@ typedef struct {
     float *x, *qkv, *f;                   /* [B, d], [B, 3d], [B, ff] */
     float *norm, *y, *scores;             /* per thread: [B, d], [B, d], [max_keys] */
     float *part_acc, *part_m, *part_l;    /* [B, H, T, D], [B, H, T], [B, H, T] */
-    Pass pass;                            /* the step all threads run together (st_step, st_sample's lockstep) */
-    Job job;                              /* st_sample's rows, each thread alone on its share (rows_alone) */
-    int alone;                            /* which of the two the workers run next */
+    Pass pass;                            /* st_step's step, all threads together */
+    Job job;                              /* st_sample's rows and positions (sample_rows) */
+    int mode;                             /* what the workers run next: PASS, ALONE or TOGETHER */
     float *own_logits, *cdf;              /* st_sample's logits [B, V] and a CDF [V] per thread */
     uint64_t *order;                      /* per thread [V]: the likeliest-first order of a filtered draw */
     /* threads */
@@ -490,11 +492,15 @@ static void run_step(Step *s, const Pass *ps, int me, int tid, int T, int *sense
 
 static int64_t sample_row(const float *logits, int V, const Rule *r, float u, float *cdf, uint64_t *order);
 
-/* Thread me's share of st_sample's rows (rows_alone), every position of them by itself, without waiting for the
-   other threads (the rows are independent); the same logits as the threads running each step together. */
-static void rows_alone(Step *s, int me) {
-    const Job *j = &s->job;
-    int a = j->nrows * me / s->T, n = j->nrows * (me + 1) / s->T - a;
+/* st_sample's job on thread me, every position of its rows: ALONE, its own share of the rows, stepped by itself
+   without waiting for the other threads (the rows are independent); TOGETHER, every step of all the rows on all
+   threads, thread 0 drawing the tokens between steps (the others wait at the next step's first barrier). Both
+   give the same logits. The job is copied first: thread 0 may set the next one while another thread is still
+   leaving this one's last barrier. */
+static void sample_rows(Step *s, int alone, int me, int *sense) {
+    const Job job = s->job, *j = &job;
+    int T = alone ? 1 : s->T, tid = alone ? 0 : me;
+    int a = alone ? j->nrows * me / s->T : 0, n = alone ? j->nrows * (me + 1) / s->T - a : j->nrows;
     int64_t *tokens = j->tokens + (int64_t)(j->row0 + a) * j->ld_tokens;
     const float *u = j->u + (int64_t)(j->row0 + a) * j->ld_u;
     float *logits = s->own_logits + (size_t)a * s->V, *cdf = s->cdf + (size_t)me * s->V;
@@ -502,22 +508,22 @@ static void rows_alone(Step *s, int me) {
     for (int pos = j->start; pos < j->stop; pos++) {
         Pass ps = {.pos = pos, .row0 = j->row0 + a, .nrows = n, .buf = a, .prev = pos ? tokens + pos - 1 : NULL,
                    .prev_stride = j->ld_tokens, .logits = logits};
-        run_step(s, &ps, me, 0, 1, NULL);
-        for (int b = 0; b < n; b++)
+        run_step(s, &ps, me, tid, T, sense);
+        for (int b = 0; b < n && tid == 0; b++)
             tokens[b * j->ld_tokens + pos] = sample_row(logits + (size_t)b * s->V, s->V, &j->rule,
                                                         u[b * j->ld_u + pos], cdf, order);
     }
 }
 
-/* One job for every thread: the step in s->pass together, or (alone) each its share of s->job; then all wait for
-   the last. */
+/* One job for every thread: st_step's pass, or st_sample's rows (then, alone, all wait for the last). */
 static void run_job(Step *s, int me, int *sense) {
-    if (s->alone) {
-        rows_alone(s, me);
-        barrier(s, s->T, sense);
-    } else {
+    int mode = s->mode; /* read once, before the job's first barrier (see sample_rows) */
+    if (mode == PASS) {
         run_step(s, &s->pass, me, me, s->T, sense);
+        return;
     }
+    sample_rows(s, mode == ALONE, me, sense);
+    if (mode == ALONE) barrier(s, s->T, sense);
 }
 
 static void *worker(void *arg) {
@@ -647,7 +653,7 @@ static int step_rows(Step *s, int pos, const int64_t *prev, int64_t prev_stride,
     if (prev && !tokens_in_vocab(s, prev, prev_stride, nrows)) return -1;
     s->pass = (Pass){.pos = pos, .row0 = row0, .nrows = nrows, .buf = 0, .prev = prev, .prev_stride = prev_stride,
                      .logits = logits};
-    s->alone = 0;
+    s->mode = PASS;
     start_job(s);
     return 0;
 }
@@ -739,23 +745,14 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
    start is outside [0, V). */
 int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64_t ld_u, float temperature,
               int top_k, float top_p, int start, int stop, int row0, int nrows) {
-    Rule rule = {.temperature = temperature, .top_p = top_p, .top_k = top_k};
-    if (s->T > 1 && nrows >= ALONE_ROWS * s->T) {  /* each thread its own rows: no step waits for another thread */
-        if (start > 0 && !tokens_in_vocab(s, tokens + (int64_t)row0 * ld_tokens + start - 1, ld_tokens, nrows))
-            return -1;
-        s->job = (Job){.tokens = tokens, .ld_tokens = ld_tokens, .ld_u = ld_u, .u = u, .rule = rule,
-                       .start = start, .stop = stop, .row0 = row0, .nrows = nrows};
-        s->alone = 1;
-        start_job(s);
-        return 0;
-    }
-    tokens += row0 * ld_tokens, u += row0 * ld_u;
-    for (int pos = start; pos < stop; pos++) {
-        if (step_rows(s, pos, pos ? tokens + pos - 1 : NULL, ld_tokens, s->own_logits, row0, nrows)) return -1;
-        for (int b = 0; b < nrows; b++)
-            tokens[b * ld_tokens + pos] = sample_row(s->own_logits + (size_t)b * s->V, s->V, &rule,
-                                                     u[b * ld_u + pos], s->cdf, s->order);
-    }
+    if (start > 0 && !tokens_in_vocab(s, tokens + (int64_t)row0 * ld_tokens + start - 1, ld_tokens, nrows))
+        return -1;
+    if (start >= stop) return 0; /* no job: a worker could otherwise still be starting it when the next is set */
+    s->job = (Job){.tokens = tokens, .ld_tokens = ld_tokens, .ld_u = ld_u, .u = u,
+                   .rule = {.temperature = temperature, .top_p = top_p, .top_k = top_k},
+                   .start = start, .stop = stop, .row0 = row0, .nrows = nrows};
+    s->mode = s->T > 1 && nrows >= ALONE_ROWS * s->T ? ALONE : TOGETHER; /* alone: no step waits for another */
+    start_job(s);
     return 0;
 }
 
