@@ -184,15 +184,24 @@ def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(images, tmp_path
 
 
 def test_auto_precision_takes_bf16_on_a_cpu_only_where_its_matmuls_are_fast(monkeypatch):
-    speeds = {}
-    monkeypatch.setattr(training.precision, "device_peak_flops", lambda device, dtype: (speeds[dtype], "measured"))
+    speeds, calls = {}, []
+
+    def measured(device, dtype):
+        calls.append(dtype)
+        return speeds[dtype].pop(0), "measured"
+
+    monkeypatch.setattr(training.precision, "device_peak_flops", measured)
     cpu = torch.device("cpu")
-    speeds.update({torch.bfloat16: 1200e9, torch.float32: 300e9})  # AMX
+    speeds.update({torch.bfloat16: [1200e9, 1100e9], torch.float32: [300e9, 290e9]})  # AMX
     assert training.choose_precision(cpu) == ("bf16", "bf16 matmuls at 1,200 GFLOP/s, fp32 at 300 on this CPU")
-    speeds.update({torch.bfloat16: 1e9, torch.float32: 150e9})  # emulated bf16
+    assert calls == [torch.bfloat16, torch.float32] * 2  # in turn
+    speeds.update({torch.bfloat16: [1e9, 1e9], torch.float32: [150e9, 150e9]})  # emulated bf16
     assert training.choose_precision(cpu)[0] == "fp32"
-    speeds.update({torch.bfloat16: 450e9, torch.float32: 300e9})  # faster, but not enough to pay for the casts
+    speeds.update({torch.bfloat16: [400e9, 390e9], torch.float32: [300e9, 300e9]})  # not enough to pay for the casts
     assert training.choose_precision(cpu)[0] == "fp32"
+    # AVX512-BF16 at 2.0x, the bf16 probe once slowed by other work: the best of each decides
+    speeds.update({torch.bfloat16: [240e9, 397e9], torch.float32: [176e9, 196e9]})
+    assert training.choose_precision(cpu)[0] == "bf16"
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
