@@ -9,8 +9,8 @@ shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, 
 for each dense model, a row per density: the model pruned by block magnitude (models.prune.prune_model; feed-
 forward layers, blocks of --prune-block), labelled "NAME pruned D". --steady-only times only the tokens/s of
 the two steps (no dense cache, naive, half image or clip rows).
-Rows (fp32 on the CPU, all of torch's threads, sampling by the model card's defaults (temperature, top-k, top-p:
-what a user gets; an untrained model at temperature 1, a pruned one by its source's card):
+Rows (fp32 on the CPU, all of torch's threads; sampling by the model card's defaults, what a user gets:
+temperature, top-k, top-p; an untrained model at temperature 1, a pruned one by its source's card):
   * ours: KV-cached decoding (sampling.generate) with the compiled C step (sampling/compiled_step.py):
     steady tokens/s (the median of 3 runs of 256 steps) at a position past the first half, batch 1
     and 8 (per-sample seeds), and the wall time of a half-image completion (6,144 tokens after a

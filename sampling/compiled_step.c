@@ -715,10 +715,10 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
     float temperature = r->temperature;
     if (temperature == 0) return best;
     float m = temperature == 1 ? logits[best] : logits[best] / temperature;
-    int top_k = r->top_k > 0 && r->top_k < V;
-    if (top_k)
+    int by_k = r->top_k > 0 && r->top_k < V;
+    if (by_k)
         for (int i = 0; i < V; i++) cdf[i] = temperature == 1 ? logits[i] : logits[i] / temperature;
-    v8 kth = splat(top_k ? kth_largest(cdf, V, r->top_k, order) : -INFINITY);
+    v8 kth = splat(by_k ? kth_largest(cdf, V, r->top_k, order) : -INFINITY);
     /* exp, then the running sum, in two loops: GCC 12.2 -O3 -march=native on an AVX-512 CPU miscompiled
        them as one loop (the tree vectorizer; 1 in 2 tokens wrong at temperature 0.7) */
     for (int i = 0; i < V; i += 8) {
@@ -747,7 +747,8 @@ int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64
               int top_k, float top_p, int start, int stop, int row0, int nrows) {
     if (start > 0 && !tokens_in_vocab(s, tokens + (int64_t)row0 * ld_tokens + start - 1, ld_tokens, nrows))
         return -1;
-    if (start >= stop) return 0; /* no job: a worker could otherwise still be starting it when the next is set */
+    if (start >= stop) return 0; /* a job without steps has no barrier: a worker could still be starting it when the
+                                    next one is set */
     s->job = (Job){.tokens = tokens, .ld_tokens = ld_tokens, .ld_u = ld_u, .u = u,
                    .rule = {.temperature = temperature, .top_p = top_p, .top_k = top_k},
                    .start = start, .stop = stop, .row0 = row0, .nrows = nrows};
@@ -768,7 +769,8 @@ void st_free(Step *s) {
             if (s->threads[t]) pthread_join(s->threads[t], NULL);
     }
     free(s->layers), free(s->x), free(s->qkv), free(s->f), free(s->norm), free(s->y), free(s->scores);
-    free(s->part_acc), free(s->part_m), free(s->part_l), free(s->own_logits), free(s->cdf), free(s->order), free(s->threads);
+    free(s->part_acc), free(s->part_m), free(s->part_l), free(s->own_logits), free(s->cdf), free(s->order);
+    free(s->threads);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     free(s);
