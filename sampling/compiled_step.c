@@ -646,21 +646,16 @@ static int tokens_in_vocab(const Step *s, const int64_t *t, int64_t stride, int 
     return 1;
 }
 
-/* Position pos of rows row0 .. row0 + nrows - 1: logits [nrows, V]; prev [nrows] (element stride prev_stride) the
-   tokens at pos - 1 of those rows, NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
-static int step_rows(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits, int row0,
-                     int nrows) {
-    if (prev && !tokens_in_vocab(s, prev, prev_stride, nrows)) return -1;
-    s->pass = (Pass){.pos = pos, .row0 = row0, .nrows = nrows, .buf = 0, .prev = prev, .prev_stride = prev_stride,
+
+/* logits [B, V] of position pos for the whole batch; prev [B] (element stride prev_stride) the tokens at pos - 1,
+   NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
+int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits) {
+    if (prev && !tokens_in_vocab(s, prev, prev_stride, s->B)) return -1;
+    s->pass = (Pass){.pos = pos, .row0 = 0, .nrows = s->B, .buf = 0, .prev = prev, .prev_stride = prev_stride,
                      .logits = logits};
     s->mode = PASS;
     start_job(s);
     return 0;
-}
-
-/* logits [B, V] of position pos for the whole batch; prev [B] as in step_rows. */
-int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits) {
-    return step_rows(s, pos, prev, prev_stride, logits, 0, s->B);
 }
 
 static int descending(const void *a, const void *b) {
@@ -668,39 +663,30 @@ static int descending(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-/* The k-th largest of z [V] (k < V), as torch.topk(z, k).values[k - 1]; order: V scratch keys. */
-static float kth_largest(const float *z, int V, int k, uint64_t *order) {
+/* order [V]: the indices of x [V] (no NaN), largest first, ties by the lower index; each key holds x[i] in its
+   high half, mapped so that unsigned order is float order, and ~i in its low half (index_of reads i back). */
+static void largest_first(const float *x, int V, uint64_t *order) {
     for (int i = 0; i < V; i++) {
         uint32_t bits;
-        memcpy(&bits, &z[i], 4);
-        order[i] = bits >> 31 ? ~bits : bits | 0x80000000u; /* unsigned order = float order (no NaN) */
+        memcpy(&bits, &x[i], 4);
+        order[i] = (uint64_t)(bits >> 31 ? ~bits : bits | 0x80000000u) << 32 | (uint32_t)~i;
     }
     qsort(order, V, sizeof *order, descending);
-    uint32_t bits = (uint32_t)order[k - 1];
-    bits = bits >> 31 ? bits & 0x7fffffffu : ~bits;
-    float kth;
-    memcpy(&kth, &bits, 4);
-    return kth;
 }
+
+static inline int index_of(uint64_t key) { return (int)~(uint32_t)key; }
 
 /* Top-p on unnormalised probabilities p [V] (>= 0), in place: zero every token whose likelier tokens hold at
    least top_p of the mass, as choose_tokens computes it (the likeliest-first order, ties by index; a running
    sum in double rounded to float per token, as torch's cumsum). order: V scratch keys. */
 static void keep_top_p(float *p, int V, float top_p, uint64_t *order) {
-    int n = 0;
     double total = 0;
-    for (int i = 0; i < V; i++) {
-        if (p[i] == 0) continue; /* zeros are last in the order and change no sum */
-        uint32_t bits;
-        memcpy(&bits, &p[i], 4);
-        order[n++] = (uint64_t)bits << 32 | (uint32_t)~i; /* likeliest first, then the lower index */
-        total += p[i];
-    }
-    qsort(order, n, sizeof *order, descending);
+    for (int i = 0; i < V; i++) total += p[i];
+    largest_first(p, V, order);
     float limit = top_p * (float)total; /* float times float, as torch multiplies a float tensor by a scalar */
     double run = 0;
-    for (int k = 0; k < n; k++) {
-        int i = (int)~(uint32_t)order[k];
+    for (int k = 0; k < V; k++) {
+        int i = index_of(order[k]);
         float q = p[i], before = (float)(run += q) - q; /* the mass of the likelier tokens */
         if (!(before < limit)) p[i] = 0;
     }
@@ -715,16 +701,18 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
     float temperature = r->temperature;
     if (temperature == 0) return best;
     float m = temperature == 1 ? logits[best] : logits[best] / temperature;
-    int by_k = r->top_k > 0 && r->top_k < V;
-    if (by_k)
+    float kth = -INFINITY; /* top-k: the k-th largest of logits / temperature, as torch.topk's last value */
+    if (r->top_k > 0 && r->top_k < V) {
         for (int i = 0; i < V; i++) cdf[i] = temperature == 1 ? logits[i] : logits[i] / temperature;
-    v8 kth = splat(by_k ? kth_largest(cdf, V, r->top_k, order) : -INFINITY);
+        largest_first(cdf, V, order);
+        kth = cdf[index_of(order[r->top_k - 1])];
+    }
     /* exp, then the running sum, in two loops: GCC 12.2 -O3 -march=native on an AVX-512 CPU miscompiled
        them as one loop (the tree vectorizer; 1 in 2 tokens wrong at temperature 0.7) */
     for (int i = 0; i < V; i += 8) {
         v8 z = ld(logits + i);
         if (temperature != 1) z = z / temperature;
-        st(cdf + i, vsel((vi8)(z < kth), (v8){0}, vexp(z - m))); /* top-k: the logits under the k-th are out */
+        st(cdf + i, vsel((vi8)(z < splat(kth)), (v8){0}, vexp(z - m))); /* top-k: the logits under the k-th are out */
     }
     if (r->top_p < 1) keep_top_p(cdf, V, r->top_p, order);
     double total = 0; /* torch's cumsum of float accumulates in double */
