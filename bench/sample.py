@@ -172,7 +172,7 @@ def main() -> None:
         kind, n = model_kind(model), model.cfg.seq_len
         torch.manual_seed(0)
         r = {"model": name, "kind": kind, "params_m": model.num_parameters() / 1e6,
-             "sampling": {"temperature": options.temperature, "top_k": options.top_k, "top_p": options.top_p}}
+             "sampling": vars(options)}
         b1, b8 = steady_tokens_per_s(model, 1, options), steady_tokens_per_s(model, 8, options)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
                  cache_bytes_b1=b1["cache_bytes"], step=b1["step"], step_b8=b8["step"])
