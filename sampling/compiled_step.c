@@ -141,7 +141,7 @@ typedef struct {
     Job job;                              /* st_sample's rows and positions (sample_rows) */
     int mode;                             /* what the workers run next: PASS, ALONE or TOGETHER */
     float *own_logits, *cdf;              /* st_sample's logits [B, V] and a CDF [V] per thread */
-    uint64_t *order;                      /* per thread [V]: the likeliest-first order of a filtered draw */
+    uint32_t *sort;                       /* per thread [4 V]: largest_first's scratch for a filtered draw */
     /* threads */
     pthread_t *threads;
     atomic_int gen, arrived, sense;
@@ -490,7 +490,7 @@ static void run_step(Step *s, const Pass *ps, int me, int tid, int T, int *sense
     barrier(s, T, sense);
 }
 
-static int64_t sample_row(const float *logits, int V, const Rule *r, float u, float *cdf, uint64_t *order);
+static int64_t sample_row(const float *logits, int V, const Rule *r, float u, float *cdf, uint32_t *scratch);
 
 /* st_sample's job on thread me, every position of its rows: ALONE, its own share of the rows, stepped by itself
    without waiting for the other threads (the rows are independent); TOGETHER, every step of all the rows on all
@@ -504,14 +504,14 @@ static void sample_rows(Step *s, int alone, int me, int *sense) {
     int64_t *tokens = j->tokens + (int64_t)(j->row0 + a) * j->ld_tokens;
     const float *u = j->u + (int64_t)(j->row0 + a) * j->ld_u;
     float *logits = s->own_logits + (size_t)a * s->V, *cdf = s->cdf + (size_t)me * s->V;
-    uint64_t *order = s->order + (size_t)me * s->V;
+    uint32_t *sort = s->sort + (size_t)me * 4 * s->V;
     for (int pos = j->start; pos < j->stop; pos++) {
         Pass ps = {.pos = pos, .row0 = j->row0 + a, .nrows = n, .buf = a, .prev = pos ? tokens + pos - 1 : NULL,
                    .prev_stride = j->ld_tokens, .logits = logits};
         run_step(s, &ps, me, tid, T, sense);
         for (int b = 0; b < n && tid == 0; b++)
             tokens[b * j->ld_tokens + pos] = sample_row(logits + (size_t)b * s->V, s->V, &j->rule,
-                                                        u[b * j->ld_u + pos], cdf, order);
+                                                        u[b * j->ld_u + pos], cdf, sort);
     }
 }
 
@@ -578,10 +578,10 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
     s->part_l = aligned((size_t)B * H * T);
     s->own_logits = aligned((size_t)B * V);
     s->cdf = aligned((size_t)T * V);
-    s->order = aligned((size_t)T * V * 2);
+    s->sort = aligned((size_t)T * V * 4);
     s->threads = calloc(T, sizeof(pthread_t));
     if (!s->layers || !s->x || !s->qkv || !s->f || !s->norm || !s->y || !s->scores || !s->part_acc || !s->part_m ||
-        !s->part_l || !s->own_logits || !s->cdf || !s->order || !s->threads) {
+        !s->part_l || !s->own_logits || !s->cdf || !s->sort || !s->threads) {
         st_free(s);
         return NULL;
     }
@@ -658,44 +658,55 @@ int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *l
     return 0;
 }
 
-static int descending(const void *a, const void *b) {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x < y) - (x > y);
-}
-
-/* order [V]: the indices of x [V] (no NaN), largest first, ties by the lower index; each key holds x[i] in its
-   high half, mapped so that unsigned order is float order, and ~i in its low half (index_of reads i back). */
-static void largest_first(const float *x, int V, uint64_t *order) {
+/* The indices of x [V] (no NaN), largest first, ties by the lower index: a stable radix sort (least significant
+   byte first) of each float's bits, mapped so that unsigned order is the reverse of float order, from the indices in
+   increasing order. scratch: 4 V words; returns where the order is (within scratch). */
+static const uint32_t *largest_first(const float *x, int V, uint32_t *scratch) {
+    uint32_t *key = scratch, *idx = scratch + V, *key2 = scratch + 2 * V, *idx2 = scratch + 3 * V;
     for (int i = 0; i < V; i++) {
         uint32_t bits;
         memcpy(&bits, &x[i], 4);
-        order[i] = (uint64_t)(bits >> 31 ? ~bits : bits | 0x80000000u) << 32 | (uint32_t)~i;
+        key[i] = bits >> 31 ? bits : ~bits & 0x7fffffffu; /* larger floats, smaller keys */
+        idx[i] = (uint32_t)i;
     }
-    qsort(order, V, sizeof *order, descending);
+    for (int shift = 0; shift < 32; shift += 8) {
+        int count[256] = {0}, at = 0;
+        for (int i = 0; i < V; i++) count[key[i] >> shift & 255]++;
+        if (count[key[0] >> shift & 255] == V) continue; /* one digit for all: this pass keeps the order */
+        for (int b = 0; b < 256; b++) {
+            int n = count[b];
+            count[b] = at, at += n;
+        }
+        for (int i = 0; i < V; i++) {
+            int to = count[key[i] >> shift & 255]++;
+            key2[to] = key[i], idx2[to] = idx[i];
+        }
+        uint32_t *t = key; key = key2, key2 = t;
+        t = idx; idx = idx2, idx2 = t;
+    }
+    return idx;
 }
-
-static inline int index_of(uint64_t key) { return (int)~(uint32_t)key; }
 
 /* Top-p on unnormalised probabilities p [V] (>= 0), in place: zero every token whose likelier tokens hold at
    least top_p of the mass, as choose_tokens computes it (the likeliest-first order, ties by index; a running
-   sum in double rounded to float per token, as torch's cumsum). order: V scratch keys. */
-static void keep_top_p(float *p, int V, float top_p, uint64_t *order) {
+   sum in double rounded to float per token, as torch's cumsum). scratch: 4 V words. */
+static void keep_top_p(float *p, int V, float top_p, uint32_t *scratch) {
     double total = 0;
     for (int i = 0; i < V; i++) total += p[i];
-    largest_first(p, V, order);
+    const uint32_t *order = largest_first(p, V, scratch);
     float limit = top_p * (float)total; /* float times float, as torch multiplies a float tensor by a scalar */
     double run = 0;
     for (int k = 0; k < V; k++) {
-        int i = index_of(order[k]);
+        int i = (int)order[k];
         float q = p[i], before = (float)(run += q) - q; /* the mass of the likelier tokens */
         if (!(before < limit)) p[i] = 0;
     }
 }
 
 /* The token of one row: the inverse CDF at u of softmax(logits / temperature), filtered by top-k and top-p, as
-   sampling.options.choose_tokens computes it (temperature 0: the first largest logit). cdf: V floats and order:
-   V keys of scratch. */
-static int64_t sample_row(const float *logits, int V, const Rule *r, float u, float *cdf, uint64_t *order) {
+   sampling.options.choose_tokens computes it (temperature 0: the first largest logit). cdf: V floats and scratch:
+   4 V words of scratch. */
+static int64_t sample_row(const float *logits, int V, const Rule *r, float u, float *cdf, uint32_t *scratch) {
     int best = 0;
     for (int i = 1; i < V; i++) best = logits[i] > logits[best] ? i : best;
     float temperature = r->temperature;
@@ -704,8 +715,7 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
     float kth = -INFINITY; /* top-k: the k-th largest of logits / temperature, as torch.topk's last value */
     if (r->top_k > 0 && r->top_k < V) {
         for (int i = 0; i < V; i++) cdf[i] = temperature == 1 ? logits[i] : logits[i] / temperature;
-        largest_first(cdf, V, order);
-        kth = cdf[index_of(order[r->top_k - 1])];
+        kth = cdf[largest_first(cdf, V, scratch)[r->top_k - 1]];
     }
     /* exp, then the running sum, in two loops: GCC 12.2 -O3 -march=native on an AVX-512 CPU miscompiled
        them as one loop (the tree vectorizer; 1 in 2 tokens wrong at temperature 0.7) */
@@ -714,7 +724,7 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
         if (temperature != 1) z = z / temperature;
         st(cdf + i, vsel((vi8)(z < splat(kth)), (v8){0}, vexp(z - m))); /* top-k: the logits under the k-th are out */
     }
-    if (r->top_p < 1) keep_top_p(cdf, V, r->top_p, order);
+    if (r->top_p < 1) keep_top_p(cdf, V, r->top_p, scratch);
     double total = 0; /* torch's cumsum of float accumulates in double */
     for (int i = 0; i < V; i++) cdf[i] = (float)(total += cdf[i]);
     float target = u * cdf[V - 1];
@@ -757,7 +767,7 @@ void st_free(Step *s) {
             if (s->threads[t]) pthread_join(s->threads[t], NULL);
     }
     free(s->layers), free(s->x), free(s->qkv), free(s->f), free(s->norm), free(s->y), free(s->scores);
-    free(s->part_acc), free(s->part_m), free(s->part_l), free(s->own_logits), free(s->cdf), free(s->order);
+    free(s->part_acc), free(s->part_m), free(s->part_l), free(s->own_logits), free(s->cdf), free(s->sort);
     free(s->threads);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
