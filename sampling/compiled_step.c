@@ -7,9 +7,10 @@
      norm + head
    st_sample steps its rows through every position in one call (sample_rows): all threads on every step together,
    thread 0 drawing the tokens between steps, or, with at least ALONE_ROWS rows for every thread, each thread its
-   own rows by itself, never waiting for another thread; each thread then reads every matrix, but with no barrier.
-   Alone, the attention still splits the keys of each (row, head) T ways, in turn, so that both ways give the same
-   logits bit for bit.
+   own rows by itself, never waiting for another thread; each thread then reads every matrix, but with no barrier;
+   or, asked to (solo), the calling thread alone on every row, the workers left asleep (where other work holds the
+   cores, threads that wait for each other at every phase lose more than they share). Alone, the attention still
+   splits the keys of each (row, head) T ways, in turn, so that every way gives the same logits bit for bit.
    Every matrix is packed as [out / 16][in][16] so that a tile of 16 outputs streams contiguously; a block-sparse
    feed-forward matrix (models/sparse_ff.py) is packed per output block, over the input blocks it reads only
    (see Mat), and the same loops skip the blocks that are not there.
@@ -49,7 +50,7 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 #endif
 
 enum { ALL = 0, LOCAL = 1, STRIDED = 2, FIXED = 3 }; /* the patterns' kind codes (kernels/patterns.py) */
-enum { PASS, ALONE, TOGETHER };                       /* Step.mode */
+enum { PASS, ALONE, TOGETHER, SOLO };                 /* Step.mode; SOLO: st_sample's caller alone */
 
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
@@ -494,12 +495,12 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
 
 /* st_sample's job on thread me, every position of its rows: ALONE, its own share of the rows, stepped by itself
    without waiting for the other threads (the rows are independent); TOGETHER, every step of all the rows on all
-   threads, thread 0 drawing the tokens between steps (the others wait at the next step's first barrier). Both
-   give the same logits. The job is copied first: thread 0 may set the next one while another thread is still
-   leaving this one's last barrier. */
-static void sample_rows(Step *s, int alone, int me, int *sense) {
+   threads, thread 0 drawing the tokens between steps (the others wait at the next step's first barrier); SOLO,
+   all the rows on the calling thread (me 0) alone. All give the same logits. The job is copied first: thread 0
+   may set the next one while another thread is still leaving this one's last barrier. */
+static void sample_rows(Step *s, int mode, int me, int *sense) {
     const Job job = s->job, *j = &job;
-    int T = alone ? 1 : s->T, tid = alone ? 0 : me;
+    int T = mode == TOGETHER ? s->T : 1, tid = mode == TOGETHER ? me : 0, alone = mode == ALONE;
     int a = alone ? j->nrows * me / s->T : 0, n = alone ? j->nrows * (me + 1) / s->T - a : j->nrows;
     int64_t *tokens = j->tokens + (int64_t)(j->row0 + a) * j->ld_tokens;
     const float *u = j->u + (int64_t)(j->row0 + a) * j->ld_u;
@@ -522,7 +523,7 @@ static void run_job(Step *s, int me, int *sense) {
         run_step(s, &s->pass, me, me, s->T, sense);
         return;
     }
-    sample_rows(s, mode == ALONE, me, sense);
+    sample_rows(s, mode, me, sense);
     if (mode == ALONE) barrier(s, s->T, sense);
 }
 
@@ -739,10 +740,10 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
 
 /* Sample positions [start, stop) of rows row0 .. row0 + nrows - 1 in place: tokens [B, *] (row stride ld_tokens)
    hold the tokens before start; position p of row b uses the uniform u[b * ld_u + p], drawn by the rule
-   temperature, top_k (0: off) and top_p (1: off). Returns 0, or -1 (nothing more done) when a token before
-   start is outside [0, V). */
+   temperature, top_k (0: off) and top_p (1: off); solo: on the calling thread alone (else on all threads). Returns
+   0, or -1 (nothing more done) when a token before start is outside [0, V). */
 int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64_t ld_u, float temperature,
-              int top_k, float top_p, int start, int stop, int row0, int nrows) {
+              int top_k, float top_p, int start, int stop, int row0, int nrows, int solo) {
     if (start > 0 && !tokens_in_vocab(s, tokens + (int64_t)row0 * ld_tokens + start - 1, ld_tokens, nrows))
         return -1;
     if (start >= stop) return 0; /* a job without steps has no barrier: a worker could still be starting it when the
@@ -750,6 +751,10 @@ int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64
     s->job = (Job){.tokens = tokens, .ld_tokens = ld_tokens, .ld_u = ld_u, .u = u,
                    .rule = {.temperature = temperature, .top_p = top_p, .top_k = top_k},
                    .start = start, .stop = stop, .row0 = row0, .nrows = nrows};
+    if (solo) {
+        sample_rows(s, SOLO, 0, &s->sense0);
+        return 0;
+    }
     s->mode = s->T > 1 && nrows >= ALONE_ROWS * s->T ? ALONE : TOGETHER; /* alone: no step waits for another */
     start_job(s);
     return 0;

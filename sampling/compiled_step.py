@@ -40,13 +40,19 @@ TILE = 16  # outputs per packed weight tile (compiled_step.c)
 MAX_THREADS = 64  # compiled_step.c: the partial results combined per head
 MAX_HEADS = 64  # compiled_step.c: Layer.lo
 PATTERNS = (All, Local, Strided, Fixed)  # the patterns compiled_step.c's cache_rows knows
-# rows_per_pass="auto": how many sequences to step together is measured, not fixed. One pass of all rows
-# reads each weight once a step, but every sequence brings its own caches into the CPU's caches: on an
-# AMD VM (AVX2) batches of 8 ran 12-50% faster as 4 passes of 2 than as one pass of 8, on an
-# Intel VM (AVX-512, 480 MB L3) 1.4-2.3x slower. Each candidate (2, 4, .. rows, and all rows)
-# samples TUNE_STEPS positions of the real work, timed; the fastest runs until RETUNE_EVERY positions
-# later, when the caches have grown and the candidates run again.
+# rows_per_pass="auto": the grouping (how many sequences step together, on all threads or on the calling thread
+# alone) is measured, not fixed. One pass of all rows reads each weight once a step, but every sequence brings its
+# own caches into the CPU's caches (an AMD VM (AVX2) ran batches of 8 12-50% faster as 4 passes of 2, an Intel VM
+# with 480 MB of L3 1.4-2.3x slower). Threads that meet at every phase of a step lose when other work holds the
+# cores: image64 at batch 1 beside a 2-thread training run on 2 cores ran 944-1,223 tokens/s on 2 threads and
+# 1,920-2,431 on one. Each candidate samples TUNE_STEPS positions of the real work in each of TUNE_ROUNDS rounds,
+# timed in all, after TUNE_STEPS untimed ones (a new step's first positions ran up to 6x slower); the calling
+# thread alone must be SOLO_MARGIN times faster than all threads (the 16-step windows spread widely on a VM whose
+# speed drifts). The choice holds until RETUNE_EVERY positions later, when the caches and the other work have
+# changed.
 TUNE_STEPS = 16
+TUNE_ROUNDS = 3
+SOLO_MARGIN = 1.2
 RETUNE_EVERY = 4096
 _P = ctypes.c_void_p
 
@@ -83,7 +89,7 @@ def library() -> ctypes.CDLL | None:
     lib.st_step.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int64, _P]
     lib.st_sample.restype = ctypes.c_int
     lib.st_sample.argtypes = ([_P, _P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
-                              ctypes.c_float] + [ctypes.c_int] * 4)
+                              ctypes.c_float] + [ctypes.c_int] * 5)
     lib.st_free.restype = None
     lib.st_free.argtypes = [_P]
     return lib
@@ -157,9 +163,10 @@ class CompiledStep(DecodeStep):
 
     threads: default torch's thread count, at most d_model / 16 (the tiles of the smallest matrix).
     rows_per_pass: how many sequences :meth:`sample` steps together, or "auto" (the default: measured
-    on the sampling itself, see TUNE_STEPS); the weights are read once a step for all of them, but each
-    brings its own cache into the CPU's caches. A pass of at least two rows a thread is split between the
-    threads, each stepping its own rows (and reading every weight) without waiting for the others.
+    on the sampling itself, see TUNE_STEPS, together with whether the calling thread runs them alone); the
+    weights are read once a step for all of them, but each brings its own cache into the CPU's caches. A pass
+    of at least two rows a thread is split between the threads, each stepping its own rows (and reading every
+    weight) without waiting for the others.
     bf16_weights: read each weight matrix whose every value is a bfloat16 number (all of them, for a model
     stored in bfloat16) from a bfloat16 copy, widened to float32 in registers: the same logits, bit for bit,
     from half the weight bytes. False: float32 copies. ``weight_bytes``: the matrix bytes one step reads.
@@ -181,7 +188,7 @@ class CompiledStep(DecodeStep):
         self.rows_per_pass = rows_per_pass
         if not isinstance(bf16_weights, bool):
             raise ValueError(f"bf16_weights must be True or False, got {bf16_weights!r}")
-        self.tuned_rows = B  # "auto": the rows per pass chosen by the last measurement
+        self.tuned_rows, self.tuned_solo = B, False  # "auto": the grouping chosen by the last measurement
         self._tune_at = 0  # "auto": the position from which the candidates run again
         d = lambda t: t.detach().contiguous()  # noqa: E731
         head_w, head_b = _pack(model.head)
@@ -231,7 +238,8 @@ class CompiledStep(DecodeStep):
     @property
     def description(self) -> str:
         return (f"compiled C step (sampling/compiled_step.c), {self.threads} threads, rows per pass "
-                f"{self.tuned_rows}, {self.weight_bytes / 1e6:.1f} MB of weights")
+                f"{self.tuned_rows}{' (the calling thread alone)' if self.tuned_solo else ''}, "
+                f"{self.weight_bytes / 1e6:.1f} MB of weights")
 
     def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
         """Logits [B, V] (float32) of position ``pos``; prev [B] int64 are the tokens at pos - 1 (None at 0)."""
@@ -256,7 +264,8 @@ class CompiledStep(DecodeStep):
         differ where tokens are exactly as likely, or a sum lands within rounding of the cut).
         tokens [B, N] int64 and uniforms [B, N] float32 on the CPU, rows contiguous; tokens[:, :start]
         are the tokens before start. The rows run ``rows_per_pass`` at a time, each group through all the
-        positions before the next ("auto": see TUNE_STEPS). The tokens do not depend on the grouping."""
+        positions before the next ("auto": see TUNE_STEPS; each group on all threads or on the calling thread
+        alone). The tokens do not depend on the grouping."""
         B = self.batch
         for name, t, dtype in (("tokens", tokens, torch.int64), ("uniforms", uniforms, torch.float32)):
             if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 2 or t.shape[0] != B or t.stride(1) != 1:
@@ -267,30 +276,38 @@ class CompiledStep(DecodeStep):
         if self.rows_per_pass != "auto":
             self._sample_rows(tokens, uniforms, options, start, stop, self.rows_per_pass)
             return
-        candidates = sorted({min(2**k, B) for k in range(1, B.bit_length() + 1)})
+        rows = sorted({min(2**k, B) for k in range(1, B.bit_length() + 1)})
+        candidates = [(r, solo) for solo in ((False, True) if self.threads > 1 else (False,)) for r in rows]
         pos = start
         while pos < stop:
-            if len(candidates) > 1 and pos >= self._tune_at and stop - pos >= TUNE_STEPS * len(candidates):
-                seconds = {}
-                for rows in candidates:
+            if (len(candidates) > 1 and pos >= self._tune_at
+                    and stop - pos >= (1 + TUNE_ROUNDS * len(candidates)) * TUNE_STEPS):
+                self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, *candidates[0])  # warm, untimed
+                pos += TUNE_STEPS
+                seconds = dict.fromkeys(candidates, 0.0)
+                for grouping in candidates * TUNE_ROUNDS:
                     t0 = time.perf_counter()
-                    self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, rows)
-                    seconds[rows] = time.perf_counter() - t0
+                    self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, *grouping)
+                    seconds[grouping] += time.perf_counter() - t0
                     pos += TUNE_STEPS
-                self.tuned_rows = min(candidates, key=seconds.__getitem__)
+                shared = min((g for g in candidates if not g[1]), key=seconds.__getitem__)
+                solo = min(candidates, key=lambda g: seconds[g] * (SOLO_MARGIN if g[1] else 1))
+                self.tuned_rows, self.tuned_solo = solo if solo[1] else shared
                 self._tune_at = pos + RETUNE_EVERY
             end = min(stop, self._tune_at) if self._tune_at > pos else stop
-            self._sample_rows(tokens, uniforms, options, pos, end, self.tuned_rows)
+            self._sample_rows(tokens, uniforms, options, pos, end, self.tuned_rows, self.tuned_solo)
             pos = end
 
     def _sample_rows(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,
-                     stop: int, rows: int) -> None:
-        """Positions [start, stop) of every row, ``rows`` rows at a time (arguments checked by sample)."""
+                     stop: int, rows: int, solo: bool = False) -> None:
+        """Positions [start, stop) of every row, ``rows`` rows at a time, on all threads or (solo) on the calling
+        thread alone (arguments checked by sample)."""
         top_k = min(options.top_k or 0, self.vocab)  # vocab or more: off, as 0
         rule = (float(options.temperature), top_k, 1.0 if options.top_p is None else float(options.top_p))
         for row0 in range(0, self.batch, rows):
             bad = self._lib.st_sample(self._handle, tokens.data_ptr(), tokens.stride(0), uniforms.data_ptr(),
-                                      uniforms.stride(0), *rule, start, stop, row0, min(rows, self.batch - row0))
+                                      uniforms.stride(0), *rule, start, stop, row0, min(rows, self.batch - row0),
+                                      int(solo))
             if bad:
                 raise ValueError(f"tokens before position {start} must be in [0, {self.vocab})")
 

@@ -124,7 +124,8 @@ def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(rule):
 def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together_pick(threads, options):
     """With at least two rows a thread, st_sample gives each thread its own rows for every position (no thread
     waits for another); the tokens equal those of the threads running each step together (one row a pass, or
-    the logits of st_step), also when a call starts after earlier tokens, whose bad values are refused."""
+    the logits of st_step) and those of the calling thread alone (solo), also when a call starts after earlier
+    tokens, whose bad values are refused."""
     model = small_model(pattern="strided")
     B, N, start = 7, 120, 30
     uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(9)).clamp_(max=1 - 2**-24)
@@ -139,6 +140,12 @@ def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together
         results[rows_per_pass] = (decoder, tokens)
     assert torch.equal(results[B][1], results[1][1])
     assert len(results[B][1].unique()) > 50
+    solo = Decoder(model, B, N, step="pytorch")
+    solo.step = CompiledStep(model, solo.caches, solo.pos_emb, threads=threads)
+    alone = torch.zeros(B, N, dtype=torch.long)
+    for rows, (a, b) in ((B, (0, start)), (3, (start, N))):
+        solo.step._sample_rows(alone, uniforms, options, a, b, rows, solo=True)
+    assert torch.equal(alone, results[B][1])
     replay = Decoder(model, B, N, step="pytorch")
     replay.step = CompiledStep(model, replay.caches, replay.pos_emb, threads=threads)
     in_python = torch.zeros(B, N, dtype=torch.long)
@@ -153,9 +160,10 @@ def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together
 
 
 def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again_later(monkeypatch):
-    """"auto" runs 2, 4 and all 5 rows a pass on TUNE_STEPS positions each, keeps the fastest, and measures
-    again RETUNE_EVERY positions later; every position of every row is sampled once, as by a fixed grouping."""
-    monkeypatch.setattr("sampling.compiled_step.TUNE_STEPS", 4)
+    """"auto" runs 2, 4 and all 5 rows a pass, on all threads and on the calling thread alone, TUNE_STEPS positions
+    each in each of TUNE_ROUNDS rounds after TUNE_STEPS untimed ones, keeps the fastest, and measures again
+    RETUNE_EVERY positions later; every position of every row is sampled once, as by a fixed grouping."""
+    monkeypatch.setattr("sampling.compiled_step.TUNE_STEPS", 1)
     monkeypatch.setattr("sampling.compiled_step.RETUNE_EVERY", 40)
     model = small_model(pattern="strided")
     B, N = 5, 150
@@ -165,7 +173,8 @@ def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again
     decoder = Decoder(model, B, N, step="compiled")
     decoder.step.rows_per_pass = 5
     decoder.step.sample(fixed, uniforms, options, 0, N)
-    step, calls = Decoder(model, B, N, step="compiled").step, []
+    auto_decoder, calls = Decoder(model, B, N, step="pytorch"), []
+    step = auto_decoder.step = CompiledStep(model, auto_decoder.caches, auto_decoder.pos_emb, threads=2)
     assert step.rows_per_pass == "auto"
     run = step._sample_rows
     monkeypatch.setattr(step, "_sample_rows", lambda *a: (calls.append(a[3:]), run(*a)))
@@ -173,14 +182,36 @@ def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again
     for start in range(0, N, 30):  # as generate() calls it: one report at a time
         step.sample(auto, uniforms, options, start, min(N, start + 30))
     assert torch.equal(auto, fixed)
-    assert [stop for _, stop, _ in calls[:-1]] == [start for start, _, _ in calls[1:]]  # each position once
+    assert [c[1] for c in calls[:-1]] == [c[0] for c in calls[1:]]  # each position once
     assert (calls[0][0], calls[-1][1]) == (0, N)
-    tunes = [start for start, stop, rows in calls if stop - start == 4 and rows == 2]
-    assert tunes == [0, 60, 120]  # 3 x 4 positions; due again at 52 and 112, where fewer than 12 were left
-    assert [rows for _, _, rows in calls[:3]] == [2, 4, 5] and step.tuned_rows in (2, 4, 5)
-    one = Decoder(model, 1, N, step="compiled").step
-    one.sample(torch.zeros(1, N, dtype=torch.long), uniforms[:1].contiguous(), options, 0, N)
-    assert one.tuned_rows == 1  # one row: nothing to choose
+    groupings = [(2, False), (4, False), (5, False), (2, True), (4, True), (5, True)]
+    tune = [(2, False)] + groupings * 3  # one untimed position, then 3 rounds of one position each
+    starts = [i for i, c in enumerate(calls) if [tuple(c[2:]) for c in calls[i:i + len(tune)]] == tune]
+    assert [calls[i][0] for i in starts] == [0, 60, 120]  # due 40 after each tune, started by a call with 19 left
+    assert all(c[1] - c[0] == 1 for i in starts for c in calls[i:i + len(tune)])
+    assert step.tuned_rows in (2, 4, 5) and step.tuned_solo in (False, True)
+    one = Decoder(model, 1, N, step="pytorch")
+    one.step = CompiledStep(model, one.caches, one.pos_emb, threads=2)
+    one.step.sample(torch.zeros(1, N, dtype=torch.long), uniforms[:1].contiguous(), options, 0, N)
+    assert one.step.tuned_rows == 1  # one row: only the threads to choose
+
+
+@pytest.mark.parametrize("solo_speedup, chosen", [(1.1, (2, False)), (1.5, (2, True))])
+def test_auto_grouping_takes_the_calling_thread_alone_only_when_clearly_faster(monkeypatch, solo_speedup, chosen):
+    """The fastest grouping on all threads wins unless one on the calling thread alone is SOLO_MARGIN times faster."""
+    import sampling.compiled_step as compiled_step
+
+    monkeypatch.setattr(compiled_step, "TUNE_STEPS", 4)
+    model = small_model(pattern="strided")
+    decoder = Decoder(model, 4, 160, step="pytorch")
+    step = CompiledStep(model, decoder.caches, decoder.pos_emb, threads=2)
+    clock = [0.0]
+    seconds = {(2, False): 1.0, (4, False): 1.2, (2, True): 1.0 / solo_speedup, (4, True): 1.3}  # per position
+    monkeypatch.setattr(compiled_step.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(step, "_sample_rows", lambda tokens, uniforms, options, start, stop, rows, solo=False:
+                        clock.__setitem__(0, clock[0] + (stop - start) * seconds[rows, solo]))
+    step.sample(torch.zeros(4, 160, dtype=torch.long), torch.rand(4, 160), SamplingOptions(), 0, 160)
+    assert (step.tuned_rows, step.tuned_solo) == chosen
 
 
 def test_c_sampling_refuses_bad_arguments():
