@@ -290,9 +290,9 @@ class CompiledStep(DecodeStep):
                     self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, *grouping)
                     seconds[grouping] += time.perf_counter() - t0
                     pos += TUNE_STEPS
-                shared = min((g for g in candidates if not g[1]), key=seconds.__getitem__)
-                solo = min(candidates, key=lambda g: seconds[g] * (SOLO_MARGIN if g[1] else 1))
-                self.tuned_rows, self.tuned_solo = solo if solo[1] else shared
+                for grouping in candidates:  # the calling thread alone must be clearly faster
+                    seconds[grouping] *= SOLO_MARGIN if grouping[1] else 1
+                self.tuned_rows, self.tuned_solo = min(candidates, key=seconds.__getitem__)
                 self._tune_at = pos + RETUNE_EVERY
             end = min(stop, self._tune_at) if self._tune_at > pos else stop
             self._sample_rows(tokens, uniforms, options, pos, end, self.tuned_rows, self.tuned_solo)
