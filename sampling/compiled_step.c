@@ -50,7 +50,7 @@ typedef int32_t vi8 __attribute__((vector_size(32)));
 #endif
 
 enum { ALL = 0, LOCAL = 1, STRIDED = 2, FIXED = 3 }; /* the patterns' kind codes (kernels/patterns.py) */
-enum { PASS, ALONE, TOGETHER, SOLO };                 /* Step.mode; SOLO: st_sample's caller alone */
+enum { PASS, ALONE, TOGETHER, SOLO }; /* Step.mode (the workers run it), and SOLO: the caller alone, no worker woken */
 
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
