@@ -6,6 +6,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -186,7 +187,7 @@ def test_auto_rows_per_pass_times_each_grouping_on_the_sampling_itself_and_again
     assert (calls[0][0], calls[-1][1]) == (0, N)
     groupings = [(2, False), (4, False), (5, False), (2, True), (4, True), (5, True)]
     tune = [(2, False)] + groupings * 3  # one untimed position, then 3 rounds of one position each
-    starts = [i for i, c in enumerate(calls) if [tuple(c[2:]) for c in calls[i:i + len(tune)]] == tune]
+    starts = [i for i in range(len(calls)) if [tuple(c[2:]) for c in calls[i:i + len(tune)]] == tune]
     assert [calls[i][0] for i in starts] == [0, 60, 120]  # due 40 after each tune, started by a call with 19 left
     assert all(c[1] - c[0] == 1 for i in starts for c in calls[i:i + len(tune)])
     assert step.tuned_rows in (2, 4, 5) and step.tuned_solo in (False, True)
@@ -207,7 +208,7 @@ def test_auto_grouping_takes_the_calling_thread_alone_only_when_clearly_faster(m
     step = CompiledStep(model, decoder.caches, decoder.pos_emb, threads=2)
     clock = [0.0]
     seconds = {(2, False): 1.0, (4, False): 1.2, (2, True): 1.0 / solo_speedup, (4, True): 1.3}  # per position
-    monkeypatch.setattr(compiled_step.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(compiled_step, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(step, "_sample_rows", lambda tokens, uniforms, options, start, stop, rows, solo=False:
                         clock.__setitem__(0, clock[0] + (stop - start) * seconds[rows, solo]))
     step.sample(torch.zeros(4, 160, dtype=torch.long), torch.rand(4, 160), SamplingOptions(), 0, 160)
