@@ -276,12 +276,10 @@ class CompiledStep(DecodeStep):
         if self.rows_per_pass != "auto":
             self._sample_rows(tokens, uniforms, options, start, stop, self.rows_per_pass)
             return
-        rows = sorted({min(2**k, B) for k in range(1, B.bit_length() + 1)})
-        candidates = [(r, solo) for solo in ((False, True) if self.threads > 1 else (False,)) for r in rows]
+        candidates, needed = self._groupings(), self.tuning_positions
         pos = start
         while pos < stop:
-            if (len(candidates) > 1 and pos >= self._tune_at
-                    and stop - pos >= (1 + TUNE_ROUNDS * len(candidates)) * TUNE_STEPS):
+            if needed and pos >= self._tune_at and stop - pos >= needed:
                 self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, *candidates[0])  # warm, untimed
                 pos += TUNE_STEPS
                 seconds = dict.fromkeys(candidates, 0.0)
@@ -297,6 +295,17 @@ class CompiledStep(DecodeStep):
             end = min(stop, self._tune_at) if self._tune_at > pos else stop
             self._sample_rows(tokens, uniforms, options, pos, end, self.tuned_rows, self.tuned_solo)
             pos = end
+
+    def _groupings(self) -> list[tuple[int, bool]]:
+        """"auto"'s candidates: (rows a pass: 2, 4, .. and all, on the calling thread alone) pairs."""
+        rows = sorted({min(2**k, self.batch) for k in range(1, self.batch.bit_length() + 1)})
+        return [(r, solo) for solo in ((False, True) if self.threads > 1 else (False,)) for r in rows]
+
+    @property
+    def tuning_positions(self) -> int:
+        """The positions one "auto" measurement samples (untimed, then TUNE_ROUNDS rounds); 0: nothing to choose."""
+        n = len(self._groupings())
+        return (1 + TUNE_ROUNDS * n) * TUNE_STEPS if n > 1 else 0
 
     def _sample_rows(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,
                      stop: int, rows: int, solo: bool = False) -> None:
