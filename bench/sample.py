@@ -79,7 +79,7 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, options: SamplingO
     decoder = Decoder(model, batch, dense=dense, step=step)
     tokens = torch.zeros(batch, n, dtype=torch.long)
     uniforms = torch.rand(batch, n)
-    warm = max(64, getattr(decoder.step, "tuning_positions", 0))  # and the compiled step's grouping measured
+    warm = max(64, decoder.step.tuning_positions)  # and the compiled step's grouping measured
     decoder.sample(tokens, uniforms, options, start - warm, start)
     rates = []
     for _ in range(RUNS):

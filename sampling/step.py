@@ -27,6 +27,7 @@ class DecodeStep:
     (None at pos 0). ``description`` says which implementation runs and how."""
 
     description: str
+    tuning_positions: int = 0  # positions sample() spends choosing how to run (CompiledStep's "auto"); 0: none
 
     def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
         raise NotImplementedError
