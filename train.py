@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the compiled decoding step needs 16 or more)")
     m.add_argument("--ff-seed", type=int, help="seed of the random feed-forward layouts (default 0)")
     m.add_argument("--ff-layers", help="comma-separated layers whose feed-forward is sparse (default all)")
+    m.add_argument("--lag-inputs", type=int, metavar="K", help="add to each position's input a learned linear map "
+                   "of the values of the K tokens before it (audio: mu-law amplitudes; default 0: none)")
     a = p.add_argument_group("architecture: --arch lstm trains the sparse LSTM baseline (models/lstm.py) with "
                              "--layers, --block, --seq-len and these flags instead of the transformer's")
     a.add_argument("--arch", choices=("transformer", "lstm"), help="model family (default transformer)")
@@ -92,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(e.g. checkpoints/image64) with a fresh optimizer and schedule; its tokens and compute "
                    "count towards this run's totals; with --layers N above its own, it is deepened to N layers first "
                    "(new blocks start as copies of the top block of their kind with zeroed output projections, "
-                   "so the run starts from the same function)")
+                   "so the run starts from the same function); --lag-inputs K adds zeroed lag inputs to a model "
+                   "without them")
     r = p.add_argument_group("run control")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     r.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many steps of this call")

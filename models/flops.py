@@ -23,10 +23,10 @@ GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
-    """Parameters that take part in matrix multiplies (all linear weights); a block-sparse feed-forward layer
-    counts only its non-zero blocks."""
+    """Parameters that take part in matrix multiplies (all linear weights and the lag inputs' d x K); a
+    block-sparse feed-forward layer counts only its non-zero blocks."""
     d = cfg.d_model
-    total = cfg.n_layers * (4 + 2 * cfg.ff_mult) * d * d + d * cfg.vocab
+    total = cfg.n_layers * (4 + 2 * cfg.ff_mult) * d * d + d * cfg.vocab + d * cfg.lag_inputs
     for layer in cfg.sparse_ff_layers:
         fc, proj = cfg.ff_layouts(layer)
         total += (int(fc.sum()) + int(proj.sum())) * cfg.ff_block**2 - 2 * cfg.ff_width * d
@@ -43,9 +43,11 @@ def attention_scores(cfg: ModelConfig, seq_len: int | None = None) -> int:
 
 
 def training_flops_per_sequence(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Model FLOPs of one training step on one sequence (forward + backward)."""
+    """Model FLOPs of one training step on one sequence (forward + backward; the lag inputs' backward has no
+    input gradient, so they count 4 FLOPs a weight and token, not 6)."""
     n = cfg.seq_len if seq_len is None else seq_len
-    return 6.0 * matmul_parameters(cfg) * n + 12.0 * cfg.d_model * attention_scores(cfg, n)
+    return (6.0 * matmul_parameters(cfg) - 2.0 * cfg.d_model * cfg.lag_inputs) * n \
+        + 12.0 * cfg.d_model * attention_scores(cfg, n)
 
 
 def pf_days(flops: float) -> float:

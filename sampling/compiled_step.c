@@ -18,9 +18,9 @@
    the batch it runs in.
    The matrices are float32, or bfloat16 where every weight of the matrix is a bfloat16 number (st_half): the same
    values from half the bytes.
-   Entry points: st_new / st_layer / st_sparse / st_half / st_start (set up, on the caller's tensors), st_step
-   (one position of the whole batch: logits), st_sample (positions [start, stop) of a range of rows, sampling
-   each token in C with temperature, top-k and top-p), st_free. */
+   Entry points: st_new / st_layer / st_sparse / st_half / st_lag / st_start (set up, on the caller's tensors),
+   st_step (one position of the whole batch: logits), st_sample (positions [start, stop) of a range of rows,
+   sampling each token in C with temperature, top-k and top-p), st_free. */
 
 #include <math.h>
 #include <pthread.h>
@@ -107,7 +107,8 @@ typedef struct {
 
 /* One step: position pos of rows row0 .. row0 + nrows - 1 of the batch, whose buffers (x, qkv, f and the
    attention's partial results) are rows buf .. buf + nrows - 1 of the step's; prev [nrows] (element stride
-   prev_stride) the tokens at pos - 1, NULL at 0; logits [nrows, V]. */
+   prev_stride) the tokens at pos - 1, NULL at 0, each in its row of tokens: with lag inputs, prev[b * prev_stride - k]
+   is the token at pos - 1 - k; logits [nrows, V]. */
 typedef struct {
     int pos, row0, nrows, buf;
     const int64_t *prev;
@@ -133,6 +134,8 @@ typedef struct {
 typedef struct {
     int B, d, H, D, ff, V, n_layers, T, max_keys;
     const float *tok_emb, *start, *pos_emb, *nw, *nb;
+    int K;                                /* lag inputs (0: none): lag_t [K, d] (row k: the token k + 1 back) */
+    const float *lag_t, *token_value;     /* and each token's value [V] */
     Mat head;
     Layer *layers;
     float *x, *qkv, *f;                   /* [B, d], [B, 3d], [B, ff] */
@@ -462,6 +465,12 @@ static void run_step(Step *s, const Pass *ps, int me, int tid, int T, int *sense
             const float *e = ps->prev ? s->tok_emb + (size_t)ps->prev[b * ps->prev_stride] * d : s->start;
             const float *p = s->pos_emb + (size_t)ps->pos * d;
             for (int i = 0; i < d; i++) x[b * d + i] = e[i] + p[i];
+            int lags = ps->pos < s->K ? ps->pos : s->K;
+            for (int k = 0; k < lags; k++) {  /* the values of tokens pos - 1, pos - 2, ... through lag_t's rows */
+                float v = s->token_value[ps->prev[b * ps->prev_stride - k]];
+                const float *w = s->lag_t + (size_t)k * d;
+                for (int i = 0; i < d; i++) x[b * d + i] += v * w[i];
+            }
         }
     }
     barrier(s, T, sense);
@@ -589,6 +598,11 @@ Step *st_new(int B, int d, int H, int ff, int V, int n_layers, int T, int max_ke
     return s;
 }
 
+/* Lag inputs: K of them, lag_t [K, d] and token_value [V] (the caller keeps them alive). */
+void st_lag(Step *s, int K, const float *lag_t, const float *token_value) {
+    s->K = K, s->lag_t = lag_t, s->token_value = token_value;
+}
+
 void st_layer(Step *s, int l, int kind, float *kv, float *summaries, int slots, int rows, int summary,
               const int *lo, const float *const *w) {
     Layer *L = &s->layers[l];
@@ -640,18 +654,22 @@ static void start_job(Step *s) {
     run_job(s, 0, &s->sense0);
 }
 
-/* Whether the n tokens t[0], t[stride], ... all lie in [0, V). */
-static int tokens_in_vocab(const Step *s, const int64_t *t, int64_t stride, int n) {
+/* Whether the tokens a step at pos reads, t[b * stride - k] for n rows b and k < max(1, min(pos, K)), all lie in
+   [0, V). */
+static int tokens_in_vocab(const Step *s, const int64_t *t, int64_t stride, int n, int pos) {
+    int back = pos < s->K ? pos : s->K;
+    back = back > 1 ? back : 1;
     for (int b = 0; b < n; b++)
-        if (t[b * stride] < 0 || t[b * stride] >= s->V) return 0;
+        for (int k = 0; k < back; k++)
+            if (t[b * stride - k] < 0 || t[b * stride - k] >= s->V) return 0;
     return 1;
 }
 
 
 /* logits [B, V] of position pos for the whole batch; prev [B] (element stride prev_stride) the tokens at pos - 1,
-   NULL at 0. -1 (nothing done) when a token of prev is outside [0, V). */
+   NULL at 0, in their rows as Pass says. -1 (nothing done) when a token it reads is outside [0, V). */
 int st_step(Step *s, int pos, const int64_t *prev, int64_t prev_stride, float *logits) {
-    if (prev && !tokens_in_vocab(s, prev, prev_stride, s->B)) return -1;
+    if (prev && !tokens_in_vocab(s, prev, prev_stride, s->B, pos)) return -1;
     s->pass = (Pass){.pos = pos, .row0 = 0, .nrows = s->B, .buf = 0, .prev = prev, .prev_stride = prev_stride,
                      .logits = logits};
     s->mode = PASS;
@@ -744,7 +762,7 @@ static int64_t sample_row(const float *logits, int V, const Rule *r, float u, fl
    0, or -1 (nothing more done) when a token before start is outside [0, V). */
 int st_sample(Step *s, int64_t *tokens, int64_t ld_tokens, const float *u, int64_t ld_u, float temperature,
               int top_k, float top_p, int start, int stop, int row0, int nrows, int solo) {
-    if (start > 0 && !tokens_in_vocab(s, tokens + (int64_t)row0 * ld_tokens + start - 1, ld_tokens, nrows))
+    if (start > 0 && !tokens_in_vocab(s, tokens + (int64_t)row0 * ld_tokens + start - 1, ld_tokens, nrows, start))
         return -1;
     if (start >= stop) return 0; /* a job without steps has no barrier: a worker could still be starting it when the
                                     next one is set */

@@ -83,6 +83,8 @@ def library() -> ctypes.CDLL | None:
     lib.st_sparse.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P, _P]
     lib.st_half.restype = None
     lib.st_half.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P]
+    lib.st_lag.restype = None
+    lib.st_lag.argtypes = [_P, ctypes.c_int, _P, _P]
     lib.st_start.restype = ctypes.c_int
     lib.st_start.argtypes = [_P]
     lib.st_step.restype = ctypes.c_int
@@ -200,6 +202,10 @@ class CompiledStep(DecodeStep):
         if not handle:
             raise MemoryError("the compiled decoding step could not allocate its buffers")
         self._finalizer = weakref.finalize(self, lib.st_free, handle)
+        if cfg.lag_inputs:
+            lag = [d(model.lag.t()), d(model.token_value)]  # [K, d], [V]
+            keep += lag
+            lib.st_lag(handle, cfg.lag_inputs, *(t.data_ptr() for t in lag))
         self.weight_bytes = 0
         matrices = [(-1, 0, head_w)]  # (layer, which, packed float32 weights) of every matrix, -1: the head
         for i, (block, cache) in enumerate(zip(model.blocks, caches, strict=True)):
@@ -241,19 +247,22 @@ class CompiledStep(DecodeStep):
                 f"{self.tuned_rows}{' (the calling thread alone)' if self.tuned_solo else ''}, "
                 f"{self.weight_bytes / 1e6:.1f} MB of weights")
 
-    def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
-        """Logits [B, V] (float32) of position ``pos``; prev [B] int64 are the tokens at pos - 1 (None at 0)."""
-        if not 0 <= pos < self.seq_len or (prev is None) != (pos == 0):
-            raise ValueError(f"pos must be in [0, {self.seq_len}) with prev given exactly when pos > 0, "
-                             f"got pos={pos}, prev={'None' if prev is None else 'a tensor'}")
-        if prev is not None and (prev.dtype != torch.int64 or prev.device.type != "cpu"
-                                 or prev.shape != (self.batch,)):
-            prev = torch.as_tensor(prev, dtype=torch.int64, device="cpu").reshape(self.batch)
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [B, V] (float32) of position ``pos``; tokens [B, >= pos] int64: the sequences so far (see
+        DecodeStep)."""
+        if not isinstance(pos, int) or not 0 <= pos < self.seq_len:
+            raise ValueError(f"pos must be an integer in [0, {self.seq_len}), got {pos!r}")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != self.batch \
+                or tokens.shape[1] < pos:
+            desc = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a tensor [{self.batch}, >= {pos}] (the sequences so far), got {desc}")
+        tokens = tokens.to("cpu", torch.int64).contiguous()
         logits = torch.empty(self.batch, self.vocab)
+        prev = tokens[:, pos - 1] if pos else None
         bad = self._lib.st_step(self._handle, pos, None if prev is None else prev.data_ptr(),
-                                0 if prev is None else prev.stride(0), logits.data_ptr())
+                                tokens.stride(0), logits.data_ptr())
         if bad:
-            raise ValueError(f"prev tokens must be in [0, {self.vocab}), got {prev.tolist()}")
+            raise ValueError(f"the tokens before position {pos} must be in [0, {self.vocab})")
         return logits
 
     def sample(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,

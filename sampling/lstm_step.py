@@ -11,8 +11,8 @@ from .step import DecodeStep
 
 
 class LSTMStep(DecodeStep):
-    """``self(prev, pos)`` -> logits [B, vocab] float32 of token ``pos`` for a batch of ``batch`` sequences,
-    advancing the state by one input (prev [B] int64, None at pos 0, which starts the sequences afresh).
+    """``self(tokens, pos)`` -> logits [B, vocab] float32 of token ``pos`` for a batch of ``batch`` sequences,
+    advancing the state by one input (tokens[:, pos - 1]; pos 0 starts the sequences afresh).
     Positions must come in order: after :meth:`prefill` of P tokens, the next call is for position P."""
 
     def __init__(self, model: SparseLSTM, batch: int):
@@ -36,12 +36,11 @@ class LSTMStep(DecodeStep):
         self.h, self.c, self.next_pos = state.h, state.c, tokens.shape[1]
 
     @torch.no_grad()
-    def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         if pos == 0:
             self.h, self.c = self.model.zero_state(self.batch)
-        elif pos != self.next_pos or prev is None:
-            raise ValueError(f"the LSTM step runs positions in order with the previous token: position "
-                             f"{self.next_pos} is next, got {pos}{' without prev' if prev is None else ''}")
-        logits, self.h, self.c = self.model.decode(None if pos == 0 else prev, self.h, self.c)
+        elif pos != self.next_pos:
+            raise ValueError(f"the LSTM step runs positions in order: position {self.next_pos} is next, got {pos}")
+        logits, self.h, self.c = self.model.decode(None if pos == 0 else tokens[:, pos - 1], self.h, self.c)
         self.next_pos = pos + 1
         return logits

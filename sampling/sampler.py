@@ -60,7 +60,7 @@ def decoding_step(model: SparseTransformer | SparseLSTM) -> str:
 class Decoder:
     """Prefill and single-token steps of one model for a batch, with static KV caches.
 
-    ``step`` is the decoding step (a DecodeStep: ``decoder.step(prev, pos)`` -> logits [B, V]), chosen once
+    ``step`` is the decoding step (a DecodeStep: ``decoder.step(tokens, pos)`` -> logits [B, V]), chosen once
     by :func:`make_step` from ``step`` ("auto", "pytorch", "compiled") and ``shards``.
     dense: keep and read every past position in every layer (a baseline for benchmarks; it
     is not the model's pattern, so its samples differ).

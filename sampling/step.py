@@ -1,7 +1,7 @@
 """The decoding step interface and its PyTorch implementation.
 
 A step runs one position of every sequence of a batch through the model, reading and writing the
-layers' KV caches (sampling/kv_cache.py): ``step(prev, pos)`` -> logits [B, V]. Two implementations
+layers' KV caches (sampling/kv_cache.py): ``step(tokens, pos)`` -> logits [B, V]. Two implementations
 take the same caches: :class:`TorchStep` here (plain PyTorch, any device and dtype) and
 ``sampling.compiled_step.CompiledStep`` (one call of C code, fp32 on the CPU). The sampler picks one
 when it is set up (sampling.sampler.make_step); tests check both against the full forward pass.
@@ -23,13 +23,14 @@ from .options import SamplingOptions, choose_tokens
 
 
 class DecodeStep:
-    """``self(prev, pos)`` -> logits [B, V] float32 of token ``pos``; prev [B] int64 are the tokens at pos - 1
-    (None at pos 0). ``description`` says which implementation runs and how."""
+    """``self(tokens, pos)`` -> logits [B, V] float32 of token ``pos``; tokens [B, >= pos] int64 are the sequences
+    so far: a step reads the token at pos - 1 (none at pos 0), and with lag inputs the ``lag_inputs`` before it too.
+    ``description`` says which implementation runs and how."""
 
     description: str
     tuning_positions: int = 0  # positions sample() spends choosing how to run (CompiledStep's "auto"); 0: none
 
-    def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         raise NotImplementedError
 
     def sample(self, tokens: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions, start: int,
@@ -37,7 +38,7 @@ class DecodeStep:
         """Sample tokens[:, start:stop] in place (tokens [B, N] int64, uniforms [B, N] float32 in [0, 1)),
         token pos drawn with uniforms[:, pos]: one step and one :func:`choose_tokens` per position."""
         for pos in range(start, stop):
-            logits = self(tokens[:, pos - 1] if pos else None, pos)
+            logits = self(tokens, pos)
             tokens[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
 
 
@@ -83,14 +84,19 @@ class TorchStep(DecodeStep):
                        for b in model.blocks]
         self.final = (d(model.norm.weight), d(model.norm.bias), *lin(model.head))
         self.tok_emb, self.start = d(model.tok_emb.weight), d(model.start)
+        self.lag = None if model.lag is None else (d(model.lag).t(), d(model.token_value))  # ([K, d], [V])
 
     @torch.no_grad()
-    def __call__(self, prev: torch.Tensor | None, pos: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         cfg, B = self.cfg, self.caches[0].batch
         d, H, D = cfg.d_model, cfg.n_heads, cfg.head_dim
         linear, norm = self.linear, torch.layer_norm  # torch.layer_norm: F.layer_norm's Python checks cost ~1 us
-        x = self.start.expand(B, d) if prev is None else self.tok_emb[prev]
+        x = self.start.expand(B, d) if pos == 0 else self.tok_emb[tokens[:, pos - 1]]
         x = x + self.pos_emb[pos]
+        if self.lag is not None and pos:
+            lag, value = self.lag
+            back = min(pos, cfg.lag_inputs)
+            x = x + value[tokens[:, pos - back:pos].flip(1)] @ lag[:back]  # tokens pos - 1, pos - 2, ... times lag
         for (n1w, n1b, qkv_w, qkv_b, pw, pb, n2w, n2b, fw, fb, f2w, f2b), cache in zip(self.blocks, self.caches,
                                                                                            strict=True):
             qkv = linear(norm(x, (d,), n1w, n1b), qkv_w, qkv_b).view(B, 3, H, 1, D)

@@ -26,6 +26,8 @@ def small_model(seed: int = 0, **kw) -> SparseTransformer:
                                 pos_factors=(10, 16)), **kw})
     model = SparseTransformer(cfg).eval()
     torch.nn.init.normal_(model.head.weight, std=0.5)  # non-trivial logits
+    if model.lag is not None:
+        torch.nn.init.normal_(model.lag, std=0.5)  # zero at initialisation
     return model
 
 

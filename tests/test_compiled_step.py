@@ -30,21 +30,28 @@ def env(monkeypatch):
     library.cache_clear()
 
 
-@pytest.mark.parametrize("batch", [1, 2, 5, 8, 11])
-def test_compiled_step_on_any_thread_count_equals_the_pytorch_step(batch):
+LAG = dict(lag_inputs=24, token_values="mu_law")
+
+
+@pytest.mark.parametrize("batch, kw", [(1, {}), (2, {}), (5, {}), (8, {}), (11, {}), (3, LAG)],
+                         ids=["1", "2", "5", "8", "11", "3-lag-inputs"])
+def test_compiled_step_on_any_thread_count_equals_the_pytorch_step(batch, kw):
     """Rows of every batch size go through each register-blocking case of the C matmul (8 rows where the CPU
-    has AVX-512, 4, 2 and 1 rows); the keys of each head are split across the threads and combined."""
-    model = small_model(pattern="strided")
+    has AVX-512, 4, 2 and 1 rows); the keys of each head are split across the threads and combined; lag inputs
+    read the tokens before each position, fewer than K near the start."""
+    model = small_model(pattern="strided", **kw)
     tokens = torch.randint(0, 256, (batch, 60), generator=torch.Generator().manual_seed(4))
     ref = Decoder(model, batch, 60, step="pytorch")
     one, three = Decoder(model, batch, 60, step="pytorch"), Decoder(model, batch, 60, step="pytorch")
     three.step = CompiledStep(model, three.caches, three.pos_emb, threads=3)
     one.step = CompiledStep(model, one.caches, one.pos_emb, threads=1)
+    with torch.no_grad():
+        full = model(tokens)
     for pos in range(60):
-        prev = tokens[:, pos - 1] if pos else None
-        want = ref.step(prev, pos)
+        want = ref.step(tokens, pos)
+        torch.testing.assert_close(want, full[:, pos], rtol=1e-4, atol=1e-4)
         for decoder in (one, three):
-            torch.testing.assert_close(decoder.step(prev, pos), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(decoder.step(tokens, pos), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_rows_logits_do_not_depend_on_the_batch_it_runs_in():
@@ -61,21 +68,25 @@ def test_a_rows_logits_do_not_depend_on_the_batch_it_runs_in():
         decoder.step = CompiledStep(model, decoder.caches, decoder.pos_emb, threads=2)
         alone.append(decoder)
     for pos in range(n):
-        prev = tokens[:, pos - 1] if pos else None
-        logits = together.step(prev, pos)
+        logits = together.step(tokens, pos)
         for row, decoder in enumerate(alone):
-            assert torch.equal(logits[row], decoder.step(None if prev is None else prev[row:row + 1], pos)[0])
+            assert torch.equal(logits[row], decoder.step(tokens[row:row + 1], pos)[0])
 
 
 def test_compiled_step_refuses_what_it_cannot_run(env):
     model = small_model()
     decoder = Decoder(model, 2, 40, step="compiled")
-    with pytest.raises(ValueError, match="prev tokens must be in \\[0, 256\\)"):
-        decoder.step(torch.tensor([3, 256]), 1)
-    with pytest.raises(ValueError, match="pos must be in \\[0, 40\\)"):
-        decoder.step(torch.tensor([3, 4]), 40)
-    with pytest.raises(ValueError, match="prev given exactly when pos > 0"):
-        decoder.step(None, 5)
+    with pytest.raises(ValueError, match="tokens before position 1 must be in \\[0, 256\\)"):
+        decoder.step(torch.tensor([[3], [256]]), 1)
+    with pytest.raises(ValueError, match="pos must be an integer in \\[0, 40\\)"):
+        decoder.step(torch.zeros(2, 40, dtype=torch.long), 40)
+    with pytest.raises(ValueError, match="tokens must be a tensor \\[2, >= 5\\]"):
+        decoder.step(torch.zeros(2, 4, dtype=torch.long), 5)
+    lagged = Decoder(small_model(**LAG), 1, 40, step="compiled")
+    history = torch.tensor([[-1, 7, 8]])  # the lag inputs read the tokens before pos - 1 too
+    with pytest.raises(ValueError, match="tokens before position 3"):
+        lagged.step(history, 3)
+    lagged.step(history[:, 1:], 2)
     with pytest.raises(ValueError, match="fp32 on the CPU"):
         Decoder(small_model().to(torch.float64), 1, 40, step="compiled")
     with pytest.raises(ValueError, match="multiples of 16"):
@@ -108,7 +119,7 @@ def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(rule):
     replay = Decoder(model, B, N, step="compiled")
     in_python = torch.zeros(B, N, dtype=torch.long)
     for pos in range(N):
-        logits = replay.step(in_python[:, pos - 1] if pos else None, pos)
+        logits = replay.step(in_python, pos)
         in_python[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
     assert torch.equal(in_c, in_python)
     assert len(in_c.unique()) > (1 if options.temperature == 0 else 20)
@@ -119,15 +130,16 @@ def test_c_sampling_picks_what_choose_tokens_picks_from_the_same_logits(rule):
         assert (unfiltered != in_c).float().mean() > 0.05
 
 
-@pytest.mark.parametrize("threads, options", [(2, SamplingOptions(0.9)),
-                                              (3, SamplingOptions(0.9, top_k=80, top_p=0.95))],
-                         ids=["2-plain", "3-filtered"])
-def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together_pick(threads, options):
+@pytest.mark.parametrize("threads, options, kw", [(2, SamplingOptions(0.9), {}),
+                                                  (3, SamplingOptions(0.9, top_k=80, top_p=0.95), {}),
+                                                  (2, SamplingOptions(0.9), LAG)],
+                         ids=["2-plain", "3-filtered", "2-lag-inputs"])
+def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together_pick(threads, options, kw):
     """With at least two rows a thread, st_sample gives each thread its own rows for every position (no thread
     waits for another); the tokens equal those of the threads running each step together (one row a pass, or
     the logits of st_step) and those of the calling thread alone (solo), also when a call starts after earlier
     tokens, whose bad values are refused."""
-    model = small_model(pattern="strided")
+    model = small_model(pattern="strided", **kw)
     B, N, start = 7, 120, 30
     uniforms = torch.rand(B, N, generator=torch.Generator().manual_seed(9)).clamp_(max=1 - 2**-24)
     results = {}
@@ -151,7 +163,7 @@ def test_threads_sampling_their_own_rows_pick_what_the_threads_stepping_together
     replay.step = CompiledStep(model, replay.caches, replay.pos_emb, threads=threads)
     in_python = torch.zeros(B, N, dtype=torch.long)
     for pos in range(N):
-        logits = replay.step(in_python[:, pos - 1] if pos else None, pos)
+        logits = replay.step(in_python, pos)
         in_python[:, pos] = choose_tokens(logits, uniforms[:, pos], options)
     assert torch.equal(results[B][1], in_python)
     decoder, tokens = results[B]
@@ -282,8 +294,7 @@ def test_bf16_valued_weights_are_read_as_bf16_with_the_same_logits_bit_for_bit(e
         full.step = CompiledStep(model, full.caches, full.pos_emb, threads=2, bf16_weights=False)
         assert half.step.weight_bytes * 2 == full.step.weight_bytes
         for pos in range(40):
-            prev = tokens[:batch, pos - 1] if pos else None
-            assert torch.equal(half.step(prev, pos), full.step(prev, pos))
+            assert torch.equal(half.step(tokens[:batch], pos), full.step(tokens[:batch], pos))
     model = small_model(pattern="strided", **kw)  # float32 weights
     mixed = Decoder(model, 1, 40, step="pytorch")
     mixed.step = CompiledStep(model, mixed.caches, mixed.pos_emb)
@@ -302,8 +313,7 @@ def test_library_built_without_march_native_gives_the_same_logits(env, tmp_path)
     tokens = torch.randint(0, 256, (5, 50), generator=torch.Generator().manual_seed(7))
     plain, ref = Decoder(model, 5, 50, step="compiled"), Decoder(model, 5, 50, step="pytorch")
     for pos in range(50):
-        prev = tokens[:, pos - 1] if pos else None
-        torch.testing.assert_close(plain.step(prev, pos), ref.step(prev, pos), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain.step(tokens, pos), ref.step(tokens, pos), rtol=1e-5, atol=1e-5)
 
 
 def _planted_library(path, marker):

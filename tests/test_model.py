@@ -232,3 +232,80 @@ def test_an_offset_moves_only_the_position_embedding_and_is_checked():
     for bad in (-1, 1024 - 63, 2.0, True):
         with pytest.raises(ValueError, match="offset must be an int"):
             model(tokens, offset=bad)
+
+
+def lag_reference(model: SparseTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Position t's lag input by the definition: sum_k lag[:, k] * value(tokens[t - 1 - k]), one term at a time."""
+    B, N = tokens.shape
+    out = torch.zeros(B, N, model.cfg.d_model)
+    for t in range(N):
+        for k in range(min(model.cfg.lag_inputs, t)):
+            out[:, t] += model.lag[:, k] * model.token_value[tokens[:, t - 1 - k]][:, None]
+    return out
+
+
+@pytest.mark.parametrize("values", ["linear", "mu_law"])
+def test_lag_inputs_add_a_linear_map_of_the_previous_tokens_values(values):
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config(lag_inputs=12, token_values=values))).eval()
+    assert not model.lag.any()  # zero at initialisation
+    torch.nn.init.normal_(model.lag)
+    if values == "mu_law":  # the decoded 8-bit mu-law amplitudes: -1 and 1 at the ends, odd around the middle
+        assert model.token_value[0] == -1 and model.token_value[255] == 1
+        torch.testing.assert_close(model.token_value[128:], -model.token_value[:128].flip(0))
+    else:
+        torch.testing.assert_close(model.token_value, torch.linspace(-1, 1, 256))
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lag_input(tokens), lag_reference(model, tokens), atol=1e-5, rtol=1e-5)
+        no_lag = dataclasses.replace(model.cfg, lag_inputs=0, token_values="linear")
+        plain = SparseTransformer(no_lag).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "lag"})
+        torch.testing.assert_close(model.embed(tokens), plain.embed(tokens) + lag_reference(model, tokens),
+                                   atol=1e-5, rtol=1e-5)
+    base = model(tokens)
+    for t in (0, 5, 39):  # causal: token t moves logits after t only, and the next one through the lag inputs too
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 101) % 256
+        out = model(changed)
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1]), t
+        if t + 1 < 40:
+            assert (out[:, t + 1:] - base[:, t + 1:]).abs().amax() > 0, t
+    window = model.lag_input(tokens[:, 20:])  # a window starts without the tokens before it
+    torch.testing.assert_close(window, lag_reference(model, tokens[:, 20:]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_given_lag_inputs_computes_the_same_function_and_learns_them():
+    torch.manual_seed(0)
+    model = random_head(SparseTransformer(small_config())).eval()
+    grown = model.with_lag_inputs(16, "mu_law").eval()
+    assert grown.cfg == dataclasses.replace(model.cfg, lag_inputs=16, token_values="mu_law")
+    tokens = torch.randint(0, 256, (2, 160))
+    torch.testing.assert_close(grown(tokens), model(tokens), atol=0, rtol=0)
+    F.cross_entropy(grown.train()(tokens).flatten(0, 1), tokens.flatten()).backward()
+    assert grown.lag.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="already has 16 lag inputs"):
+        grown.with_lag_inputs(8, "linear")
+    deeper = grown.deepened(3)  # deepening keeps them
+    assert deeper.cfg.lag_inputs == 16 and torch.equal(deeper.lag, grown.lag)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lag_inputs=-1), "lag_inputs must be an integer in"), (dict(lag_inputs=1025), "lag_inputs"),
+    (dict(lag_inputs=2.0), "lag_inputs"), (dict(lag_inputs=4, token_values="ulaw"), "token_values must be one of"),
+    (dict(lag_inputs=4, token_values="mu_law", vocab=512, pos_factors=(10, 16)), "needs vocab 256"),
+    (dict(token_values="mu_law"), "only applies with lag_inputs"),
+])
+def test_bad_lag_inputs_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(**bad)
+
+
+def test_lag_inputs_are_in_the_card_and_the_flops_only_when_present():
+    cfg = small_config(lag_inputs=8, token_values="mu_law")
+    d = cfg.to_dict()
+    assert d["lag_inputs"] == 8 and d["token_values"] == "mu_law" and ModelConfig.from_dict(d) == cfg
+    assert "lag_inputs" not in small_config().to_dict() and "token_values" not in small_config().to_dict()
+    plain = small_config()
+    assert matmul_parameters(cfg) == matmul_parameters(plain) + 8 * 64
+    assert training_flops_per_sequence(cfg) == training_flops_per_sequence(plain) + 4 * 8 * 64 * 160

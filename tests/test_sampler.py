@@ -16,7 +16,7 @@ from sampling.step import TorchStep, weight_shards
 
 PATTERNS = [dict(pattern="strided"), dict(pattern="fixed", summary=4),
             dict(pattern="fixed", summary=4, distinct_summaries=True), dict(pattern="all"),
-            dict(layer_patterns=("local", "fixed"), summary=4)]
+            dict(layer_patterns=("local", "fixed"), summary=4), dict(pattern="strided", lag_inputs=40)]
 
 
 STEPS = {"compiled": dict(step="compiled"), "torch-1-shard": dict(step="pytorch", shards=1),
@@ -41,7 +41,7 @@ def test_step_by_step_logits_equal_the_full_forward_at_every_position(kw, prompt
     if prompt_len:
         decoder.prefill(tokens[:, :prompt_len])
     for pos in range(prompt_len, 150):
-        logits = decoder.step(tokens[:, pos - 1] if pos else None, pos)
+        logits = decoder.step(tokens, pos)
         torch.testing.assert_close(logits, full[:, pos], rtol=1e-5, atol=5e-5)
 
 
@@ -52,8 +52,7 @@ def test_weight_shards_split_the_step_and_must_divide_the_layers():
     one, four = Decoder(model, 1, 40, shards=1), Decoder(model, 1, 40, shards=4)
     assert isinstance(four.step, TorchStep) and four.step.blocks[0][2].shape == (4, 64, 48)  # qkv: [S, in, 3d / S]
     for pos in range(40):
-        prev = tokens[:, pos - 1] if pos else None
-        torch.testing.assert_close(four.step(prev, pos), one.step(prev, pos), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(four.step(tokens, pos), one.step(tokens, pos), rtol=1e-5, atol=1e-5)
     for bad in (0, 3, True, 2.0):
         with pytest.raises(ValueError, match="shards"):
             Decoder(model, 1, 40, shards=bad)

@@ -119,6 +119,37 @@ def test_init_starts_a_new_run_from_an_exported_checkpoint(images, tmp_path, cap
     assert "is not an audio model" in capsys.readouterr().err
 
 
+def test_init_with_lag_inputs_adds_them_zeroed_and_a_new_model_may_have_them(images, tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    source = export_tiny(images, tmp_path / "a", ck / "a")
+    grow = ["image", "--data", str(images), "--init", str(ck / "a"), "--lag-inputs", "24", "--batch-size", "2",
+            "--peak-tflops", "1", "--quiet", "--eval-items", "2", "--eval-every", "0", "--precision", "fp32",
+            "--lr", "1e-9", "--warmup", "0", "--steps", "1", "--checkpoints", str(ck), "--export", "b"]
+    assert train.main([*grow, "--out", str(tmp_path / "b")]) == 0
+    assert "given 24 lag inputs (zeroed)" in capsys.readouterr().err
+    grown = load_model(ck / "b")
+    assert grown.cfg.lag_inputs == 24 and grown.cfg.token_values == "linear"  # image intensities
+    assert grown.lag.abs().max() < 1e-6  # lr 1e-9: still the source's function
+    tokens = torch.randint(0, 256, (1, 12288))
+    torch.testing.assert_close(grown.eval()(tokens), source.eval()(tokens), atol=1e-4, rtol=0)
+    again = ["image", "--data", str(images), "--out", str(tmp_path / "c"), "--init", str(ck / "b"), "--lag-inputs",
+             "8"]
+    assert train.main(again) == 2
+    assert "--init can only add lag inputs to a model without them" in capsys.readouterr().err
+    new = ["audio", "--data", str(images), "--out", str(tmp_path / "d"), "--config", "tiny", "--lag-inputs", "4"]
+    assert settings_model_config(new).token_values == "mu_law"
+    lstm = ["image", "--data", str(images), "--out", str(tmp_path / "e"), "--arch", "lstm", "--lag-inputs", "4"]
+    assert train.main(lstm) == 2
+    assert "--lag-inputs is not for --arch lstm" in capsys.readouterr().err
+
+
+def settings_model_config(argv: list[str]):
+    """The model config train.py would build from ``argv`` (without reading data)."""
+    from training.settings import model_config, resolve_settings
+    args = vars(train.parse_args(argv))
+    return model_config(resolve_settings({k: v for k, v in args.items() if v is not None}))
+
+
 def test_init_with_more_layers_deepens_the_checkpoint_and_resumes_as_deepened(images, tmp_path, capsys):
     ck = tmp_path / "checkpoints"
     source = export_tiny(images, tmp_path / "a", ck / "a")

@@ -198,8 +198,8 @@ def batches(train_set, s: dict, d: Dist) -> Batches:
 
 
 def new_model(s: dict, cfg: ModelConfig | LSTMConfig, d: Dist) -> tuple[SparseTransformer | SparseLSTM, Progress]:
-    """A new model of ``cfg``; on a new run with --init, holding --init's weights (deepened if asked), with
-    its tokens, compute and history counted in the progress."""
+    """A new model of ``cfg``; on a new run with --init, holding --init's weights (deepened and given lag inputs
+    if asked), with its tokens, compute and history counted in the progress."""
     model, progress = build_model(cfg), Progress()
     if s["init"] is None or s["resume"]:
         return model, progress
@@ -215,6 +215,10 @@ def new_model(s: dict, cfg: ModelConfig | LSTMConfig, d: Dist) -> tuple[SparseTr
             print(f"--init: {s['init']} deepened from {source.cfg.n_layers} to {cfg.n_layers} layers (new "
                   "blocks copy the top block of their kind, output projections zeroed)", file=sys.stderr)
         source = source.deepened(cfg.n_layers)
+    if cfg.lag_inputs != source.cfg.lag_inputs:
+        if d.main:
+            print(f"--init: {s['init']} given {cfg.lag_inputs} lag inputs (zeroed)", file=sys.stderr)
+        source = source.with_lag_inputs(cfg.lag_inputs, cfg.token_values)
     model.load_state_dict(source.state_dict())
     return model, progress
 

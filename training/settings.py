@@ -15,7 +15,7 @@ from .errors import TrainingError
 # Settings a resumed run takes from its checkpoint; changing them would not continue the same run.
 RUN_SETTINGS = dict(config=None, layers=None, width=None, heads=None, ff_mult=None, dropout=None, pattern=None,
                     layer_patterns=None, stride=None, block=None, seq_len=None, ff_layout=None, ff_density=None,
-                    ff_block=None, ff_seed=None, ff_layers=None, batch_size=8, micro_batch=1, lr=5e-4,
+                    ff_block=None, ff_seed=None, ff_layers=None, lag_inputs=None, batch_size=8, micro_batch=1, lr=5e-4,
                     warmup=100, min_lr_ratio=0.1, weight_decay=0.01, clip=1.0, precision="auto", recompute=True,
                     ema=0.0, seed=0, fsdp=False, steps=1000, init=None, val_fraction=None, window=None,
                     arch="transformer", hidden=None, density=None, lstm_layout=None, layout_seed=None,
@@ -28,7 +28,10 @@ CONTROL = dict(data=None, out=None, resume=False, stop_after=None, stop_minutes=
 MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult="ff_mult", dropout="dropout",
                    pattern="pattern", layer_patterns="layer_patterns", stride="stride", block="block",
                    seq_len="seq_len", ff_layout="ff_layout", ff_density="ff_density", ff_block="ff_block",
-                   ff_seed="ff_seed", ff_layers="ff_layers")
+                   ff_seed="ff_seed", ff_layers="ff_layers", lag_inputs="lag_inputs")
+# What a token is worth as a signal value for the lag inputs, per data kind (ModelConfig.token_values).
+TOKEN_VALUES = {"image": "linear", "audio": "mu_law"}
+GROWTH_FLAGS = ("layers", "lag_inputs")  # the model flags --init takes: they grow its model
 ARCHS = ("transformer", "lstm")
 # LSTM flags -> the LSTMConfig fields they set (--layers, --block and --seq-len too); --tbptt is the run's.
 LSTM_FLAGS = dict(layers="n_layers", block="block", seq_len="seq_len", hidden="hidden", density="density",
@@ -56,10 +59,10 @@ def resolve_settings(given: dict) -> dict:
                             "choose another --out")
     if settings["init"] is not None:
         given_model = [f"--{k.replace('_', '-')}" for k in ("config", *MODEL_FLAGS)
-                       if k != "layers" and given.get(k) is not None]
+                       if k not in GROWTH_FLAGS and given.get(k) is not None]
         if given_model and not settings["resume"]:
-            raise TrainingError(f"--init takes the model from {settings['init']} (--layers may deepen it); "
-                                f"drop {', '.join(given_model)}")
+            raise TrainingError(f"--init takes the model from {settings['init']} (--layers may deepen it, "
+                                f"--lag-inputs add lag inputs); drop {', '.join(given_model)}")
     _check_arch(settings, given)
     if settings["config"] is None and settings["arch"] == "transformer":
         settings["config"] = f"{settings['kind']}-cpu"
@@ -159,6 +162,8 @@ def model_config(s: dict) -> ModelConfig | LSTMConfig:
                                 f"{overrides['ff_layers']!r}") from None
     if s["kind"] == "image" and "seq_len" in overrides:
         raise TrainingError("--seq-len is for audio; image models see whole 64x64x3 images (12,288 tokens)")
+    if overrides.get("lag_inputs"):
+        overrides["token_values"] = TOKEN_VALUES[s["kind"]]
     try:
         return config_for(s["kind"], s["config"], **overrides)
     except ValueError as e:
@@ -187,13 +192,19 @@ def _init_config(s: dict) -> ModelConfig:
     cfg = ModelConfig.from_dict(card["config"])
     if card_kind(card, cfg) != s["kind"]:
         raise TrainingError(f"--init: {s['init']} is not an {s['kind']} model")
-    if s["layers"] is None or s["layers"] == cfg.n_layers:
-        return cfg
-    try:
-        return cfg.deepened(s["layers"])
-    except ValueError as e:
-        raise TrainingError(f"--layers {s['layers']}: --init can only add layers to {s['init']} "
-                            f"({cfg.n_layers} layers): {e}") from None
+    if s["layers"] is not None and s["layers"] != cfg.n_layers:
+        try:
+            cfg = cfg.deepened(s["layers"])
+        except ValueError as e:
+            raise TrainingError(f"--layers {s['layers']}: --init can only add layers to {s['init']} "
+                                f"({cfg.n_layers} layers): {e}") from None
+    if s["lag_inputs"] is not None and s["lag_inputs"] != cfg.lag_inputs:
+        try:
+            cfg = cfg.with_lag_inputs(s["lag_inputs"], TOKEN_VALUES[s["kind"]])
+        except ValueError as e:
+            raise TrainingError(f"--lag-inputs {s['lag_inputs']}: --init can only add lag inputs to a model "
+                                f"without them ({s['init']} has {cfg.lag_inputs}): {e}") from None
+    return cfg
 
 
 def save_run_settings(out: Path, s: dict, cfg: ModelConfig | LSTMConfig) -> None:
