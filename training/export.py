@@ -25,7 +25,7 @@ HISTORY_SETTINGS = ("lr", "warmup", "batch_size", "precision", "seed")
 
 def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: ModelConfig | LSTMConfig, d: Dist,
                       train_set, val_set, progress: Progress) -> str | None:
-    """Write the shipped checkpoint (EMA weights if kept, stored as --export-dtype), with held-out bits/dim of
+    """Write the shipped checkpoint (the EMA's weights if kept, stored as --export-dtype), with held-out bits/dim of
     exactly those weights; its card's training_history is ``progress.history`` (the runs before this one)
     followed by this run.
     A collective: every process calls it; rank 0 writes and gets the card's path, the others None."""
@@ -48,15 +48,17 @@ def export_checkpoint(model: torch.nn.Module, ema: EMA | None, s: dict, cfg: Mod
 
 
 def shipped_params(model: torch.nn.Module, ema: EMA | None) -> list[torch.Tensor]:
-    """The whole weights to ship: the EMA's if kept, else the model's (gathered from FSDP shards; a collective)."""
-    if ema is None:
+    """The whole weights to ship: the EMA's if kept and updated, else the model's (gathered from FSDP shards; a
+    collective)."""
+    if ema is None or not ema.updates:
         return [full_tensor(p.detach()) for p in model.parameters()]
+    averaged = ema.averaged()
     if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP: the EMA holds local shards
         from torch.distributed.tensor import DTensor
 
         return [DTensor.from_local(e, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
-                for e, p in zip(ema.params, model.parameters(), strict=True)]
-    return ema.params
+                for e, p in zip(averaged, model.parameters(), strict=True)]
+    return averaged
 
 
 def export_card(s: dict, cfg: ModelConfig | LSTMConfig, processes: int, train_set, val_set, progress: Progress,
