@@ -171,7 +171,8 @@ class CompiledStep(DecodeStep):
     weight) without waiting for the others.
     bf16_weights: read each weight matrix whose every value is a bfloat16 number (all of them, for a model
     stored in bfloat16) from a bfloat16 copy, widened to float32 in registers: the same logits, bit for bit,
-    from half the weight bytes. False: float32 copies. ``weight_bytes``: the matrix bytes one step reads.
+    from half the weight bytes. False: float32 copies. ``weight_bytes``: the matrix bytes one step reads (the lag
+    inputs' float32 [K, d] among them).
     """
 
     def __init__(self, model: SparseTransformer, caches: list[LayerCache], pos_emb: torch.Tensor,
@@ -202,11 +203,12 @@ class CompiledStep(DecodeStep):
         if not handle:
             raise MemoryError("the compiled decoding step could not allocate its buffers")
         self._finalizer = weakref.finalize(self, lib.st_free, handle)
+        self.weight_bytes = 0
         if cfg.lag_inputs:
             lag = [d(model.lag.t()), d(model.token_value)]  # [K, d], [V]
             keep += lag
             lib.st_lag(handle, cfg.lag_inputs, *(t.data_ptr() for t in lag))
-        self.weight_bytes = 0
+            self.weight_bytes += lag[0].nbytes
         matrices = [(-1, 0, head_w)]  # (layer, which, packed float32 weights) of every matrix, -1: the head
         for i, (block, cache) in enumerate(zip(model.blocks, caches, strict=True)):
             sparse = i in cfg.sparse_ff_layers
