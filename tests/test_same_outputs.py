@@ -36,7 +36,7 @@ CASES = {
 # sha256 of the concatenated samples; both decoding steps give the same samples
 EXPECTED = {
     "image": "d5f4ced1a4844d8c8394801e153b30a17b7ae3f3ea6ff025759e5a49551b1f7d",
-    "audio": "d0798c041010d8f7b0ca9001e461cdd35851b8ffd0e999d2e10ddc48190d30c7",
+    "audio": "02dcc47d405aff91a16dbaaf99b371ac01962897d12f6b27330cca771b9bf1ab",
 }
 
 
