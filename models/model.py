@@ -72,10 +72,9 @@ class ModelConfig:
       ff_mult=8, ff_density=0.5 has the parameters and FLOPs of the dense ff_mult=4.
     lag_inputs: K > 0 adds to each position's input a learned linear map (d x K) of the values of the K tokens
       before it (zeros before the sequence or window starts): a direct view of the recent signal, which attention
-      over learned token and position embeddings learns slowly (audio: a fixed linear predictor of the last 256
-      samples codes 5.3 bits/byte, below what the model without it reached). ``token_values`` says what a token
-      is worth: "linear" (0..vocab-1 evenly over [-1, 1], image intensities) or "mu_law" (the decoded amplitude
-      of an 8-bit mu-law sample).
+      over learned token and position embeddings learns slowly (docs/training.md). ``token_values`` says what a
+      token is worth: "linear" (0..vocab-1 evenly over [-1, 1], image intensities) or "mu_law" (the decoded
+      amplitude of an 8-bit mu-law sample).
     """
 
     n_layers: int = 8
