@@ -30,7 +30,7 @@ MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult=
                    seq_len="seq_len", ff_layout="ff_layout", ff_density="ff_density", ff_block="ff_block",
                    ff_seed="ff_seed", ff_layers="ff_layers", lag_inputs="lag_inputs")
 # What a token is worth as a signal value for the lag inputs, per data kind (ModelConfig.token_values).
-TOKEN_VALUES = {"image": "linear", "audio": "mu_law"}
+KIND_TOKEN_VALUES = {"image": "linear", "audio": "mu_law"}
 GROWTH_FLAGS = ("layers", "lag_inputs")  # the model flags --init takes: they grow its model
 ARCHS = ("transformer", "lstm")
 # LSTM flags -> the LSTMConfig fields they set (--layers, --block and --seq-len too); --tbptt is the run's.
@@ -163,7 +163,7 @@ def model_config(s: dict) -> ModelConfig | LSTMConfig:
     if s["kind"] == "image" and "seq_len" in overrides:
         raise TrainingError("--seq-len is for audio; image models see whole 64x64x3 images (12,288 tokens)")
     if overrides.get("lag_inputs"):
-        overrides["token_values"] = TOKEN_VALUES[s["kind"]]
+        overrides["token_values"] = KIND_TOKEN_VALUES[s["kind"]]
     try:
         return config_for(s["kind"], s["config"], **overrides)
     except ValueError as e:
@@ -200,7 +200,7 @@ def _init_config(s: dict) -> ModelConfig:
                                 f"({cfg.n_layers} layers): {e}") from None
     if s["lag_inputs"] is not None and s["lag_inputs"] != cfg.lag_inputs:
         try:
-            cfg = cfg.with_lag_inputs(s["lag_inputs"], TOKEN_VALUES[s["kind"]])
+            cfg = cfg.with_lag_inputs(s["lag_inputs"], KIND_TOKEN_VALUES[s["kind"]])
         except ValueError as e:
             raise TrainingError(f"--lag-inputs {s['lag_inputs']}: --init can only add lag inputs to a model "
                                 f"without them ({s['init']} has {cfg.lag_inputs}): {e}") from None
