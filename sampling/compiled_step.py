@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import statistics
 import time
 import weakref
 from functools import lru_cache
@@ -45,11 +46,11 @@ PATTERNS = (All, Local, Strided, Fixed)  # the patterns compiled_step.c's cache_
 # own caches into the CPU's caches (an AMD VM (AVX2) ran batches of 8 12-50% faster as 4 passes of 2, an Intel VM
 # with 480 MB of L3 1.4-2.3x slower). Threads that meet at every phase of a step lose when other work holds the
 # cores: image64 at batch 1 beside a 2-thread training run on 2 cores ran 944-1,223 tokens/s on 2 threads and
-# 1,920-2,431 on one. Each candidate samples TUNE_STEPS positions of the real work in each of TUNE_ROUNDS rounds,
-# timed in all, after TUNE_STEPS untimed ones (a new step's first positions ran up to 6x slower); the calling
-# thread alone must be SOLO_MARGIN times faster than all threads (the 16-step windows spread widely on a VM whose
-# speed drifts). The choice holds until RETUNE_EVERY positions later, when the caches and the other work have
-# changed.
+# 1,920-2,431 on one. Each candidate samples TUNE_STEPS positions of the real work in each of TUNE_ROUNDS rounds
+# after TUNE_STEPS untimed ones, and its median round counts (a new step's first positions ran up to 6x slower, in
+# a fresh process beyond the untimed ones: one stalled round must not decide); the calling thread alone must be
+# SOLO_MARGIN times faster than all threads (the 16-step windows spread widely on a VM whose speed drifts). The
+# choice holds until RETUNE_EVERY positions later, when the caches and the other work have changed.
 TUNE_STEPS = 16
 TUNE_ROUNDS = 3
 SOLO_MARGIN = 1.2
@@ -293,14 +294,16 @@ class CompiledStep(DecodeStep):
             if needed and pos >= self._tune_at and stop - pos >= needed:
                 self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, *candidates[0])  # warm, untimed
                 pos += TUNE_STEPS
-                seconds = dict.fromkeys(candidates, 0.0)
+                rounds: dict[tuple[int, bool], list[float]] = {grouping: [] for grouping in candidates}
                 for grouping in candidates * TUNE_ROUNDS:
                     t0 = time.perf_counter()
                     self._sample_rows(tokens, uniforms, options, pos, pos + TUNE_STEPS, *grouping)
-                    seconds[grouping] += time.perf_counter() - t0
+                    rounds[grouping].append(time.perf_counter() - t0)
                     pos += TUNE_STEPS
-                for grouping in candidates:  # the calling thread alone must be clearly faster
-                    seconds[grouping] *= SOLO_MARGIN if grouping[1] else 1
+                # each grouping's median round (one stalled round does not decide); the calling thread alone
+                # must be clearly faster
+                seconds = {grouping: statistics.median(times) * (SOLO_MARGIN if grouping[1] else 1)
+                           for grouping, times in rounds.items()}
                 self.tuned_rows, self.tuned_solo = min(candidates, key=seconds.__getitem__)
                 self._tune_at = pos + RETUNE_EVERY
             end = min(stop, self._tune_at) if self._tune_at > pos else stop

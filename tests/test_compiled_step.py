@@ -227,6 +227,29 @@ def test_auto_grouping_takes_the_calling_thread_alone_only_when_clearly_faster(m
     assert (step.tuned_rows, step.tuned_solo) == chosen
 
 
+def test_auto_grouping_is_not_decided_by_one_stalled_round(monkeypatch):
+    """Each grouping's median round counts: all threads, slowed 5x in their first timed round (as in a fresh
+    process), still win over the calling thread alone, which is 1.5x slower in every round."""
+    import sampling.compiled_step as compiled_step
+
+    monkeypatch.setattr(compiled_step, "TUNE_STEPS", 4)
+    model = small_model(pattern="strided")
+    decoder = Decoder(model, 1, 160, step="pytorch")
+    step = CompiledStep(model, decoder.caches, decoder.pos_emb, threads=2)
+    clock, timed = [0.0], []
+
+    def run(tokens, uniforms, options, start, stop, rows, solo=False):
+        timed.append(solo)
+        stall = 5.0 if timed.count(False) == 2 else 1.0  # the threads' first timed round (after the untimed one)
+        clock[0] += (stop - start) * (1.5 if solo else stall)
+
+    monkeypatch.setattr(compiled_step, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(step, "_sample_rows", run)
+    step.sample(torch.zeros(1, 160, dtype=torch.long), torch.rand(1, 160), SamplingOptions(), 0, 160)
+    assert timed[:3] == [False, False, True]  # the untimed round, then the rounds alternate
+    assert (step.tuned_rows, step.tuned_solo) == (1, False)
+
+
 def test_c_sampling_refuses_bad_arguments():
     step = Decoder(small_model(), 2, 40, step="compiled").step
     options = SamplingOptions()
