@@ -454,25 +454,37 @@ static void combine(const Step *s, const Pass *ps, float *y) {
     }
 }
 
+/* x [nrows, d]: each row's token and position embeddings plus its lag inputs (the values of the tokens at
+   pos - 1, pos - 2, ... through lag_t's rows, in that order), up to EMBED_CHUNKS vectors of VW columns held in
+   registers while the lags add up (independent sums, so that the adds overlap). */
+#define EMBED_CHUNKS 8
+static void embed(const Step *s, const Pass *ps, float *x) {
+    int d = s->d, lags = ps->pos < s->K ? ps->pos : s->K;
+    for (int b = 0; b < ps->nrows; b++) {
+        const float *e = ps->prev ? s->tok_emb + (size_t)ps->prev[b * ps->prev_stride] * d : s->start;
+        const float *p = s->pos_emb + (size_t)ps->pos * d;
+        const int64_t *prev = ps->prev ? ps->prev + b * ps->prev_stride : NULL;  /* prev[-k]: the token k + 1 back */
+        for (int i0 = 0; i0 < d; i0 += EMBED_CHUNKS * VW) {
+            int n = (d - i0) / VW < EMBED_CHUNKS ? (d - i0) / VW : EMBED_CHUNKS;
+            vt a[EMBED_CHUNKS];
+            for (int c = 0; c < n; c++) a[c] = ldt(e + i0 + c * VW) + ldt(p + i0 + c * VW);
+            for (int k = 0; k < lags; k++) {
+                vt v = s->token_value[prev[-k]] - (vt){0};
+                const float *w = s->lag_t + (size_t)k * d + i0;
+                for (int c = 0; c < n; c++) a[c] += v * ldt(w + c * VW);
+            }
+            for (int c = 0; c < n; c++) stt(x + b * d + i0 + c * VW, a[c]);
+        }
+    }
+}
+
 /* Pass ps on T threads (tid: this one among them; me: its index among all, for its scratch). */
 static void run_step(Step *s, const Pass *ps, int me, int tid, int T, int *sense) {
     int B = ps->nrows, d = s->d, t0, t1;
     float *norm = s->norm + (size_t)me * s->B * d, *y = s->y + (size_t)me * s->B * d;
     float *x = s->x + (size_t)ps->buf * d, *qkv = s->qkv + (size_t)ps->buf * 3 * d;
     float *f = s->f + (size_t)ps->buf * s->ff;
-    if (tid == 0) {
-        for (int b = 0; b < B; b++) {
-            const float *e = ps->prev ? s->tok_emb + (size_t)ps->prev[b * ps->prev_stride] * d : s->start;
-            const float *p = s->pos_emb + (size_t)ps->pos * d;
-            for (int i = 0; i < d; i++) x[b * d + i] = e[i] + p[i];
-            int lags = ps->pos < s->K ? ps->pos : s->K;
-            for (int k = 0; k < lags; k++) {  /* the values of tokens pos - 1, pos - 2, ... through lag_t's rows */
-                float v = s->token_value[ps->prev[b * ps->prev_stride - k]];
-                const float *w = s->lag_t + (size_t)k * d;
-                for (int i = 0; i < d; i++) x[b * d + i] += v * w[i];
-            }
-        }
-    }
+    if (tid == 0) embed(s, ps, x);  /* thread 0: it draws the tokens that the others wait for at this barrier */
     barrier(s, T, sense);
     for (int l = 0; l < s->n_layers; l++) {
         const Layer *L = &s->layers[l];
