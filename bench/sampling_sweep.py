@@ -14,8 +14,9 @@ validation images (whole, and their bottom halves for the completions). Distance
 |ln(sample / data)| over the four figures; the chosen setting has the smallest.
 Audio: N clips of --length samples from scratch, scored by median spectral flatness (music about 0.005, noise
 about 0.56) and median RMS loudness against --length-sample windows of --data-items validation clips. A
-setting is degenerate when any clip is quieter than the data's median RMS / --loudness-factor or stuck (one
-token value fills over half the clip: silence, a held sample), or its median RMS is over the loudest data
+setting is degenerate when any clip is quieter than the data's quietest window / --loudness-factor (music has
+quiet passages; a floor under the median refused clips as quiet as real ones) or stuck (one token value fills
+over half the clip: silence, a held sample), or its median RMS is over the loudest data
 window's (a buzz: a square wave, low in flatness without any note). Distance: |ln(flatness / data flatness)|
 for the others (the lowest flatness while every setting is flatter than the data); the chosen setting has
 the smallest.
@@ -163,13 +164,14 @@ def audio_setting(model, n: int, length: int, options: SamplingOptions, batch: i
 
 
 def audio_verdict(row: dict, data: dict, loudness_factor: float) -> tuple[float, str | None]:
-    """(distance, None) or (inf, why the setting is degenerate: any clip stuck or much quieter than the data, or
-    the median clip louder than every data window: on the audio models that is a buzz, a square wave whose
-    flatness is low although no note is played)."""
+    """(distance, None) or (inf, why the setting is degenerate: any clip stuck or much quieter than the data's
+    quietest window, or the median clip louder than every data window: on the audio models that is a buzz, a
+    square wave whose flatness is low although no note is played)."""
     if row["stuck"] > 0:
         return math.inf, f"stuck ({row['stuck']:.0%} of clips)"
-    if row["quietest_rms"] < data["rms"] / loudness_factor:
-        return math.inf, f"a clip's loudness {row['quietest_rms']:.3g} under 1/{loudness_factor:g} of the data's"
+    if row["quietest_rms"] < data["quietest_rms"] / loudness_factor:
+        return math.inf, (f"a clip's loudness {row['quietest_rms']:.3g} under 1/{loudness_factor:g} of the quietest "
+                          f"data window's {data['quietest_rms']:.3g}")
     if row["rms"] > data["loudest_rms"]:
         return math.inf, f"loudness {row['rms']:.3g} over the loudest data window's {data['loudest_rms']:.3g}"
     return log_distance([(row["flatness"], data["flatness"])]), None
@@ -317,7 +319,8 @@ def main() -> None:
                     help="validation items the data's figures come from (default 64)")
     ap.add_argument("--length", type=int, default=24000, help="audio samples per clip (default 24,000: 2 s)")
     ap.add_argument("--loudness-factor", type=float, default=3.0,
-                    help="audio: a setting with a clip this many times quieter than the data is degenerate")
+                    help="audio: a setting with a clip this many times quieter than the quietest data window is "
+                         "degenerate (default 3)")
     ap.add_argument("--batch", type=int, default=8, help="samples decoded together (default 8)")
     ap.add_argument("--data", help="dataset path (default: the one in the card)")
     ap.add_argument("--figure", type=Path, help="the figure (default docs/sampling_<model>.png; one checkpoint)")

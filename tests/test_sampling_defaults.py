@@ -127,10 +127,10 @@ def test_sweep_parsing_distances_and_verdicts():
     grid = sweep.settings_grid([0.9, 1.0], [1, 0.95], None)
     assert grid[0] == SamplingOptions(0.9) and grid[3] == SamplingOptions(1.0, None, 0.95)
     assert sweep.log_distance([(2.0, 1.0), (0.5, 1.0)]) == pytest.approx(math.log(2))
-    data = {"flatness": 0.01, "rms": 0.1, "loudest_rms": 0.2, "stuck": 0.0}
-    ok = {"flatness": 0.1, "rms": 0.12, "quietest_rms": 0.05, "stuck": 0.0}
+    data = {"flatness": 0.01, "rms": 0.1, "quietest_rms": 0.03, "loudest_rms": 0.2, "stuck": 0.0}
+    ok = {"flatness": 0.1, "rms": 0.12, "quietest_rms": 0.02, "stuck": 0.0}  # as quiet as a quiet data window
     assert sweep.audio_verdict(ok, data, 3)[0] == pytest.approx(math.log(10))
-    assert "loudness" in sweep.audio_verdict(ok | {"quietest_rms": 0.01}, data, 3)[1]  # one near-silent clip
+    assert "quietest data window" in sweep.audio_verdict(ok | {"quietest_rms": 0.009}, data, 3)[1]  # near-silent
     assert "loudest data window" in sweep.audio_verdict(ok | {"rms": 0.25}, data, 3)[1]  # a buzz
     assert "stuck" in sweep.audio_verdict(ok | {"stuck": 1 / 6}, data, 3)[1]
     held = np.full((2, 2048), 128, np.uint8)  # one value: a stuck (and silent) clip
@@ -144,7 +144,7 @@ def test_sweep_parsing_distances_and_verdicts():
 def test_an_audio_sweep_chooses_writes_the_card_and_a_figure(tmp_path):
     path = tiny_checkpoint(tmp_path / "a", "audio")
     model = load_model(path)
-    data = {"flatness": 0.3, "rms": 0.2, "loudest_rms": 1.0, "stuck": 0.0}
+    data = {"flatness": 0.3, "rms": 0.2, "quietest_rms": 0.06, "loudest_rms": 1.0, "stuck": 0.0}
     row = sweep.audio_setting(model, 2, 1024, SamplingOptions(1.0), 2)
     assert row["media"]["clips"].shape == (2, 1024) and 0 < row["flatness"] <= 1 and row["rms"] > 0
     row["distance"], row["degenerate"] = sweep.audio_verdict(row, data, 3)
