@@ -1,7 +1,7 @@
 """sample.py's outputs for fixed seeds, pinned by SHA-256: a re-lay of the code must not change a sample.
 
 Recorded before the structure re-lay (issue 25) with the shipped checkpoints (audio re-recorded whenever a retrained
-audio12k shipped, last on 2026-12-06, and image when the 14-layer image64 shipped the same day, with both steps
+audio12k shipped, last on 2026-12-06, and image when the 14-layer image64 shipped on 2026-12-05, with both steps
 agreeing). Each case runs sample.py as a
 user would, with the PyTorch decoding step (STS_FUSED_STEP=0) and with the compiled step, and hashes the
 decoded pixels / PCM samples of every output file (not the file bytes, which depend on the encoder).
