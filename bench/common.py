@@ -12,6 +12,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
+
+def spread(n: int, count: int) -> np.ndarray:
+    """``count`` indices [count] evenly over range(n), the first and the last included, each rounded to the
+    nearest: distinct while count <= n, repeating beyond (a partial evaluation then samples every part of a
+    split whose items come file after file)."""
+    if n < 1 or count < 1:
+        raise ValueError(f"spread needs n >= 1 and count >= 1, got n={n}, count={count}")
+    return np.linspace(0, n - 1, count).round().astype(np.int64)
+
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time (s) of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""

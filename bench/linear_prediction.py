@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from bench.common import fmt, print_table
+from bench.common import fmt, print_table, spread
 from data.loader import open_dataset
 from media.audio import AUDIO_TOKENS, mu_law_decode
 
@@ -44,11 +44,6 @@ def laplace_bits(codes: np.ndarray, prediction: np.ndarray) -> float:
     return float(-np.log2(np.maximum(p, 1e-300)).mean())
 
 
-def spread(n: int, count: int) -> np.ndarray:
-    """``count`` indices evenly over range(n)."""
-    return np.unique(np.linspace(0, n - 1, min(count, n)).astype(int))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="an audio dataset (data/README.md)")
@@ -66,8 +61,8 @@ def main() -> None:
     val = open_dataset("audio", a.data, "val", seq_len=AUDIO_TOKENS)
     if not len(train) or not len(val):
         raise SystemExit(f"bench/linear_prediction.py: {a.data} needs training and validation clips")
-    fit = [LEVELS[np.asarray(train[i], dtype=np.uint8)] for i in spread(len(train), a.fit_clips)]
-    clips = [np.asarray(val[i], dtype=np.uint8) for i in spread(len(val), a.clips)]
+    fit = [LEVELS[np.asarray(train[i], dtype=np.uint8)] for i in spread(len(train), min(a.fit_clips, len(train)))]
+    clips = [np.asarray(val[i], dtype=np.uint8) for i in spread(len(val), min(a.clips, len(val)))]
     rows, results = [], []
     for order in orders:
         gram, rhs = np.zeros((order, order)), np.zeros(order)

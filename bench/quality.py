@@ -34,7 +34,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from bench.common import fmt, print_table, sig
+from bench.common import fmt, print_table, sig, spread
 from data.loader import eval_batches, open_dataset
 from media.audio import SAMPLE_RATE, mu_law_decode
 from media.image import tokens_to_image
@@ -75,7 +75,7 @@ class Spread:
     def __init__(self, dataset, n: int):
         self.dataset, self.seq_len = dataset, dataset.seq_len
         self.kind, self.skipped = dataset.kind, getattr(dataset, "skipped", 0)
-        self.indices = np.linspace(0, len(dataset) - 1, n).round().astype(np.int64) if n > 1 else np.zeros(1, int)
+        self.indices = spread(len(dataset), n)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import cpu_name, fmt, print_table, sig
+from bench.common import cpu_name, fmt, print_table, sig, spread
 from data.loader import open_dataset
 from media.audio import mu_law_decode
 from media.image import IMAGE_TOKENS, image_to_tokens, tokens_to_image
@@ -222,10 +222,10 @@ def sweep(path: Path, settings: list[SamplingOptions], n: int, data_items: int, 
         raise SystemExit(f"bench/sampling_sweep.py: the data of {path} ({data_path}) is not here; pass --data")
     val = open_dataset(kind, data_path, "val", seq_len=None if kind == "image" else model.cfg.seq_len)
     m = min(data_items, len(val))
-    indices = np.linspace(0, len(val) - 1, m).round().astype(np.int64)  # spread over the split
+    indices = spread(len(val), m)
     if kind == "image":
         data_images, data = image_data(val, indices)
-        prompts = data_images[np.linspace(0, m - 1, n).round().astype(np.int64)]  # spread; repeats when n > m
+        prompts = data_images[spread(m, n)]  # repeats when n > m
     else:
         length = min(length, model.cfg.seq_len, val.seq_len // 2)
         data = audio_data(val, indices, length)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from bench.linear_prediction import LEVELS, lagged, laplace_bits, spread
+from bench.linear_prediction import LEVELS, lagged, laplace_bits
 from media import mu_law_encode
 
 
@@ -20,7 +20,3 @@ def test_a_predictable_signal_costs_few_bits_and_noise_about_eight():
     noise = rng.integers(0, 256, 12000).astype(np.uint8)
     assert laplace_bits(noise, np.zeros(12000)) > 7.0  # a uniform code over 256 levels is 8 bits
     assert laplace_bits(noise[:100], LEVELS[noise[:100]]) < 0.01  # exact predictions: almost free
-
-
-def test_spread_picks_evenly_and_at_most_n():
-    assert list(spread(10, 3)) == [0, 4, 9] and list(spread(2, 5)) == [0, 1]
