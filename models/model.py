@@ -202,10 +202,16 @@ class ModelConfig:
         return PATTERNS[self.layer_kind(layer)].for_stride(self.stride, self.summary, self.distinct_summaries)
 
     def layout(self, layer: int, seq_len: int | None = None) -> Layout:
-        """The attention layout of ``layer`` for sequences of ``seq_len`` (default: the model's)."""
+        """The attention layout of ``layer`` for sequences of ``seq_len`` (default: the model's). A strided
+        layer whose columns are shorter than the block (a short training window: 4,096 samples are columns of 16
+        at stride 256) takes blocks of one column: the same attention (causal within each column), without
+        padding the blocks or copying the columns into block order."""
         pattern = self.layer_pattern(layer)
         heads = self.n_heads if pattern.distinct_summaries else 1
-        return _layout(pattern, self.seq_len if seq_len is None else seq_len, self.block, heads)
+        n = self.seq_len if seq_len is None else seq_len
+        rows = -(-n // pattern.stride) if pattern.permuted else n
+        block = rows if pattern.permuted and rows < self.block and rows in BLOCK_SIZES else self.block
+        return _layout(pattern, n, block, heads)
 
     @property
     def window_offset_step(self) -> int:

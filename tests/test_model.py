@@ -83,6 +83,29 @@ def test_layers_interleave_local_and_strided():
     assert [mixed.layer_kind(i) for i in range(2)] == ["all", "local"]
 
 
+def test_a_strided_layer_shorter_than_a_block_takes_blocks_of_one_column():
+    torch.manual_seed(0)
+    cfg = small_config(block=32, stride=8, seq_len=256, pos_factors=(32, 8))
+    assert cfg.layout(1, 128).block == 16 and cfg.layout(1, 128).rows == 16  # 16 rows a column
+    assert cfg.layout(1, 256).block == 32 and cfg.layout(0, 128).block == 32  # full columns; local layers
+    assert cfg.layout(1, 96).block == 32  # 12 rows: no block size fits, the padded layout as before
+    model = random_head(SparseTransformer(cfg))
+    for n in (128, 96):
+        tokens, weights = torch.randint(0, 256, (2, n)), torch.randn(2, n, 256)
+        out = model(tokens)
+        (out * weights).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model.backend = "reference"
+        ref = model(tokens)
+        (ref * weights).sum().backward()
+        model.backend = "auto"
+        assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5)
+        for g, p in zip(grads, model.parameters(), strict=True):
+            assert (g - p.grad).norm() <= 1e-5 * p.grad.norm()
+        model.zero_grad()
+
+
 @pytest.mark.parametrize("kw", PATTERNS[:2], ids=["strided", "fixed"])
 def test_cpu_kernels_match_the_dense_reference_in_the_model(kw):
     torch.manual_seed(0)
