@@ -208,10 +208,10 @@ class ModelConfig:
         padding the blocks or copying the columns into block order."""
         pattern = self.layer_pattern(layer)
         heads = self.n_heads if pattern.distinct_summaries else 1
-        n = self.seq_len if seq_len is None else seq_len
-        rows = -(-n // pattern.stride) if pattern.permuted else n
-        block = rows if pattern.permuted and rows < self.block and rows in BLOCK_SIZES else self.block
-        return _layout(pattern, n, block, heads)
+        layout = _layout(pattern, self.seq_len if seq_len is None else seq_len, self.block, heads)
+        if pattern.permuted and layout.rows < self.block and layout.rows in BLOCK_SIZES:
+            layout = _layout(pattern, layout.seq_len, layout.rows, heads)
+        return layout
 
     @property
     def window_offset_step(self) -> int:
