@@ -1,5 +1,6 @@
 """train.py and training/: a tiny run end to end, exact resume, DDP/FSDP equivalence, non-finite steps, errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -117,6 +118,23 @@ def test_init_starts_a_new_run_from_an_exported_checkpoint(images, tmp_path, cap
     assert "--init can only add layers" in capsys.readouterr().err
     assert train.main(["audio", "--data", str(images), "--out", str(tmp_path / "d"), "--init", str(ck / "a")]) == 2
     assert "is not an audio model" in capsys.readouterr().err
+
+
+def test_init_with_dropout_sets_it_and_keeps_the_weights(images, tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    source = export_tiny(images, tmp_path / "a", ck / "a")
+    assert source.cfg.dropout == 0.0
+    run = ["image", "--data", str(images), "--out", str(tmp_path / "b"), "--init", str(ck / "a"), "--dropout", "0.1",
+           "--batch-size", "2", "--peak-tflops", "1", "--quiet", "--eval-items", "2", "--eval-every", "0",
+           "--steps", "1", "--lr", "1e-9", "--warmup", "0", "--export", "b", "--checkpoints", str(ck)]
+    assert train.main(run) == 0
+    model = load_model(ck / "b")
+    assert model.cfg.dropout == 0.1 and model.cfg == dataclasses.replace(source.cfg, dropout=0.1)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(p, source.state_dict()[name], atol=1e-6, rtol=0)
+    bad = ["image", "--data", str(images), "--out", str(tmp_path / "c"), "--init", str(ck / "a"), "--dropout", "1.5"]
+    assert train.main(bad) == 2
+    assert "--dropout 1.5: dropout must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_init_with_lag_inputs_adds_them_zeroed_and_a_new_model_may_have_them(images, tmp_path, capsys):

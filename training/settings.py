@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,7 +32,8 @@ MODEL_FLAGS = dict(layers="n_layers", width="d_model", heads="n_heads", ff_mult=
                    ff_seed="ff_seed", ff_layers="ff_layers", lag_inputs="lag_inputs")
 # What a token is worth as a signal value for the lag inputs, per data kind (ModelConfig.token_values).
 KIND_TOKEN_VALUES = {"image": "linear", "audio": "mu_law"}
-GROWTH_FLAGS = ("layers", "lag_inputs")  # the model flags --init takes: they grow its model
+# The model flags --init takes: --layers and --lag-inputs grow its model, --dropout regularizes its training.
+INIT_FLAGS = ("layers", "lag_inputs", "dropout")
 ARCHS = ("transformer", "lstm")
 # LSTM flags -> the LSTMConfig fields they set (--layers, --block and --seq-len too); --tbptt is the run's.
 LSTM_FLAGS = dict(layers="n_layers", block="block", seq_len="seq_len", hidden="hidden", density="density",
@@ -59,10 +61,11 @@ def resolve_settings(given: dict) -> dict:
                             "choose another --out")
     if settings["init"] is not None:
         given_model = [f"--{k.replace('_', '-')}" for k in ("config", *MODEL_FLAGS)
-                       if k not in GROWTH_FLAGS and given.get(k) is not None]
+                       if k not in INIT_FLAGS and given.get(k) is not None]
         if given_model and not settings["resume"]:
             raise TrainingError(f"--init takes the model from {settings['init']} (--layers may deepen it, "
-                                f"--lag-inputs add lag inputs); drop {', '.join(given_model)}")
+                                f"--lag-inputs add lag inputs, --dropout set its dropout); drop "
+                                f"{', '.join(given_model)}")
     _check_arch(settings, given)
     if settings["config"] is None and settings["arch"] == "transformer":
         settings["config"] = f"{settings['kind']}-cpu"
@@ -204,6 +207,11 @@ def _init_config(s: dict) -> ModelConfig:
         except ValueError as e:
             raise TrainingError(f"--lag-inputs {s['lag_inputs']}: --init can only add lag inputs to a model "
                                 f"without them ({s['init']} has {cfg.lag_inputs}): {e}") from None
+    if s["dropout"] is not None:
+        try:
+            cfg = dataclasses.replace(cfg, dropout=s["dropout"])
+        except ValueError as e:
+            raise TrainingError(f"--dropout {s['dropout']}: {e}") from None
     return cfg
 
 
