@@ -1,7 +1,10 @@
 """Held-out quality of each checkpoint next to lossless codecs on the very same validation data.
 
 Run: ``python -m bench.quality [--checkpoints DIR | --checkpoint PATH ...] [--data PATH] [--items N]
-[--update-card]``. Prints a table per model; the LAST line printed is one line of JSON.
+[--split val|train] [--update-card]``. Prints a table per model; the LAST line printed is one line of JSON.
+``--split train`` codes training items instead (the same codecs beside them): how much better the model codes
+what it trained on than what it did not, which the card's held-out figures (``--update-card``: val only) never
+show.
 
 Images: the model's bits per sub-pixel (bits/dim) on the validation split of its training data, next
 to PNG (Pillow, optimize) and WebP lossless (method 6) files of the same 64x64 images, each counted
@@ -46,6 +49,7 @@ from models.evaluate import sequence_bits
 from sampling import SamplingOptions, complete_image, generate_audio, resolve_options
 
 PROMPT_ROWS = 32  # image continuations: the top half is given
+SPLITS = ("val", "train")
 
 
 def png_bits(image: np.ndarray) -> int:
@@ -85,25 +89,27 @@ class Spread:
 
 
 def evaluate(path: Path, data: str | None, items: int | None, batch: int, measure: int = 0,
-             requested: tuple = (None, None, None), length: int = 24000) -> dict:
-    """Model and codec bits per token on the validation split, over the same items; with ``measure``, the
-    measures of that many samples (:func:`sample_measures`) drawn with the ``requested`` (temperature, top_k,
-    top_p), each None taken from the card's sampling defaults."""
+             requested: tuple = (None, None, None), length: int = 24000, split: str = "val") -> dict:
+    """Model and codec bits per token on ``split`` ("val" or "train"), over the same items; with ``measure``,
+    the measures of that many samples (:func:`sample_measures`) drawn with the ``requested`` (temperature,
+    top_k, top_p), each None taken from the card's sampling defaults."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     model = load_model(path)
     card = model.card
     kind = model_kind(model)
     data = data or card.get("data", {}).get("path")
     if not data or not Path(data).exists():
         raise SystemExit(f"bench/quality.py: the data of {path} ({data}) is not here; pass --data")
-    val = open_dataset(kind, data, "val", seq_len=None if kind == "image" else model.cfg.seq_len)
-    n = len(val) if items is None else min(items, len(val))
+    items_of = open_dataset(kind, data, split, seq_len=None if kind == "image" else model.cfg.seq_len)
+    n = len(items_of) if items is None else min(items, len(items_of))
     if n == 0:
-        raise SystemExit(f"bench/quality.py: the validation split of {data} is empty")
-    picked = Spread(val, n)
+        raise SystemExit(f"bench/quality.py: the {split} split of {data} is empty")
+    picked = Spread(items_of, n)
     start = time.perf_counter()
     model_bits = sum(float(b.sum()) for b in sequence_bits(model, eval_batches(picked, batch)))
     seconds = time.perf_counter() - start
-    tokens = n * val.seq_len
+    tokens = n * items_of.seq_len
     codecs: dict[str, int] = {}
     for i in range(n):
         seq = np.asarray(picked[i], dtype=np.uint8)
@@ -115,8 +121,8 @@ def evaluate(path: Path, data: str | None, items: int | None, batch: int, measur
             codecs["FLAC"] = codecs.get("FLAC", 0) + flac_bits(seq)
     unit = "bits/dim" if kind == "image" else "bits/byte"
     result = {"checkpoint": str(path), "architecture": card.get("architecture", TRANSFORMER),
-              "parameters": card.get("parameters"), "kind": kind, "unit": unit, "data": str(data), "split": "val",
-              "items": n, "of_items": len(val), "tokens": tokens, "model": model_bits / tokens,
+              "parameters": card.get("parameters"), "kind": kind, "unit": unit, "data": str(data), "split": split,
+              "items": n, "of_items": len(items_of), "tokens": tokens, "model": model_bits / tokens,
               "codecs": {k: v / tokens for k, v in codecs.items()}, "model_seconds": seconds}
     if measure:
         options = resolve_options(card, *requested)
@@ -136,7 +142,7 @@ def _flatness(clips: np.ndarray) -> float:
 
 
 def sample_measures(model, kind: str, picked, n: int, options: SamplingOptions, length: int, batch: int) -> dict:
-    """The measures of n samples from scratch and n continuations of validation items, and of those items."""
+    """The measures of n samples from scratch and n continuations of the evaluated items, and of those items."""
     items = np.stack([np.asarray(picked[i], dtype=np.uint8) for i in range(min(n, len(picked)))])
     seeds = list(range(n))
     if kind == "image":
@@ -169,7 +175,9 @@ def main() -> None:
                     help="evaluate every checkpoint in this folder (default: the shipped ones)")
     ap.add_argument("--checkpoint", type=Path, action="append", help="evaluate this checkpoint (repeatable)")
     ap.add_argument("--data", help="dataset path (default: the one in the card)")
-    ap.add_argument("--items", type=int, help="at most this many validation items, evenly spread (default: all)")
+    ap.add_argument("--items", type=int, help="at most this many items of the split, evenly spread (default: all)")
+    ap.add_argument("--split", choices=SPLITS, default="val",
+                    help="the items coded: val (held-out, the default) or train (the model's own training items)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per forward pass")
     ap.add_argument("--update-card", action="store_true", help="write the figures into each card")
     ap.add_argument("--measure", type=int, default=4, metavar="N",
@@ -186,6 +194,8 @@ def main() -> None:
         ap.error("--items must be >= 1")
     if a.batch < 1:
         ap.error("--batch must be >= 1")
+    if a.update_card and a.split != "val":
+        ap.error("--update-card writes held-out figures: only with --split val")
     if a.measure < 0 or a.measure_length < 1024:
         ap.error("--measure must be >= 0 and --measure-length >= 1024 (one flatness frame)")
     requested = (a.temperature, a.top_k, a.top_p)
@@ -199,13 +209,13 @@ def main() -> None:
     results = []
     for path in paths:
         r = evaluate(checkpoint_paths(path)[0].with_suffix(""), a.data, a.items, a.batch, a.measure, requested,
-                     a.measure_length)
+                     a.measure_length, a.split)
         best = min(r["codecs"].values())
         r["saving_vs_best_codec"] = 1 - r["model"] / best
         rows = [["model", fmt(r["model"], ".3f"), "-"]] + [
             [name, fmt(v, ".3f"), f"{100 * (1 - r['model'] / v):+.1f}%"] for name, v in r["codecs"].items()]
         print_table(f"{path} ({r['kind']}, {r['architecture']}, {r['parameters']} parameters): {r['items']} of "
-                    f"{r['of_items']} validation items of {r['data']}",
+                    f"{r['of_items']} {r['split']} items of {r['data']}",
                     ["coder", r["unit"], "model saves"], rows)
         if "samples" in r:
             measures = r["samples"]

@@ -70,6 +70,27 @@ def test_the_benchmark_compares_a_checkpoint_with_codecs_and_updates_its_card(tm
     assert evaluation["samples"]["from_scratch"] == measures["from_scratch"]
 
 
+def test_the_benchmark_codes_training_items_with_split_train_but_never_writes_them_to_the_card(tmp_path):
+    rng = np.random.default_rng(1)
+    flat = np.full((3, 64, 64, 3), 128, np.uint8)  # train: flat grey, val: noise
+    write_imagenet64_npz(tmp_path / "data" / "train_data_batch_1.npz", flat, [0, 1, 2])
+    write_imagenet64_npz(tmp_path / "data" / "val_data.npz", rng.integers(0, 256, (2, 64, 64, 3), np.uint8), [0, 1])
+    torch.manual_seed(0)
+    save_model(SparseTransformer(config_for("image", "tiny")), tmp_path / "ck" / "img",
+               {"codec": codec_card("image"), "data": {"path": str(tmp_path / "data")}})
+    command = [sys.executable, "-m", "bench.quality", "--checkpoint", str(tmp_path / "ck" / "img"), "--measure", "0"]
+    run = subprocess.run([*command, "--split", "train"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])[0]
+    assert (result["split"], result["items"], result["of_items"]) == ("train", 3, 3)
+    assert "3 of 3 train items" in run.stdout
+    assert result["codecs"]["WebP lossless"] < 0.1  # the flat training images, not the noisy validation ones
+    refused = subprocess.run([*command, "--split", "train", "--update-card"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "only with --split val" in refused.stderr
+    assert "evaluation" not in load_card(tmp_path / "ck" / "img")
+
+
 def test_audio_measures_tell_a_models_noise_from_the_datas_tone():
     torch.manual_seed(0)
     model = SparseTransformer(config_for("audio", "tiny", seq_len=4096)).eval()
