@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny checkpoints made on the spot."""
+"""Shared test helpers: tiny checkpoints made on the spot, a running app, a long audio file whose reads are counted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from models import ModelConfig, SparseTransformer, codec_card, config_for, save_model
@@ -95,3 +97,19 @@ def running_app(checkpoints: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+def long_tone_with_counted_reads(path: Path, monkeypatch, seconds: int = 20, sr: int = 192000) -> list[int]:
+    """Write a ``seconds``-long 440 Hz FLAC at ``sr`` to ``path``; returns the list that then records the frames
+    of every soundfile read (to check that a prompt is decoded only as far as it is needed)."""
+    t = np.arange(sr) / sr
+    sf.write(path, np.tile(0.3 * np.sin(2 * np.pi * 440 * t), seconds), sr, subtype="PCM_16")
+    frames, real = [], sf.SoundFile.read
+
+    def read(self, *args, **kw):
+        out = real(self, *args, **kw)
+        frames.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    return frames

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from helpers import free_port, running_app, tiny_checkpoint
+from helpers import free_port, long_tone_with_counted_reads, running_app, tiny_checkpoint
 from PIL import Image
 
 import app.handlers
@@ -194,16 +194,7 @@ def test_bad_audio_input_is_an_error(case, client, bad_files):
 
 def test_a_long_upload_is_decoded_only_as_far_as_the_prompt(client, tmp_path, monkeypatch):
     sr = 192000
-    t = np.arange(sr) / sr
-    sf.write(tmp_path / "long.flac", np.tile(0.3 * np.sin(2 * np.pi * 440 * t), 20), sr, subtype="PCM_16")  # 20 s
-    frames, real = [], sf.SoundFile.read
-
-    def read(self, *args, **kw):
-        out = real(self, *args, **kw)
-        frames.append(len(out))
-        return out
-
-    monkeypatch.setattr(sf.SoundFile, "read", read)
+    frames = long_tone_with_counted_reads(tmp_path / "long.flac", monkeypatch, sr=sr)
     _, wav, _, status = generate(client, mode="Continue a clip", clip=tmp_path / "long.flac", prompt_s=0.1,
                                  length_s=0.01).result(timeout=60)
     assert "after a 0.10 s prompt" in status

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import tiny_checkpoint
+from helpers import long_tone_with_counted_reads, tiny_checkpoint
 from PIL import Image
 
 import sample
@@ -133,16 +133,7 @@ def test_audio_continues_a_prompt(files, tmp_path):
 
 def test_a_long_prompt_is_decoded_only_for_its_prompt_seconds(files, tmp_path, monkeypatch):
     sr = 192000
-    t = np.arange(sr) / sr
-    sf.write(tmp_path / "long.flac", np.tile(0.3 * np.sin(2 * np.pi * 440 * t), 20), sr, subtype="PCM_16")  # 20 s
-    frames, real = [], sf.SoundFile.read
-
-    def read(self, *args, **kw):
-        out = real(self, *args, **kw)
-        frames.append(len(out))
-        return out
-
-    monkeypatch.setattr(sf.SoundFile, "read", read)
+    frames = long_tone_with_counted_reads(tmp_path / "long.flac", monkeypatch, sr=sr)
     assert run("audio", "--checkpoint", files["audio"], "--prompt", tmp_path / "long.flac", "--prompt-seconds", 0.1,
                "--samples", 10, "--out-dir", tmp_path / "out") == 0
     assert 0.1 * sr <= sum(frames) <= 0.15 * sr  # 0.1 s (and the resampler's margin) of the 20 s file
