@@ -101,15 +101,15 @@ def evaluate(path: Path, data: str | None, items: int | None, batch: int, measur
     data = data or card.get("data", {}).get("path")
     if not data or not Path(data).exists():
         raise SystemExit(f"bench/quality.py: the data of {path} ({data}) is not here; pass --data")
-    items_of = open_dataset(kind, data, split, seq_len=None if kind == "image" else model.cfg.seq_len)
-    n = len(items_of) if items is None else min(items, len(items_of))
+    dataset = open_dataset(kind, data, split, seq_len=None if kind == "image" else model.cfg.seq_len)
+    n = len(dataset) if items is None else min(items, len(dataset))
     if n == 0:
         raise SystemExit(f"bench/quality.py: the {split} split of {data} is empty")
-    picked = Spread(items_of, n)
+    picked = Spread(dataset, n)
     start = time.perf_counter()
     model_bits = sum(float(b.sum()) for b in sequence_bits(model, eval_batches(picked, batch)))
     seconds = time.perf_counter() - start
-    tokens = n * items_of.seq_len
+    tokens = n * dataset.seq_len
     codecs: dict[str, int] = {}
     for i in range(n):
         seq = np.asarray(picked[i], dtype=np.uint8)
@@ -122,7 +122,7 @@ def evaluate(path: Path, data: str | None, items: int | None, batch: int, measur
     unit = "bits/dim" if kind == "image" else "bits/byte"
     result = {"checkpoint": str(path), "architecture": card.get("architecture", TRANSFORMER),
               "parameters": card.get("parameters"), "kind": kind, "unit": unit, "data": str(data), "split": split,
-              "items": n, "of_items": len(items_of), "tokens": tokens, "model": model_bits / tokens,
+              "items": n, "of_items": len(dataset), "tokens": tokens, "model": model_bits / tokens,
               "codecs": {k: v / tokens for k, v in codecs.items()}, "model_seconds": seconds}
     if measure:
         options = resolve_options(card, *requested)
