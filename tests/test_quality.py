@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.quality import flac_bits, png_bits, sample_measures, webp_lossless_bits
+from bench.quality import evaluate, flac_bits, png_bits, sample_measures, webp_lossless_bits
 from data.imagenet64 import write_imagenet64_npz
 from media import mu_law_encode
 from models import SparseTransformer, codec_card, config_for, load_card, save_model
@@ -89,6 +89,8 @@ def test_the_benchmark_codes_training_items_with_split_train_but_never_writes_th
                              timeout=300)
     assert refused.returncode == 2 and "only with --split val" in refused.stderr
     assert "evaluation" not in load_card(tmp_path / "ck" / "img")
+    with pytest.raises(ValueError, match="split must be one of"):
+        evaluate(tmp_path / "ck" / "img", None, None, 1, split="test")
 
 
 def test_audio_measures_tell_a_models_noise_from_the_datas_tone():
