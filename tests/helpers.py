@@ -99,17 +99,23 @@ def running_app(checkpoints: Path) -> Iterator[str]:
         demo.close()
 
 
-def long_tone_with_counted_reads(path: Path, monkeypatch, seconds: int = 20, sr: int = 192000) -> list[int]:
-    """Write a ``seconds``-long 440 Hz FLAC at ``sr`` to ``path``; returns the list that then records the frames
-    of every soundfile read (to check that a prompt is decoded only as far as it is needed)."""
-    t = np.arange(sr) / sr
-    sf.write(path, np.tile(0.3 * np.sin(2 * np.pi * 440 * t), seconds), sr, subtype="PCM_16")
-    frames, real = [], sf.SoundFile.read
+def count_frames_read(monkeypatch) -> list[int]:
+    """Record how many frames every soundfile read returns, in the list this returns."""
+    counts: list[int] = []
+    real = sf.SoundFile.read
 
     def read(self, *args, **kw):
         out = real(self, *args, **kw)
-        frames.append(len(out))
+        counts.append(len(out))
         return out
 
     monkeypatch.setattr(sf.SoundFile, "read", read)
-    return frames
+    return counts
+
+
+def long_tone_with_counted_reads(path: Path, monkeypatch, seconds: int = 20, sr: int = 192000) -> list[int]:
+    """Write a ``seconds``-long 440 Hz FLAC at ``sr`` to ``path``; returns :func:`count_frames_read`'s list, which
+    then records the frames of every soundfile read (to check that a prompt is decoded only as far as needed)."""
+    t = np.arange(sr) / sr
+    sf.write(path, np.tile(0.3 * np.sin(2 * np.pi * 440 * t), seconds), sr, subtype="PCM_16")
+    return count_frames_read(monkeypatch)

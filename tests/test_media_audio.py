@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from helpers import count_frames_read
 
 from media.audio import (
     AUDIO_TOKENS,
@@ -197,25 +198,11 @@ def test_load_audio_errors(tmp_path):
 # ---------------------------------------------------------------- load_audio: bounded decode (issue 30, defect 1)
 
 
-def _count_frames_read(monkeypatch) -> list[int]:
-    """Record how many frames every SoundFile.read call returns."""
-    counts: list[int] = []
-    real = sf.SoundFile.read
-
-    def read(self, *args, **kw):
-        out = real(self, *args, **kw)
-        counts.append(len(out))
-        return out
-
-    monkeypatch.setattr(sf.SoundFile, "read", read)
-    return counts
-
-
 def test_load_audio_seconds_decodes_only_the_start(tmp_path, monkeypatch):
     sr = 192000
     x = np.tile(_tone(440, sr, 1.0), 20)  # 20 s at 192 kHz; only 1 s of it is asked for
     sf.write(tmp_path / "long.flac", x, sr, subtype="PCM_16")
-    counts = _count_frames_read(monkeypatch)
+    counts = count_frames_read(monkeypatch)
     y = load_audio(tmp_path / "long.flac", seconds=1.0)
     assert len(y) == SAMPLE_RATE
     assert sum(counts) <= 1.05 * sr  # the first second and a little margin for the resampler, not 20 s
@@ -229,7 +216,7 @@ def test_load_audio_refuses_absurd_files_before_decoding(tmp_path, monkeypatch):
     sf.write(tmp_path / "rate.wav", np.zeros(10, np.int16), 1_000_000)
     sf.write(tmp_path / "channels.wav", np.zeros((10, 65), np.int16), 12000)
     sf.write(tmp_path / "long.wav", np.zeros(3 * 8000, np.int16), 8000)
-    counts = _count_frames_read(monkeypatch)
+    counts = count_frames_read(monkeypatch)
     with pytest.raises(ValueError, match=r"rate.wav: its sample rate of 1,000,000 Hz is not in 1..384,000 Hz"):
         load_audio(tmp_path / "rate.wav")
     with pytest.raises(ValueError, match=r"channels.wav: it has 65 channels, more than 64"):
