@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import count_frames_read
+from helpers import count_frames_read, long_tone_with_counted_reads
 
 from media.audio import (
     AUDIO_TOKENS,
@@ -200,9 +200,7 @@ def test_load_audio_errors(tmp_path):
 
 def test_load_audio_seconds_decodes_only_the_start(tmp_path, monkeypatch):
     sr = 192000
-    x = np.tile(_tone(440, sr, 1.0), 20)  # 20 s at 192 kHz; only 1 s of it is asked for
-    sf.write(tmp_path / "long.flac", x, sr, subtype="PCM_16")
-    counts = count_frames_read(monkeypatch)
+    counts = long_tone_with_counted_reads(tmp_path / "long.flac", monkeypatch, seconds=20, sr=sr)  # 1 s is asked for
     y = load_audio(tmp_path / "long.flac", seconds=1.0)
     assert len(y) == SAMPLE_RATE
     assert sum(counts) <= 1.05 * sr  # the first second and a little margin for the resampler, not 20 s
