@@ -1,10 +1,10 @@
 """Benchmark training throughput: tokens/s, seconds per 64x64 image, model FLOP utilisation.
 
-Run: ``python -m bench.train [--quick] [--configs small,image-cpu,image-cpu:20] [--batch B] [--repeats R]``; on a
+Run: ``python -m bench.train [--quick] [--configs small,image-cpu,image-cpu:24] [--batch B] [--repeats R]``; on a
 GPU machine ``python -m bench.train --gpu-only`` runs the GPU row alone.
 Prints a table; the LAST line printed is one line of JSON with the figures.
 
-A config is a named image config, or NAME:LAYERS for it at another depth (image-cpu:20 is the shipped
+A config is a named image config, or NAME:LAYERS for it at another depth (image-cpu:24 is the shipped
 image64's). Each row times full optimizer steps of training's pieces (forward, cross-entropy, backward,
 AdamW, no data loading) on --batch 64x64x3 images (12,288 tokens each; default 1) per step: the median of
 --repeats steps after one warm-up step. Settings per row: autocast dtype and whether each
@@ -72,7 +72,7 @@ def step_time(name: str, precision: str, recompute: bool, batch: int, device: to
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one timed step per row, bf16 rows only")
-    p.add_argument("--configs", default="small,image-cpu,image-cpu:20",
+    p.add_argument("--configs", default="small,image-cpu,image-cpu:24",
                    help="image configs to time on the CPU: names, or NAME:LAYERS at another depth")
     p.add_argument("--batch", type=int, default=1, help="images per CPU step, in one forward pass (default 1)")
     p.add_argument("--repeats", type=int, default=3)
