@@ -9,7 +9,8 @@ shipped model of that kind uses (image-cpu / audio-cpu) with untrained weights, 
 for each dense model, a row per density: the model pruned by block magnitude (models.prune.prune_model; feed-
 forward layers, blocks of --prune-block), labelled "NAME pruned D". --steady-only times only the tokens/s of
 the two steps (no dense cache, naive, half image or clip rows).
-Rows (fp32 on the CPU, all of torch's threads; sampling by the model card's defaults, what a user gets:
+Rows (fp32 compute on the CPU, the decoder's default caches (bfloat16), all of torch's threads; sampling by the
+model card's defaults, what a user gets:
 temperature, top-k, top-p; an untrained model at temperature 1, a pruned one by its source's card):
   * ours: KV-cached decoding (sampling.generate) with the compiled C step (sampling/compiled_step.py):
     steady tokens/s (the median of 3 runs of 256 steps) at a position past the first half, batch 1
@@ -21,7 +22,8 @@ temperature, top-k, top-p; an untrained model at temperature 1, a pruned one by 
   * dense cache: the decoder with every layer caching and reading every past token.
   * naive: the full forward over the whole prefix for every new token (batch 1, 8 steps).
   * limit: per step, weight bytes (read once for the batch, as the compiled step reads them: bfloat16
-    for a model stored in bfloat16) + cache bytes read, and model FLOPs,
+    for a model stored in bfloat16) + cache bytes read (as the caches hold them: bfloat16 by default),
+    and model FLOPs,
     against the speed of reading a buffer of that many bytes (from the CPU's caches when it fits:
     the weights of the shipped models do) and the fp32 matmul peak;
     tokens/s = batch / max(bytes/bw, flops/peak), at batch 1 and 8. Their ratio is the most that
@@ -87,7 +89,8 @@ def steady_tokens_per_s(model: SparseTransformer, batch: int, options: SamplingO
         decoder.sample(tokens, uniforms, options, start, start + STEPS)
         rates.append(batch * STEPS / (time.perf_counter() - t0))
     return {"tokens_per_s": statistics.median(rates), "cache_bytes": decoder.cache_bytes,
-            "step": decoder.step.description, "weight_bytes": getattr(decoder.step, "weight_bytes", None)}
+            "cache_element_bytes": decoder.caches[0].kv.element_size(), "step": decoder.step.description,
+            "weight_bytes": getattr(decoder.step, "weight_bytes", None)}
 
 
 def naive_tokens_per_s(model: SparseTransformer, prefix: int, steps: int = 8) -> float:
@@ -110,14 +113,14 @@ def timed_generate(model: SparseTransformer, prompt_len: int, length: int, optio
 
 
 def step_cost(model: SparseTransformer, cache_read_per_token: float, batch: int = 1,
-              weight_bytes: int | None = None) -> tuple[float, float]:
+              weight_bytes: int | None = None, cache_element_bytes: int = 2) -> tuple[float, float]:
     """(bytes moved, FLOPs) of one step: every weight once plus each sequence's cache entries read.
     weight_bytes: the weight bytes the step reads (the compiled step's, bfloat16 where it reads bfloat16);
-    default every matrix of the model as stored."""
+    default every matrix of the model as stored. cache_element_bytes: 2 for bfloat16 caches, 4 for float32."""
     cfg = model.cfg
     if weight_bytes is None:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2)
-    kv_bytes = cache_read_per_token * 2 * cfg.d_model * 4
+    kv_bytes = cache_read_per_token * 2 * cfg.d_model * cache_element_bytes
     flops = 2 * matmul_parameters(cfg) + 4 * cfg.d_model * cache_read_per_token
     return weight_bytes + batch * kv_bytes, batch * flops
 
@@ -176,7 +179,8 @@ def main() -> None:
              "sampling": vars(options)}
         b1, b8 = steady_tokens_per_s(model, 1, options), steady_tokens_per_s(model, 8, options)
         r.update(tokens_per_s_b1=b1["tokens_per_s"], tokens_per_s_b8=b8["tokens_per_s"],
-                 cache_bytes_b1=b1["cache_bytes"], step=b1["step"], step_b8=b8["step"])
+                 cache_bytes_b1=b1["cache_bytes"], cache_element_bytes=b1["cache_element_bytes"], step=b1["step"],
+                 step_b8=b8["step"])
         torch_b1, torch_b8 = (steady_tokens_per_s(model, b, options, step="pytorch") for b in (1, 8))
         r.update(torch_tokens_per_s_b1=torch_b1["tokens_per_s"], torch_tokens_per_s_b8=torch_b8["tokens_per_s"],
                  torch_step=torch_b1["step"])
@@ -192,8 +196,8 @@ def main() -> None:
             else:
                 r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, clip, options), False
         keys = keys_read_per_step(model, n // 2)
-        bytes_step, flops_step = step_cost(model, keys, 1, b1["weight_bytes"])
-        bytes_b8, flops_b8 = step_cost(model, keys, 8, b8["weight_bytes"])
+        bytes_step, flops_step = step_cost(model, keys, 1, b1["weight_bytes"], b1["cache_element_bytes"])
+        bytes_b8, flops_b8 = step_cost(model, keys, 8, b8["weight_bytes"], b8["cache_element_bytes"])
         bw1, bw8 = read_bandwidth(bytes_step), read_bandwidth(bytes_b8)
         r.update(step_bytes=bytes_step, step_flops=flops_step, step_bytes_b8=bytes_b8,
                  read_bandwidth_gbs_b1=bw1 / 1e9, read_bandwidth_gbs_b8=bw8 / 1e9,
@@ -201,7 +205,8 @@ def main() -> None:
                  limit_tokens_per_s_b8=8 / max(bytes_b8 / bw8, flops_b8 / peak))
         results.append(r)
     busy = contention.other_cores()
-    print_table("Sampling on the CPU (fp32; tokens/s at a position past the middle of the sequence)",
+    print_table("Sampling on the CPU (fp32 compute, the decoder's default caches; tokens/s at a position past the "
+                "middle of the sequence)",
                 ["model", "params", "b=1 tok/s", "b=8 tok/s", "b8/b1", "PyTorch step b=1", "PyTorch step b=8",
                  "dense cache b=1", "naive b=1", "half image", "65,536 clip", "cache (b=1)", "limit b=1",
                  "limit b=8"],
@@ -217,7 +222,8 @@ def main() -> None:
         rule = ", ".join(f"{k} {v:g}" for k, v in r["sampling"].items() if v is not None)
         print(f"{r['model']} (sampling: {rule}): per step {r['step_bytes'] / 1e6:.1f} MB moved at batch 1 (read at "
               f"{r['read_bandwidth_gbs_b1']:.0f} GB/s), {r['step_bytes_b8'] / 1e6:.1f} MB at batch 8 (at "
-              f"{r['read_bandwidth_gbs_b8']:.0f} GB/s); {r['step_flops'] / 1e6:.1f} MFLOP per token; "
+              f"{r['read_bandwidth_gbs_b8']:.0f} GB/s; caches of {r['cache_element_bytes']}-byte values); "
+              f"{r['step_flops'] / 1e6:.1f} MFLOP per token; "
               f"{r['step']} (batch 8: {r['step_b8']}); PyTorch rows: {r['torch_step']}")
     if busy is not None:
         print(f"(other processes used {busy:.2f} cores on average while this ran)")

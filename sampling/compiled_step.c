@@ -17,7 +17,8 @@
    Each output is summed in the same order whatever the batch size, so a sample does not depend on
    the batch it runs in.
    The matrices are float32, or bfloat16 where every weight of the matrix is a bfloat16 number (st_half): the same
-   values from half the bytes.
+   values from half the bytes. The KV caches are float32 or bfloat16 (Layer.half): a new key or value is rounded to
+   the cache's type as torch rounds it, and widened back to float32 as it is read.
    Entry points: st_new / st_layer / st_sparse / st_half / st_lag / st_start (set up, on the caller's tensors),
    st_step (one position of the whole batch: logits), st_sample (positions [start, stop) of a range of rows,
    sampling each token in C with temperature, top-k and top-p), st_free. */
@@ -26,6 +27,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,7 +102,8 @@ static Mat dense_mat(const float *w, const float *b, int in, int out) {
 typedef struct {
     int kind, slots, rows, summary;       /* slots: local ring / stride / sequence (all) */
     int lo[MAX_HEADS];                    /* fixed: first summary column of each head */
-    float *kv, *summaries;                /* the cache's tensors (sampling/kv_cache.py layouts) */
+    void *kv, *summaries;                 /* the cache's tensors (sampling/kv_cache.py layouts) */
+    int half;                             /* their elements are bfloat16 (else float32) */
     const float *n1w, *n1b, *n2w, *n2b;
     Mat qkv, proj, fc, fc2;               /* attention in and out, feed-forward in and out */
 } Layer;
@@ -311,58 +314,88 @@ static void my_tiles(int n_out, int T, int tid, int *t0, int *t1) {
     *t1 = n * (tid + 1) / T;
 }
 
-/* Where position pos is stored in layer l for (b, which, h), and the key segments it may read;
-   returns the index of position pos among those keys. The cache geometry per pattern is its decode_slots. */
-static int cache_rows(const Step *s, const Layer *L, int pos, int b, int which, int h, float **dst, float **dst2,
-                       const float **seg0, int *n0, const float **seg1, int *n1) {
+/* Where position pos is stored in layer l for (b, which, h), and the key segments it may read, as element offsets
+   into the cache's tensors (dst, seg0 and seg1 into kv, or dst2 and seg0 into summaries where the pattern keeps
+   them; dst2 < 0: none); returns the index of position pos among those keys. The cache geometry per pattern is its
+   decode_slots. */
+typedef struct {
+    size_t dst, seg0, seg1;
+    ptrdiff_t dst2;
+    int n0, n1, now;
+} Rows;
+
+static Rows cache_rows(const Step *s, const Layer *L, int pos, int b, int which, int h) {
     int H = s->H, D = s->D;
     size_t bh = ((size_t)b * 2 + which) * H + h;
-    *dst2 = NULL;
-    *seg1 = NULL;
-    *n1 = 0;
+    Rows w = {.dst2 = -1};
     if (L->kind == LOCAL || L->kind == ALL) {
-        float *base = L->kv + bh * L->slots * D;
-        *dst = base + (size_t)(pos % L->slots) * D;
-        *seg0 = base;
-        *n0 = pos + 1 < L->slots ? pos + 1 : L->slots;
-        return pos % L->slots;
+        w.seg0 = bh * L->slots * D;
+        w.dst = w.seg0 + (size_t)(pos % L->slots) * D;
+        w.n0 = pos + 1 < L->slots ? pos + 1 : L->slots;
+        w.now = pos % L->slots;
     } else if (L->kind == STRIDED) {
         int r = pos / L->slots, c = pos % L->slots;
-        float *base = L->kv + (bh * L->slots + c) * L->rows * D;
-        *dst = base + (size_t)r * D;
-        *seg0 = base;
-        *n0 = r + 1;
-        return r;
+        w.seg0 = (bh * L->slots + c) * L->rows * D;
+        w.dst = w.seg0 + (size_t)r * D;
+        w.n0 = r + 1;
+        w.now = r;
     } else {
         int r = pos / L->slots, c = pos % L->slots, k = c - L->lo[h];
-        float *ring = L->kv + bh * L->slots * D, *sums = L->summaries + bh * L->rows * L->summary * D;
-        *dst = ring + (size_t)c * D;
-        if (k >= 0 && k < L->summary) *dst2 = sums + ((size_t)r * L->summary + k) * D;
-        *seg0 = sums;
-        *n0 = r * L->summary;
-        *seg1 = ring;
-        *n1 = c + 1;
-        return *n0 + c;
+        size_t sums = bh * L->rows * L->summary * D;
+        w.dst = bh * L->slots * D + (size_t)c * D;
+        if (k >= 0 && k < L->summary) w.dst2 = (ptrdiff_t)(sums + ((size_t)r * L->summary + k) * D);
+        w.seg0 = sums;
+        w.n0 = r * L->summary;
+        w.seg1 = bh * L->slots * D;
+        w.n1 = c + 1;
+        w.now = w.n0 + c;
+    }
+    return w;
+}
+
+/* A cache row: D elements, float32 or (HALF) bfloat16. */
+static inline const void *row_at(const void *s0, const void *s1, int n0, int j, int D, const int HALF) {
+    size_t es = HALF ? 2 : 4;
+    return j < n0 ? (const char *)s0 + (size_t)j * D * es : (const char *)s1 + (size_t)(j - n0) * D * es;
+}
+
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+/* Elements e .. e + 7 of a cache row, widened to float32 (a bfloat16 is the high half of its float32). */
+static inline v8 ldc(const void *p, int e, const int HALF) {
+    if (!HALF) return ld((const float *)p + e);
+    vh8 h;
+    memcpy(&h, (const uint16_t *)p + e, sizeof h);
+    return (v8)(__builtin_convertvector(h, vu8) << 16);
+}
+
+/* Store D floats as a cache row: as they are, or (half) rounded to the nearest bfloat16, ties to even (a NaN to
+   0x7fc0), as torch rounds float32 to bfloat16. */
+static void store_row(void *dst, const float *x, int D, int half) {
+    if (!half) {
+        memcpy(dst, x, D * sizeof(float));
+        return;
+    }
+    uint16_t *out = dst;
+    for (int e = 0; e < D; e++) {
+        uint32_t u;
+        memcpy(&u, x + e, sizeof u);
+        out[e] = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     }
 }
 
-/* Row j of the two segments (the first n0 rows in s0, the rest in s1), D floats a row. */
-static inline const float *row_at(const float *s0, const float *s1, int n0, int j, int D) {
-    return j < n0 ? s0 + (size_t)j * D : s1 + (size_t)(j - n0) * D;
-}
-
 /* The lane-wise products of q's vectors and key k's, summed over the D / 8 vectors (hsum gives the dot). */
-static inline __attribute__((always_inline)) v8 dot_lanes(const v8 *qv, const float *k, const int D) {
-    v8 a = qv[0] * ld(k);
-    for (int e = 1; e < D / 8; e++) a += qv[e] * ld(k + 8 * e);
+static inline __attribute__((always_inline)) v8 dot_lanes(const v8 *qv, const void *k, const int D, const int HALF) {
+    v8 a = qv[0] * ldc(k, 0, HALF);
+    for (int e = 1; e < D / 8; e++) a += qv[e] * ldc(k, 8 * e, HALF);
     return a;
 }
 
 /* One query against keys [lo, hi) of the two segments: partial max, sum and weighted values. */
-static inline __attribute__((always_inline)) void attend_part(const float *q, const float *k0, const float *v0,
-                                                               int n0, const float *k1, const float *v1, int lo,
+static inline __attribute__((always_inline)) void attend_part(const float *q, const void *k0, const void *v0,
+                                                               int n0, const void *k1, const void *v1, int lo,
                                                                int hi, float *scores, float *m_out, float *l_out,
-                                                               float *acc_out, const int D) {
+                                                               float *acc_out, const int D, const int HALF) {
     v8 qv[16], acc[16];
     float scale = 1.0f / sqrtf((float)D);
     for (int e = 0; e < D / 8; e++) qv[e] = ld(q + 8 * e) * scale, acc[e] = splat(0);
@@ -373,9 +406,9 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
         for (; j + 8 <= hi; j += 8) {
             v8 a[8];
             for (int c = 0; c < 8; c++) {
-                const float *v = row_at(v0, v1, n0, j + c, D);
-                for (int e = 0; e < D; e += 16) __builtin_prefetch(v + e);  /* for the weighted sum below */
-                a[c] = dot_lanes(qv, row_at(k0, k1, n0, j + c, D), D);
+                const char *v = row_at(v0, v1, n0, j + c, D, HALF);
+                for (int e = 0; e < D * (HALF ? 2 : 4); e += 64) __builtin_prefetch(v + e);  /* for the sum below */
+                a[c] = dot_lanes(qv, row_at(k0, k1, n0, j + c, D, HALF), D, HALF);
             }
             v8 sc = hsum8(a);
             st(scores + j - lo, sc);
@@ -384,7 +417,7 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
         for (int c = 0; c < 8; c++) m = mv[c] > m ? mv[c] : m;
     }
     for (; j < hi; j++) {
-        float sc = hsum(dot_lanes(qv, row_at(k0, k1, n0, j, D), D));
+        float sc = hsum(dot_lanes(qv, row_at(k0, k1, n0, j, D, HALF), D, HALF));
         scores[j - lo] = sc;
         m = sc > m ? sc : m;
     }
@@ -396,9 +429,9 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
         for (int e = 0; e < 8 && j + e < n; e++) l += p[e];
     }
     for (int j = lo; j < hi; j++) {
-        const float *v = row_at(v0, v1, n0, j, D);
+        const void *v = row_at(v0, v1, n0, j, D, HALF);
         v8 p = splat(scores[j - lo]);
-        for (int e = 0; e < D / 8; e++) acc[e] += p * ld(v + 8 * e);
+        for (int e = 0; e < D / 8; e++) acc[e] += p * ldc(v, 8 * e, HALF);
     }
     *m_out = m;
     *l_out = l;
@@ -414,25 +447,35 @@ static inline __attribute__((always_inline)) void attend_part(const float *q, co
 static void attention(Step *s, const Layer *L, const Pass *ps, int me, int tid, int T) {
     int H = s->H, D = s->D, d = s->d, P = s->T, items = ps->nrows * H * P;
     float *scores = s->scores + (size_t)me * (s->max_keys + 8);
+    size_t es = L->half ? 2 : 4;
+    const char *kv = L->kv, *sums = L->summaries;
     for (int it = items * tid / T; it < items * (tid + 1) / T; it++) {
         int bh = it / P, p = it % P, b = bh / H, h = bh % H, at = (ps->buf * H + bh) * P + p;
-        float *kdst, *kdst2, *vdst, *vdst2;
-        const float *k0, *k1, *v0, *v1;
-        int n0, n1;
-        int now = cache_rows(s, L, ps->pos, ps->row0 + b, 0, h, &kdst, &kdst2, &k0, &n0, &k1, &n1);
-        cache_rows(s, L, ps->pos, ps->row0 + b, 1, h, &vdst, &vdst2, &v0, &n0, &v1, &n1);
-        int n = n0 + n1, lo = (int)((int64_t)n * p / P), hi = (int)((int64_t)n * (p + 1) / P);
+        Rows kr = cache_rows(s, L, ps->pos, ps->row0 + b, 0, h), vr = cache_rows(s, L, ps->pos, ps->row0 + b, 1, h);
+        int fixed = L->kind == FIXED, n0 = kr.n0, n = kr.n0 + kr.n1, now = kr.now;
+        int lo = (int)((int64_t)n * p / P), hi = (int)((int64_t)n * (p + 1) / P);
         const float *q = s->qkv + (size_t)(ps->buf + b) * 3 * d + h * D, *k = q + d, *v = q + 2 * d;
         if (lo <= now && now < hi) {
-            memcpy(kdst, k, D * sizeof(float)), memcpy(vdst, v, D * sizeof(float));
-            if (kdst2) memcpy(kdst2, k, D * sizeof(float)), memcpy(vdst2, v, D * sizeof(float));
+            store_row((char *)kv + kr.dst * es, k, D, L->half), store_row((char *)kv + vr.dst * es, v, D, L->half);
+            if (kr.dst2 >= 0)
+                store_row((char *)sums + kr.dst2 * es, k, D, L->half),
+                    store_row((char *)sums + vr.dst2 * es, v, D, L->half);
         }
-        if (D == 32) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
-                                 s->part_acc + (size_t)at * D, 32);
-        else if (D == 64) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
-                                      s->part_acc + (size_t)at * D, 64);
-        else attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, s->part_m + at, s->part_l + at,
-                         s->part_acc + (size_t)at * D, 128);
+        /* the fixed pattern's first segment is its summaries, the second its ring; the others have one in kv */
+        const char *k0 = (fixed ? sums : kv) + kr.seg0 * es, *v0 = (fixed ? sums : kv) + vr.seg0 * es;
+        const char *k1 = kv + kr.seg1 * es, *v1 = kv + vr.seg1 * es;
+        float *m_out = s->part_m + at, *l_out = s->part_l + at, *acc = s->part_acc + (size_t)at * D;
+#define ATTEND(DD, HH) attend_part(q, k0, v0, n0, k1, v1, lo, hi, scores, m_out, l_out, acc, DD, HH)
+        if (L->half) {
+            if (D == 32) ATTEND(32, 1);
+            else if (D == 64) ATTEND(64, 1);
+            else ATTEND(128, 1);
+        } else {
+            if (D == 32) ATTEND(32, 0);
+            else if (D == 64) ATTEND(64, 0);
+            else ATTEND(128, 0);
+        }
+#undef ATTEND
     }
 }
 
@@ -615,10 +658,11 @@ void st_lag(Step *s, int K, const float *lag_t, const float *token_value) {
     s->K = K, s->lag_t = lag_t, s->token_value = token_value;
 }
 
-void st_layer(Step *s, int l, int kind, float *kv, float *summaries, int slots, int rows, int summary,
+void st_layer(Step *s, int l, int kind, void *kv, void *summaries, int half, int slots, int rows, int summary,
               const int *lo, const float *const *w) {
     Layer *L = &s->layers[l];
-    L->kind = kind, L->kv = kv, L->summaries = summaries, L->slots = slots, L->rows = rows, L->summary = summary;
+    L->kind = kind, L->kv = kv, L->summaries = summaries, L->half = half, L->slots = slots, L->rows = rows;
+    L->summary = summary;
     for (int h = 0; h < s->H && lo; h++) L->lo[h] = lo[h];
     int d = s->d;
     L->n1w = w[0], L->n1b = w[1], L->n2w = w[6], L->n2b = w[7];

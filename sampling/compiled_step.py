@@ -8,8 +8,8 @@ threads in lockstep (or, when sampling at least two rows a thread, each thread a
 with the same logits), with each weight matrix packed so that a tile of 16 outputs streams
 contiguously, in bfloat16 where every weight of the matrix is a bfloat16 number (a model stored in
 bfloat16, like the shipped image64): the same values, widened in registers, from half the bytes. It
-reads and writes the same caches as the PyTorch step (sampling/kv_cache.py), so a prompt prefilled by
-the parallel forward pass continues in C.
+reads and writes the same caches as the PyTorch step (sampling/kv_cache.py; float32 or bfloat16), so a prompt
+prefilled by the parallel forward pass continues in C.
 
 Building and loading (:func:`library`): kernels/native.py builds the library once per machine into this
 user's private cache folder (never loading anything from a shared folder). The app builds it at start-up
@@ -79,7 +79,7 @@ def library() -> ctypes.CDLL | None:
     lib.st_new.restype = _P
     lib.st_new.argtypes = [ctypes.c_int] * 8 + [_P] * 7
     lib.st_layer.restype = None
-    lib.st_layer.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, _P, _P]
+    lib.st_layer.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, _P] + [ctypes.c_int] * 4 + [_P, _P]
     lib.st_sparse.restype = None
     lib.st_sparse.argtypes = [_P, ctypes.c_int, ctypes.c_int, _P, ctypes.c_int, _P, _P]
     lib.st_half.restype = None
@@ -123,6 +123,8 @@ def unavailable(model: SparseTransformer, caches: list[LayerCache]) -> str | Non
         return f"at most {MAX_HEADS} heads"
     if any(type(c.pattern) not in PATTERNS for c in caches):
         return "a pattern it does not know"
+    if any(c.dtype not in (torch.float32, torch.bfloat16) or c.device.type != "cpu" for c in caches):
+        return "its caches must be float32 or bfloat16 on the CPU"
     if library() is None:
         return _status["error"]
     return None
@@ -222,8 +224,8 @@ class CompiledStep(DecodeStep):
             lo = (ctypes.c_int * len(cache.lo))(*cache.lo) if fixed else None  # first summary column per head
             slots = cache.slots
             lib.st_layer(handle, i, cache.pattern.code, cache.kv.data_ptr(),
-                         cache.summaries.data_ptr() if fixed else None, slots.slots, slots.rows, slots.summary, lo,
-                         pointers)
+                         cache.summaries.data_ptr() if fixed else None, int(cache.dtype == torch.bfloat16),
+                         slots.slots, slots.rows, slots.summary, lo, pointers)
             matrices += [(i, 0, weights[2]), (i, 1, weights[4]), (i, 2, weights[8]), (i, 3, weights[10])]
             for which, m in enumerate((block.ff.fc, block.ff.proj) if sparse else ()):
                 packed = _pack_sparse(m)  # the dense-layout pointers given above are replaced

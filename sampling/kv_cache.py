@@ -13,7 +13,8 @@ the attention output of its query over what the pattern lets ``pos`` read:
                      block (per head when heads use distinct summaries) [B, 2, H, l + ceil(N/l) c, D]
   all:               every position                                     [B, 2, H, N, D]
 (2: keys and values side by side.) The compiled step (sampling/compiled_step.c) reads and writes
-the same tensors.
+the same tensors. A cache holds its own dtype (the decoder's default for a float32 model: bfloat16, half the
+bytes a step reads): what it stores is rounded to that dtype, and attention reads it widened to the query's.
 
 A step reaches its slots through views made once (``select``/``narrow`` on them): parsing a
 Python index such as ``kv[:, :, :, c, r]`` costs microseconds, and a whole step is about a
@@ -30,8 +31,9 @@ from models.model import ModelConfig, check_int
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [B, H, 1, D] over keys/values [B, H, n, D] -> [B, H, 1, D] (SDPA: one fused call, default scale)."""
-    return F.scaled_dot_product_attention(q, k, v)
+    """q [B, H, 1, D] over keys/values [B, H, n, D] -> [B, H, 1, D] (SDPA: one fused call, default scale), in q's
+    dtype (a cache may hold a narrower one)."""
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
 
 
 class LayerCache:
@@ -63,7 +65,12 @@ class LayerCache:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def fill(self, k: torch.Tensor, v: torch.Tensor, rows: slice = slice(None)) -> None:
-        """Store positions 0..P-1 (k, v [b, H, P, D]) of the batch's ``rows`` (default all: b = B)."""
+        """Store positions 0..P-1 (k, v [b, H, P, D], rounded to the cache's dtype) of the batch's ``rows`` (default
+        all: b = B)."""
+        self._fill(k.to(self.dtype), v.to(self.dtype), rows)
+
+    def _fill(self, k: torch.Tensor, v: torch.Tensor, rows: slice) -> None:
+        """fill, with k and v in the cache's dtype."""
         raise NotImplementedError
 
     def step(self, pos: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
@@ -79,7 +86,7 @@ class LocalCache(LayerCache):
         self.kv = self._empty(self.ring)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
-    def fill(self, k, v, rows=slice(None)):
+    def _fill(self, k, v, rows):
         P = k.shape[2]
         first = max(0, P - self.ring)
         slots = torch.arange(first, P, device=self.device) % self.ring
@@ -101,7 +108,7 @@ class StridedCache(LayerCache):
         # per column c: (keys and values [B, 2, H, rows, D], keys [B, H, rows, D], values)
         self.columns = [(self.kv.select(3, c), self.kv[:, 0, :, c], self.kv[:, 1, :, c]) for c in range(self.stride)]
 
-    def fill(self, k, v, rows=slice(None)):
+    def _fill(self, k, v, rows):
         B, H, P, D = k.shape
         full, rest = divmod(P, self.stride)  # complete rows, then the start of the next one
         for i, t in enumerate((k, v)):
@@ -130,7 +137,7 @@ class FixedCache(LayerCache):
     def tensors(self):
         return [self.kv, self.summaries]
 
-    def fill(self, k, v, rows=slice(None)):
+    def _fill(self, k, v, rows):
         P = k.shape[2]
         for h, lo in enumerate(self.lo):
             hs = slice(None) if self.shared else slice(h, h + 1)
@@ -170,7 +177,7 @@ class FullCache(LayerCache):
         self.kv = self._empty(self.seq_len)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
 
-    def fill(self, k, v, rows=slice(None)):
+    def _fill(self, k, v, rows):
         P = k.shape[2]
         self.kv[rows, 0, :, :P], self.kv[rows, 1, :, :P] = k, v
 

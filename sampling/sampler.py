@@ -49,6 +49,16 @@ def make_step(model: SparseTransformer, caches: list[LayerCache], pos_emb: torch
     return TorchStep(model, caches, pos_emb, shards)
 
 
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def default_cache_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """What the KV caches hold by default for a model computing in ``model_dtype``: bfloat16 for a float32 or
+    bfloat16 model (the keys and values rounded to bfloat16, as they are under bfloat16 autocast in training: half the
+    cache bytes a step reads), else the model's own dtype."""
+    return torch.bfloat16 if model_dtype in (torch.float32, torch.bfloat16) else model_dtype
+
+
 def decoding_step(model: SparseTransformer | SparseLSTM) -> str:
     """Which step :func:`generate` will use for ``model`` as it is now (device, dtype), and why not the C one."""
     if isinstance(model, SparseLSTM):
@@ -64,12 +74,15 @@ class Decoder:
     by :func:`make_step` from ``step`` ("auto", "pytorch", "compiled") and ``shards``.
     dense: keep and read every past position in every layer (a baseline for benchmarks; it
     is not the model's pattern, so its samples differ).
+    cache_dtype: what the caches hold (default :func:`default_cache_dtype`): bfloat16 halves the bytes a step reads
+    and stores; float32 keeps the keys and values exactly as the step computes them.
     A SparseLSTM has no caches: its step (sampling/lstm_step.py) carries the recurrent state, and ``step``
-    must be "auto" or "pytorch", without ``dense`` or ``shards``.
+    must be "auto" or "pytorch", without ``dense``, ``shards`` or ``cache_dtype``.
     """
 
     def __init__(self, model: SparseTransformer | SparseLSTM, batch: int, seq_len: int | None = None,
-                 dense: bool = False, shards: int | None = None, step: str = "auto"):
+                 dense: bool = False, shards: int | None = None, step: str = "auto",
+                 cache_dtype: torch.dtype | None = None):
         if not isinstance(model, (SparseTransformer, SparseLSTM)):
             raise ValueError(f"model must be a SparseTransformer or a SparseLSTM, got {type(model).__name__}")
         if step not in STEPS:  # before the caches are allocated
@@ -78,14 +91,18 @@ class Decoder:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         if isinstance(model, SparseLSTM):
-            if step == "compiled" or dense or shards is not None:
-                raise ValueError("an LSTM decodes with its PyTorch step: step 'compiled', dense caches and shards "
-                                 "are for the Sparse Transformer")
+            if step == "compiled" or dense or shards is not None or cache_dtype is not None:
+                raise ValueError("an LSTM decodes with its PyTorch step: step 'compiled', dense caches, shards and "
+                                 "cache_dtype are for the Sparse Transformer")
             self.caches = []
             self.seq_len = check_int("seq_len", seq_len, 1) if seq_len is not None else model.cfg.seq_len
             self.step: DecodeStep = LSTMStep(model, batch)
             return
-        self.caches: list[LayerCache] = make_caches(self.cfg, batch, seq_len, self.device, self.dtype, dense)
+        if cache_dtype is None:
+            cache_dtype = default_cache_dtype(self.dtype)
+        elif cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES}, got {cache_dtype!r}")
+        self.caches: list[LayerCache] = make_caches(self.cfg, batch, seq_len, self.device, cache_dtype, dense)
         self.seq_len = self.caches[0].seq_len
         with torch.no_grad():
             self.pos_emb = model.position_embedding(torch.arange(self.seq_len, device=self.device)).detach()

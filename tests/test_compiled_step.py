@@ -41,8 +41,8 @@ def test_compiled_step_on_any_thread_count_equals_the_pytorch_step(batch, kw):
     read the tokens before each position, fewer than K near the start."""
     model = small_model(pattern="strided", **kw)
     tokens = torch.randint(0, 256, (batch, 60), generator=torch.Generator().manual_seed(4))
-    ref = Decoder(model, batch, 60, step="pytorch")
-    one, three = Decoder(model, batch, 60, step="pytorch"), Decoder(model, batch, 60, step="pytorch")
+    exact = dict(step="pytorch", cache_dtype=torch.float32)
+    ref, one, three = (Decoder(model, batch, 60, **exact) for _ in range(3))
     three.step = CompiledStep(model, three.caches, three.pos_emb, threads=3)
     one.step = CompiledStep(model, one.caches, one.pos_emb, threads=1)
     with torch.no_grad():
@@ -52,6 +52,33 @@ def test_compiled_step_on_any_thread_count_equals_the_pytorch_step(batch, kw):
         torch.testing.assert_close(want, full[:, pos], rtol=1e-4, atol=1e-4)
         for decoder in (one, three):
             torch.testing.assert_close(decoder.step(tokens, pos), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_bfloat16_cache_rows_are_rounded_as_torch_rounds(pattern):
+    """The compiled step stores each new key and value in a bfloat16 cache rounded to nearest, ties to even, as
+    torch's float32 -> bfloat16 conversion does: layer 0 of a bfloat16 cache holds, bit for bit, the rounded rows
+    of a float32 one (that layer's keys and values do not depend on the caches). Its logits stay close to the
+    PyTorch step's over the same bfloat16 caches."""
+    model = small_model(pattern=pattern, summary=4)
+    tokens = torch.randint(0, 256, (3, 60), generator=torch.Generator().manual_seed(4))
+    half, full, ref = (Decoder(model, 3, 60, step=s, cache_dtype=dt) for s, dt in
+                       (("compiled", torch.bfloat16), ("compiled", torch.float32), ("pytorch", torch.bfloat16)))
+    for pos in range(60):
+        logits = half.step(tokens, pos)
+        full.step(tokens, pos)
+        torch.testing.assert_close(logits, ref.step(tokens, pos), rtol=0, atol=2e-3)
+    stored = [t.abs().sum() > 0 for t in half.caches[0].tensors()]
+    assert all(stored)
+    for a, b in zip(half.caches[0].tensors(), full.caches[0].tensors(), strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16))
+
+
+def test_caches_the_step_cannot_read_leave_it_to_the_pytorch_step():
+    model = small_model()
+    assert not isinstance(Decoder(model, 1, 40, cache_dtype=torch.float16).step, CompiledStep)
+    with pytest.raises(ValueError, match="caches must be float32 or bfloat16"):
+        Decoder(model, 1, 40, step="compiled", cache_dtype=torch.float16)
 
 
 def test_a_rows_logits_do_not_depend_on_the_batch_it_runs_in():
@@ -334,7 +361,8 @@ def test_library_built_without_march_native_gives_the_same_logits(env, tmp_path)
     wrapped_compiler(tmp_path, env, "refuse")
     model = small_model(pattern="strided")
     tokens = torch.randint(0, 256, (5, 50), generator=torch.Generator().manual_seed(7))
-    plain, ref = Decoder(model, 5, 50, step="compiled"), Decoder(model, 5, 50, step="pytorch")
+    plain = Decoder(model, 5, 50, step="compiled", cache_dtype=torch.float32)
+    ref = Decoder(model, 5, 50, step="pytorch", cache_dtype=torch.float32)
     for pos in range(50):
         torch.testing.assert_close(plain.step(tokens, pos), ref.step(tokens, pos), rtol=1e-5, atol=1e-5)
 

@@ -191,6 +191,8 @@ def test_lstm_decoding_refuses_transformer_only_options():
         Decoder(model, 1, step="compiled")
     with pytest.raises(ValueError, match="decodes with its PyTorch step"):
         Decoder(model, 1, dense=True)
+    with pytest.raises(ValueError, match="decodes with its PyTorch step"):
+        Decoder(model, 1, cache_dtype=torch.float32)
 
 
 def test_sample_py_samples_audio_from_an_lstm_checkpoint(tmp_path):

@@ -33,16 +33,42 @@ def sample(model, prompt, length, seeds, options=None, step="auto") -> torch.Ten
 @pytest.mark.parametrize("prompt_len", [0, 32, 37])
 @pytest.mark.parametrize("kw", PATTERNS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_step_by_step_logits_equal_the_full_forward_at_every_position(kw, prompt_len, step):
+    """With float32 caches the steps compute what the full forward does (bfloat16 caches: the next test)."""
     model = small_model(**kw)
     tokens = torch.randint(0, 256, (3, 150), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
-    decoder = Decoder(model, 3, 150, **STEPS[step])
+    decoder = Decoder(model, 3, 150, cache_dtype=torch.float32, **STEPS[step])
     assert isinstance(decoder.step, CompiledStep) == (step == "compiled")
     if prompt_len:
         decoder.prefill(tokens[:, :prompt_len])
     for pos in range(prompt_len, 150):
         logits = decoder.step(tokens, pos)
         torch.testing.assert_close(logits, full[:, pos], rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("step", STEP_IDS)
+@pytest.mark.parametrize("kw", PATTERNS[:2] + PATTERNS[4:], ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_bfloat16_caches_the_default_stay_close_to_the_full_forward(kw, step):
+    """A float32 model decodes with bfloat16 caches by default: every key and value rounded once (relative error
+    at most 2^-9), so the log-probabilities stay within a few hundredths of the full forward's."""
+    model = small_model(**kw)
+    tokens = torch.randint(0, 256, (3, 150), generator=torch.Generator().manual_seed(1))
+    full = model(tokens).log_softmax(-1)
+    decoder = Decoder(model, 3, 150, **STEPS[step])
+    assert all(c.dtype == torch.bfloat16 for c in decoder.caches)
+    decoder.prefill(tokens[:, :37])
+    worst = max((decoder.step(tokens, pos).log_softmax(-1) - full[:, pos]).abs().max().item()
+                for pos in range(37, 150))
+    assert 0 < worst < 0.05
+
+
+def test_cache_dtype_is_checked_and_sets_what_the_caches_hold():
+    model = small_model()
+    assert Decoder(model, 1, 40).cache_bytes * 2 == Decoder(model, 1, 40, cache_dtype=torch.float32).cache_bytes
+    assert Decoder(model.to(torch.float64), 1, 40).caches[0].dtype == torch.float64  # not narrowed
+    for bad in (torch.int8, "bfloat16", 16):
+        with pytest.raises(ValueError, match="cache_dtype must be one of"):
+            Decoder(small_model(), 1, 40, cache_dtype=bad)
 
 
 def test_weight_shards_split_the_step_and_must_divide_the_layers():

@@ -113,7 +113,7 @@ def test_decoding_equals_the_full_forward(kw, step):
     model = perturbed(small_model(**kw)).eval()
     tokens = torch.randint(0, 256, (3, 120), generator=torch.Generator().manual_seed(1))
     full = model(tokens)
-    decoder = Decoder(model, 3, 120, step=step)
+    decoder = Decoder(model, 3, 120, step=step, cache_dtype=torch.float32)  # the exact caches
     assert isinstance(decoder.step, CompiledStep) == (step == "compiled")
     decoder.prefill(tokens[:, :37])
     for pos in range(37, 120):
