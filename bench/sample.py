@@ -24,8 +24,9 @@ temperature, top-k, top-p; an untrained model at temperature 1, a pruned one by 
   * limit: per step, weight bytes (read once for the batch, as the compiled step reads them: bfloat16
     for a model stored in bfloat16) + cache bytes read (as the caches hold them: bfloat16 by default),
     and model FLOPs,
-    against the speed of reading a buffer of that many bytes (from the CPU's caches when it fits:
-    the weights of the shipped models do) and the fp32 matmul peak;
+    against the speed of reading a buffer of that many bytes (the fastest of its sums over 0.3 s, from the
+    CPU's caches when it fits: the weights of the shipped models do) and the fp32 matmul peak (the best of 3
+    measurements);
     tokens/s = batch / max(bytes/bw, flops/peak), at batch 1 and 8. Their ratio is the most that
     batching can gain when every step is bound by memory or compute.
 """
@@ -47,6 +48,7 @@ from models.prune import prune_model
 from sampling import Decoder, SamplingOptions, card_defaults, generate
 
 STEPS, RUNS = 256, 3
+PROBE_SECONDS = 0.3  # how long read_bandwidth reads its buffer
 
 
 def memory_bandwidth() -> float:
@@ -60,16 +62,24 @@ def memory_bandwidth() -> float:
     return 2 * a.numel() * 4 / best
 
 
-def read_bandwidth(nbytes: int) -> float:
-    """Bytes/s of reading (summing) a buffer of ``nbytes``, best of 5: from the CPU's caches when it fits."""
+def read_bandwidth(nbytes: int, seconds: float = PROBE_SECONDS) -> float:
+    """Bytes/s of reading (summing) a buffer of ``nbytes``: the fastest of its sums over ``seconds`` (at least 5),
+    from the CPU's caches when it fits (the first sums after a pause run slow: a handful of them understates it,
+    docs/benchmarks.md)."""
     a = torch.randn(max(1, nbytes // 4))
     a.sum()
-    best = float("inf")
-    for _ in range(5):
+    best, sums, end = float("inf"), 0, time.perf_counter() + seconds
+    while sums < 5 or time.perf_counter() < end:
         t0 = time.perf_counter()
         a.sum()
-        best = min(best, time.perf_counter() - t0)
+        best, sums = min(best, time.perf_counter() - t0), sums + 1
     return a.numel() * 4 / best
+
+
+def matmul_peak(tries: int = 3) -> float:
+    """FLOP/s of fp32 matmuls on torch's threads: the best of ``tries`` runs of models.flops.device_peak_flops (one
+    run alone can land far below the others on a shared VM)."""
+    return max(device_peak_flops("cpu", torch.float32)[0] for _ in range(tries))
 
 
 def steady_tokens_per_s(model: SparseTransformer, batch: int, options: SamplingOptions, dense: bool = False,
@@ -167,7 +177,7 @@ def main() -> None:
     p.add_argument("--steady-only", action="store_true", help="time only the steady tokens/s rows")
     args = p.parse_args()
     bandwidth = memory_bandwidth()
-    peak, _ = device_peak_flops("cpu", torch.float32)
+    peak = matmul_peak()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; memory "
           f"{bandwidth / 1e9:.1f} GB/s (copy), fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     contention = CpuContention()
