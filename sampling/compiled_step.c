@@ -314,10 +314,10 @@ static void my_tiles(int n_out, int T, int tid, int *t0, int *t1) {
     *t1 = n * (tid + 1) / T;
 }
 
-/* Where position pos is stored in layer l for (b, which, h), and the key segments it may read, as element offsets
-   into the cache's tensors (dst, seg0 and seg1 into kv, or dst2 and seg0 into summaries where the pattern keeps
-   them; dst2 < 0: none); returns the index of position pos among those keys. The cache geometry per pattern is its
-   decode_slots. */
+/* Where position pos is stored in layer l for (b, which, h), and the key segments it may read (n0 rows from seg0,
+   then n1 from seg1), as element offsets into the cache's tensors (dst, seg0 and seg1 into kv, or dst2 and seg0
+   into summaries where the pattern keeps them; dst2 < 0: none); now: the index of position pos among those keys.
+   The cache geometry per pattern is its decode_slots. */
 typedef struct {
     size_t dst, seg0, seg1;
     ptrdiff_t dst2;

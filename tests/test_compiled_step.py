@@ -357,14 +357,16 @@ def test_bf16_valued_weights_are_read_as_bf16_with_the_same_logits_bit_for_bit(e
 
 def test_library_built_without_march_native_gives_the_same_logits(env, tmp_path):
     """A compiler that refuses -march=native (as some do) gets a plain build: generic vector code, with the
-    8-wide matmul tiles of CPUs without AVX-512 (blocks of 4 and 1 rows for a batch of 5)."""
+    8-wide matmul tiles of CPUs without AVX-512 (blocks of 4 and 1 rows for a batch of 5), over float32 and
+    bfloat16 caches."""
     wrapped_compiler(tmp_path, env, "refuse")
     model = small_model(pattern="strided")
     tokens = torch.randint(0, 256, (5, 50), generator=torch.Generator().manual_seed(7))
-    plain = Decoder(model, 5, 50, step="compiled", cache_dtype=torch.float32)
-    ref = Decoder(model, 5, 50, step="pytorch", cache_dtype=torch.float32)
-    for pos in range(50):
-        torch.testing.assert_close(plain.step(tokens, pos), ref.step(tokens, pos), rtol=1e-5, atol=1e-5)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
+        plain = Decoder(model, 5, 50, step="compiled", cache_dtype=dtype)
+        ref = Decoder(model, 5, 50, step="pytorch", cache_dtype=dtype)
+        for pos in range(50):
+            torch.testing.assert_close(plain.step(tokens, pos), ref.step(tokens, pos), rtol=tolerance, atol=tolerance)
 
 
 def _planted_library(path, marker):
