@@ -106,7 +106,8 @@ def seed_controls() -> tuple[gr.Number, gr.Checkbox]:
 
 
 def temperature_control(defaults: SamplingOptions) -> gr.Slider:
-    return gr.Slider(0, MAX_TEMPERATURE, defaults.temperature, step=0.05, label="Temperature",
+    # steps of 0.01: a card's default (two decimals, e.g. 1.03) sits exactly on the track, not on the nearest 0.05
+    return gr.Slider(0, MAX_TEMPERATURE, defaults.temperature, step=0.01, label="Temperature",
                      info="0 = always the likeliest value; starts at the model's default")
 
 

@@ -23,6 +23,7 @@ from app.ui import EXAMPLES
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app_image.png"
 ROWS, SAMPLES = 56, 4  # 8 rows x 4 samples to sample: a few seconds with the tiny model
+IMAGE_DEFAULTS = {"temperature": 1.03, "top_k": None, "top_p": 0.98, "chosen_by": "a test"}  # the card's
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def browser():
 @pytest.fixture(scope="module")
 def url(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("checkpoints")
-    tiny_checkpoint(d / "image64", "image", steps=3, held_out_bits_per_dim=7.5)
+    tiny_checkpoint(d / "image64", "image", steps=3, held_out_bits_per_dim=7.5, sampling=IMAGE_DEFAULTS)
     tiny_checkpoint(d / "audio12k", "audio", steps=4)
     with running_app(d) as url:
         yield url
@@ -63,6 +64,7 @@ def test_upload_a_picture_and_complete_it(browser, url, tmp_path):
     page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((url, "data:", "blob:")) else None)
     page.goto(url)
     page.get_by_role("tab", name="Image completion").wait_for()
+    assert page.get_by_role("slider", name="Temperature").first.input_value() == "1.03"  # the card's, on the track
     page.locator("input[type=file]").first.set_input_files(str(EXAMPLES / "sunset.png"))
     set_slider(page, "prompt-rows", ROWS)
     set_slider(page, "image-samples", SAMPLES)
@@ -87,6 +89,7 @@ def test_upload_a_picture_and_complete_it(browser, url, tmp_path):
     recipe = page.request.get(link if link.startswith("http") else url.rstrip("/") + link).json()
     assert recipe["kind"] == "image" and recipe["settings"]["prompt_rows"] == ROWS
     assert recipe["settings"]["num_samples"] == SAMPLES and recipe["checkpoint"]["name"] == "image64"
+    assert (recipe["settings"]["temperature"], recipe["settings"]["top_p"]) == (1.03, 0.98)  # the card's defaults
     assert page.locator(".history-entry a[download$='.zip']").count() == 1
     page.screenshot(path=str(tmp_path / "history.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'history.png'}")
