@@ -123,10 +123,11 @@ def timed_generate(model: SparseTransformer, prompt_len: int, length: int, optio
 
 
 def step_cost(model: SparseTransformer, cache_read_per_token: float, batch: int = 1,
-              weight_bytes: int | None = None, cache_element_bytes: int = 2) -> tuple[float, float]:
+              weight_bytes: int | None = None, *, cache_element_bytes: int) -> tuple[float, float]:
     """(bytes moved, FLOPs) of one step: every weight once plus each sequence's cache entries read.
     weight_bytes: the weight bytes the step reads (the compiled step's, bfloat16 where it reads bfloat16);
-    default every matrix of the model as stored. cache_element_bytes: 2 for bfloat16 caches, 4 for float32."""
+    default every matrix of the model as stored. cache_element_bytes: the bytes of one cached value, as the
+    decoder that ran holds them (2 for bfloat16 caches, 4 for float32)."""
     cfg = model.cfg
     if weight_bytes is None:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() >= 2)
@@ -206,8 +207,10 @@ def main() -> None:
             else:
                 r["clip_s"], r["clip_estimated"] = timed_generate(model, 0, clip, options), False
         keys = keys_read_per_step(model, n // 2)
-        bytes_step, flops_step = step_cost(model, keys, 1, b1["weight_bytes"], b1["cache_element_bytes"])
-        bytes_b8, flops_b8 = step_cost(model, keys, 8, b8["weight_bytes"], b8["cache_element_bytes"])
+        bytes_step, flops_step = step_cost(model, keys, 1, b1["weight_bytes"],
+                                           cache_element_bytes=b1["cache_element_bytes"])
+        bytes_b8, flops_b8 = step_cost(model, keys, 8, b8["weight_bytes"],
+                                       cache_element_bytes=b8["cache_element_bytes"])
         bw1, bw8 = read_bandwidth(bytes_step), read_bandwidth(bytes_b8)
         r.update(step_bytes=bytes_step, step_flops=flops_step, step_bytes_b8=bytes_b8,
                  read_bandwidth_gbs_b1=bw1 / 1e9, read_bandwidth_gbs_b8=bw8 / 1e9,
