@@ -63,11 +63,28 @@ def _rows(t, N, R, L, PERMUTED: tl.constexpr):
 
 
 @triton.jit
-def _offsets(rows, s_n, OFF64: tl.constexpr):
-    """Element offsets of ``rows`` within one (batch, head) slice; in int64 when they can pass 2^31."""
+def _tile(t, N, R, L, s_n, s_d, offs_d, PERMUTED: tl.constexpr, OFF64: tl.constexpr):
+    """Physical rows t of one (batch, head) slice -> (original positions, valid, element offsets [len(t), D]), the
+    offsets in int64 when they can pass 2^31 (OFF64)."""
+    pos, valid = _rows(t, N, R, L, PERMUTED)
+    rows = pos
     if OFF64:
         rows = rows.to(tl.int64)
-    return rows * s_n
+    return pos, valid, (rows * s_n)[:, None] + offs_d[None, :] * s_d
+
+
+@triton.jit
+def _load_pair(A, B, offs, valid):
+    """A and B at the element offsets of one tile (zero in the rows that are not valid)."""
+    return tl.load(A + offs, mask=valid[:, None], other=0.0), tl.load(B + offs, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _walk_step(idx_ptr, it, BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """The STEP physical rows of step ``it`` of a walk: part it % (BLOCK // STEP) of listed block it // (BLOCK //
+    STEP)."""
+    blk = tl.load(idx_ptr + it // (BLOCK // STEP))
+    return blk * BLOCK + (it % (BLOCK // STEP)) * STEP + tl.arange(0, STEP)
 
 
 @triton.jit
@@ -100,12 +117,8 @@ def _fwd_walk(acc, m_i, l_i, q, i, th, K, V, off_ptr, idx_ptr, s_n, s_d, N, R, L
     start = tl.load(off_ptr)
     end = tl.load(off_ptr + 1)
     for it in range(start * (BLOCK // STEP), end * (BLOCK // STEP)):
-        kb = tl.load(idx_ptr + it // (BLOCK // STEP))
-        t = kb * BLOCK + (it % (BLOCK // STEP)) * STEP + tl.arange(0, STEP)
-        j, valid_k = _rows(t, N, R, L, PERMUTED)
-        cols = _offsets(j, s_n, OFF64)[:, None] + offs_d[None, :] * s_d
-        k = tl.load(K + cols, mask=valid_k[:, None], other=0.0)
-        v = tl.load(V + cols, mask=valid_k[:, None], other=0.0)
+        j, valid_k, cols = _tile(_walk_step(idx_ptr, it, BLOCK, STEP), N, R, L, s_n, s_d, offs_d, PERMUTED, OFF64)
+        k, v = _load_pair(K, V, cols, valid_k)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         if MASKED:
             s = tl.where(_allowed(i[:, None], j[None, :], th, WINDOW, L, C, NSUB, KIND), s, float("-inf"))
@@ -137,8 +150,7 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale,
     Q, K, V, O = Q + base, K + base, V + base, O + base
     LSE = LSE + (b.to(tl.int64) * H + h) * N
     offs_d = tl.arange(0, D)
-    i, valid_q = _rows(pid * OWN + tl.arange(0, OWN), N, R, L, PERMUTED)
-    rows = _offsets(i, s_n, OFF64)[:, None] + offs_d[None, :] * s_d
+    i, valid_q, rows = _tile(pid * OWN + tl.arange(0, OWN), N, R, L, s_n, s_d, offs_d, PERMUTED, OFF64)
     q = tl.load(Q + rows, mask=valid_q[:, None], other=0.0)
     m_i = tl.full([OWN], float("-inf"), tl.float32)
     l_i = tl.zeros([OWN], tl.float32)
@@ -164,12 +176,8 @@ def _bwd_kv_walk(dk, dv, k, v, j, th, Q, DO, LSE, DELTA, off_ptr, idx_ptr, s_n, 
     start = tl.load(off_ptr)
     end = tl.load(off_ptr + 1)
     for it in range(start * (BLOCK // STEP), end * (BLOCK // STEP)):
-        qb = tl.load(idx_ptr + it // (BLOCK // STEP))
-        t = qb * BLOCK + (it % (BLOCK // STEP)) * STEP + tl.arange(0, STEP)
-        i, valid_q = _rows(t, N, R, L, PERMUTED)
-        rows = _offsets(i, s_n, OFF64)[:, None] + offs_d[None, :] * s_d
-        q = tl.load(Q + rows, mask=valid_q[:, None], other=0.0)
-        do = tl.load(DO + rows, mask=valid_q[:, None], other=0.0)
+        i, valid_q, rows = _tile(_walk_step(idx_ptr, it, BLOCK, STEP), N, R, L, s_n, s_d, offs_d, PERMUTED, OFF64)
+        q, do = _load_pair(Q, DO, rows, valid_q)
         lse = tl.load(LSE + i, mask=valid_q, other=float("inf"))
         delta = tl.load(DELTA + i, mask=valid_q, other=0.0)
         # transposed scores: [keys, queries]
@@ -200,10 +208,8 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale,
     row0 = (b.to(tl.int64) * H + h) * N
     LSE, DELTA = LSE + row0, DELTA + row0
     offs_d = tl.arange(0, D)
-    j, valid_k = _rows(pid * OWN + tl.arange(0, OWN), N, R, L, PERMUTED)
-    cols = _offsets(j, s_n, OFF64)[:, None] + offs_d[None, :] * s_d
-    k = tl.load(K + cols, mask=valid_k[:, None], other=0.0)
-    v = tl.load(V + cols, mask=valid_k[:, None], other=0.0)
+    j, valid_k, cols = _tile(pid * OWN + tl.arange(0, OWN), N, R, L, s_n, s_d, offs_d, PERMUTED, OFF64)
+    k, v = _load_pair(K, V, cols, valid_k)
     dk = tl.zeros([OWN, D], tl.float32)
     dv = tl.zeros([OWN, D], tl.float32)
     tab = th * s_off_h + kb
@@ -225,12 +231,8 @@ def _bwd_q_walk(dq, q, do, lse, delta, i, th, K, V, off_ptr, idx_ptr, s_n, s_d, 
     start = tl.load(off_ptr)
     end = tl.load(off_ptr + 1)
     for it in range(start * (BLOCK // STEP), end * (BLOCK // STEP)):
-        kb = tl.load(idx_ptr + it // (BLOCK // STEP))
-        t = kb * BLOCK + (it % (BLOCK // STEP)) * STEP + tl.arange(0, STEP)
-        j, valid_k = _rows(t, N, R, L, PERMUTED)
-        cols = _offsets(j, s_n, OFF64)[:, None] + offs_d[None, :] * s_d
-        k = tl.load(K + cols, mask=valid_k[:, None], other=0.0)
-        v = tl.load(V + cols, mask=valid_k[:, None], other=0.0)
+        j, valid_k, cols = _tile(_walk_step(idx_ptr, it, BLOCK, STEP), N, R, L, s_n, s_d, offs_d, PERMUTED, OFF64)
+        k, v = _load_pair(K, V, cols, valid_k)
         s = _dot(q, tl.trans(k), PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -257,10 +259,8 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale,
     row0 = (b.to(tl.int64) * H + h) * N
     LSE, DELTA = LSE + row0, DELTA + row0
     offs_d = tl.arange(0, D)
-    i, valid_q = _rows(pid * OWN + tl.arange(0, OWN), N, R, L, PERMUTED)
-    rows = _offsets(i, s_n, OFF64)[:, None] + offs_d[None, :] * s_d
-    q = tl.load(Q + rows, mask=valid_q[:, None], other=0.0)
-    do = tl.load(DO + rows, mask=valid_q[:, None], other=0.0)
+    i, valid_q, rows = _tile(pid * OWN + tl.arange(0, OWN), N, R, L, s_n, s_d, offs_d, PERMUTED, OFF64)
+    q, do = _load_pair(Q, DO, rows, valid_q)
     lse = tl.load(LSE + i, mask=valid_q, other=float("inf"))
     delta = tl.load(DELTA + i, mask=valid_q, other=0.0)
     dq = tl.zeros([OWN, D], tl.float32)
